@@ -1,0 +1,3 @@
+"""lm_jax: pure-functional Flax language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,191 @@
+"""Typed configuration dataclasses. `ModelConfig` reaches modules; `TrainConfig` never does."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (HF `rope_type="llama3"`)."""
+
+    factor: float = 8.0  # context extension factor
+    low_freq_factor: float = 1.0  # wavelengths above original/low_freq_factor are scaled by 1/factor
+    high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are unchanged
+    original_max_len: int = 8192  # the pretraining context length
+
+
+@dataclasses.dataclass(frozen=True)
+class MoEConfig:
+    """Mixture-of-experts feed-forward settings (see `lm_jax.nn.moe`)."""
+
+    num_experts: int = 8  # E
+    top_k: int = 2  # experts per token (token choice)
+    router: Literal["softmax_topk", "topk_softmax", "expert_choice"] = "softmax_topk"
+    dispatch: Literal["dropless", "capacity"] = "dropless"
+    capacity_factor_train: float = 1.25  # capacity = factor * tokens * top_k / E
+    capacity_factor_eval: float = 2.0
+    num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active
+    expert_mlp_dim: int | None = None  # F per expert; defaults to ModelConfig.mlp_dim
+    jitter_noise: float = 0.0  # multiplicative router-input jitter in training (Switch)
+    load_balance_coef: float = 0.01  # Switch load-balancing loss coefficient
+    router_z_coef: float = 0.001  # ST-MoE router z-loss coefficient
+    every: int = 1  # MoE in every k-th layer (layer index % every == every - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only Transformer. Covers GPT-2 style and Llama/Mistral style models."""
+
+    vocab_size: int = 256  # V
+    d_model: int = 64  # D
+    num_layers: int = 2  # L
+    num_heads: int = 4  # N
+    num_kv_heads: int | None = None  # K; None = N (MHA), 1 = MQA
+    head_dim: int | None = None  # H; None = D // N
+    mlp_dim: int | None = None  # F; None = 4 * D
+    max_len: int = 256  # longest sequence (positions, KV cache)
+    # Architecture family switches.
+    norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
+    norm_eps: float = 1e-5
+    activation: Literal["gelu_tanh", "gelu", "silu", "relu"] = "silu"
+    gated_mlp: bool = True  # SwiGLU-style gate_proj * up_proj
+    use_bias: bool = False  # biases on attention and MLP projections (GPT-2: True)
+    position: Literal["learned", "rope"] = "rope"
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    tie_embeddings: bool = True  # lm_head shares the token embedding matrix
+    sliding_window: int | None = None  # attend to at most this many past positions (Mistral)
+    moe: MoEConfig | None = None  # None = dense MLP in every layer
+    # Numerics and execution.
+    dtype: str = "float32"  # compute dtype of matmuls (softmax, norms, loss stay float32)
+    param_dtype: str = "float32"
+    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # jax.nn.dot_product_attention
+    remat: Literal["none", "dots", "full"] = "none"  # rematerialisation policy per layer
+    dropout: float = 0.0  # residual/attention-output dropout (training only)
+    initializer_range: float = 0.02  # std of normal init
+
+    def __post_init__(self):
+        _check(self.vocab_size > 0, f"vocab_size must be > 0, got {self.vocab_size}.")
+        _check(self.d_model > 0 and self.num_layers > 0, "d_model and num_layers must be > 0.")
+        _check(self.num_heads > 0, f"num_heads must be > 0, got {self.num_heads}.")
+        _check(
+            self.kv_heads > 0 and self.num_heads % self.kv_heads == 0,
+            f"num_heads ({self.num_heads}) must be divisible by num_kv_heads ({self.kv_heads}); "
+            "set num_kv_heads to a divisor of num_heads (1 for MQA).",
+        )
+        _check(
+            self.head_dim is not None or self.d_model % self.num_heads == 0,
+            f"d_model ({self.d_model}) is not divisible by num_heads ({self.num_heads}); "
+            "set head_dim explicitly or change d_model.",
+        )
+        _check(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        _check(
+            self.param_dtype in _DTYPES,
+            f"param_dtype must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}.",
+        )
+        _check(
+            self.position != "rope" or self.head_dim_ % 2 == 0,
+            f"RoPE needs an even head_dim, got {self.head_dim_}.",
+        )
+        _check(
+            self.sliding_window is None or self.sliding_window > 0,
+            f"sliding_window must be None or > 0, got {self.sliding_window}.",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}.")
+        _check(self.max_len > 0, f"max_len must be > 0, got {self.max_len}.")
+        if self.moe is not None:
+            m = self.moe
+            _check(m.num_experts > 0, f"moe.num_experts must be > 0, got {m.num_experts}.")
+            _check(
+                0 < m.top_k <= m.num_experts,
+                f"moe.top_k ({m.top_k}) must be in [1, num_experts={m.num_experts}].",
+            )
+            _check(
+                m.capacity_factor_train > 0 and m.capacity_factor_eval > 0,
+                "moe.capacity_factor_train/eval must be > 0.",
+            )
+            _check(
+                1 <= m.every <= self.num_layers and self.num_layers % m.every == 0,
+                f"moe.every ({m.every}) must divide num_layers ({self.num_layers}).",
+            )
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+    @property
+    def head_dim_(self) -> int:
+        return self.head_dim if self.head_dim is not None else self.d_model // self.num_heads
+
+    @property
+    def mlp_dim_(self) -> int:
+        return self.mlp_dim if self.mlp_dim is not None else 4 * self.d_model
+
+    @property
+    def compute_dtype(self) -> Any:
+        return _DTYPES[self.dtype]
+
+    @property
+    def weight_dtype(self) -> Any:
+        return _DTYPES[self.param_dtype]
+
+    def replace(self, **kw) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        if d.get("moe") is not None:
+            d["moe"] = MoEConfig(**d["moe"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        _check(not unknown, f"unknown ModelConfig fields {sorted(unknown)}.")
+        return cls(**d)
+
+
+def gpt2_style(**kw) -> ModelConfig:
+    """GPT-2 family: learned positions, LayerNorm, GELU MLP, biases, tied embeddings."""
+    base = dict(
+        norm="layernorm",
+        activation="gelu_tanh",
+        gated_mlp=False,
+        use_bias=True,
+        position="learned",
+        tie_embeddings=True,
+        norm_eps=1e-5,
+    )
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def llama_style(**kw) -> ModelConfig:
+    """Llama family: RoPE, RMSNorm, SwiGLU, GQA, no biases."""
+    base = dict(
+        norm="rmsnorm",
+        activation="silu",
+        gated_mlp=True,
+        use_bias=False,
+        position="rope",
+    )
+    base.update(kw)
+    return ModelConfig(**base)

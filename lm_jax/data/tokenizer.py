@@ -1,0 +1,94 @@
+"""One tokenizer interface over byte-level, SentencePiece and HF `tokenizers` BPE.
+
+Every tokenizer saves itself into a directory (written beside each checkpoint) and is loaded
+back with `load_tokenizer(dir)`, which dispatches on the `tokenizer.json`-independent
+`lm_jax_tokenizer.json` manifest.
+"""
+
+from __future__ import annotations
+
+import abc
+import json
+import os
+
+MANIFEST = "lm_jax_tokenizer.json"
+
+
+class TokenizerError(ValueError):
+    """A tokenizer file is missing, corrupt, or does not fit the model."""
+
+
+class Tokenizer(abc.ABC):
+    """Text <-> token ids. Subclasses set `kind` and implement the abstract methods."""
+
+    kind: str = "abstract"
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int: ...
+
+    @abc.abstractmethod
+    def encode(self, text: str) -> list[int]: ...
+
+    @abc.abstractmethod
+    def decode(self, ids) -> str: ...
+
+    bos_id: int | None = None
+    eos_id: int | None = None
+    pad_id: int = 0
+
+    @abc.abstractmethod
+    def _save_files(self, directory: str) -> dict:
+        """Write the tokenizer's own files into `directory`; return extra manifest fields."""
+
+    def save(self, directory: str) -> None:
+        os.makedirs(directory, exist_ok=True)
+        extra = self._save_files(directory)
+        manifest = {
+            "kind": self.kind,
+            "vocab_size": self.vocab_size,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "pad_id": self.pad_id,
+            **extra,
+        }
+        with open(os.path.join(directory, MANIFEST), "w") as f:
+            json.dump(manifest, f, indent=1)
+
+    def check_fits(self, model_vocab_size: int) -> None:
+        """Raise if a token id this tokenizer can emit has no row in the model's embedding."""
+        if self.vocab_size > model_vocab_size:
+            raise TokenizerError(
+                f"tokenizer vocab ({self.vocab_size}) is larger than the model's vocab_size "
+                f"({model_vocab_size}): token ids would fall outside the embedding. Set the "
+                f"model's vocab_size >= {self.vocab_size} or use a smaller tokenizer."
+            )
+
+
+_REGISTRY: dict[str, type] = {}
+
+
+def register(kind: str):
+    def deco(cls):
+        cls.kind = kind
+        _REGISTRY[kind] = cls
+        return cls
+
+    return deco
+
+
+def load_tokenizer(directory: str) -> Tokenizer:
+    """Load any saved lm_jax tokenizer from `directory`."""
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.isfile(path):
+        raise TokenizerError(
+            f"no tokenizer in {directory!r} (missing {MANIFEST}); save one with "
+            "`tokenizer.save(dir)` or point to the checkpoint's tokenizer folder."
+        )
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        cls = _REGISTRY[manifest["kind"]]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise TokenizerError(f"corrupt tokenizer manifest {path!r}: {e}") from e
+    return cls.from_dir(directory, manifest)

@@ -1,0 +1,128 @@
+"""Parameter-holding building blocks: Dense, Embed, norms. The maths stays in pure functions."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm_jax.configs.base import ModelConfig
+
+
+def normal_init(std: float):
+    return nn.initializers.normal(stddev=std)
+
+
+class Dense(nn.Module):
+    """y = x @ kernel (+ bias). kernel [D_in, D_out] carries logical `names`.
+
+    Every projection of the model is one of these, so a path pattern such as
+    `layers/attn/q_proj` reaches its kernel (LoRA targets them by regex over paths).
+    """
+
+    features: int
+    names: tuple[str | None, str | None]
+    cfg: ModelConfig
+    use_bias: bool = False
+    init_std: float | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        std = cfg.initializer_range if self.init_std is None else self.init_std
+        kernel = self.param(
+            "kernel",
+            nn.with_logical_partitioning(normal_init(std), self.names),
+            (x.shape[-1], self.features),
+            cfg.weight_dtype,
+        )
+        y = jnp.dot(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype))
+        if self.use_bias:
+            bias = self.param(
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), (self.names[1],)),
+                (self.features,),
+                cfg.weight_dtype,
+            )
+            y = y + bias.astype(cfg.compute_dtype)
+        return y
+
+
+def check_token_ids(tokens, vocab_size: int) -> None:
+    """Raise if concrete token ids fall outside [0, vocab_size). No-op on tracers."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(
+            f"token ids must lie in [0, {vocab_size}) (the model's vocab_size), got min {lo}, "
+            f"max {hi}: check the tokenizer matches the model, and that pad ids (e.g. -1) are "
+            "replaced before the model sees them."
+        )
+
+
+class Embed(nn.Module):
+    """Token embedding table [V, D]; `attend` gives tied output logits."""
+
+    num_embeddings: int
+    cfg: ModelConfig
+    names: tuple[str | None, str | None] = ("vocab", "embed")
+
+    def setup(self):
+        self.embedding = self.param(
+            "embedding",
+            nn.with_logical_partitioning(normal_init(self.cfg.initializer_range), self.names),
+            (self.num_embeddings, self.cfg.d_model),
+            self.cfg.weight_dtype,
+        )
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        # flax's Embed gives NaN for id >= V and wraps -1: validate concrete ids eagerly and keep
+        # out-of-range ids visible (NaN, caught by the trainer's finite check) under tracing.
+        check_token_ids(ids, self.num_embeddings)
+        table = self.embedding.astype(self.cfg.compute_dtype)
+        return jnp.take(table, ids, axis=0, mode="fill", fill_value=jnp.nan)
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        table = self.embedding.astype(self.cfg.compute_dtype)
+        return jnp.einsum("btd,vd->btv", x.astype(self.cfg.compute_dtype), table)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm in float32, as Llama: x / rms(x) * scale."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return y * scale.astype(jnp.float32)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm in float32."""
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + eps)
+    return y * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+class Norm(nn.Module):
+    """RMSNorm or LayerNorm per config; computes in float32, returns the compute dtype."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg = self.cfg
+        d = x.shape[-1]
+        scale = self.param(
+            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,),
+            cfg.weight_dtype,
+        )
+        if cfg.norm == "rmsnorm":
+            y = rms_norm(x, scale, cfg.norm_eps)
+        else:
+            bias = self.param(
+                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                (d,), cfg.weight_dtype,
+            )
+            y = layer_norm(x, scale, bias, cfg.norm_eps)
+        return y.astype(cfg.compute_dtype)

@@ -1,0 +1,130 @@
+"""The decoder-only Transformer: embeddings -> scanned blocks -> norm -> logits."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lm_jax.configs.base import ModelConfig
+from lm_jax.nn.attention import Attention, LayerCache
+from lm_jax.nn.layers import Dense, Embed, Norm, normal_init
+from lm_jax.nn.mlp import MLP
+from lm_jax.sharding import constrain
+
+ACT_NAMES = ("batch", "length", "act_embed")
+
+REMAT_POLICIES = {
+    "none": None,
+    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+def feed_forward(cfg: ModelConfig) -> nn.Module:
+    """The MLP slot: a dense MLP, or the MoE block when `cfg.moe` is set."""
+    if cfg.moe is not None:
+        from lm_jax.nn.moe import MoE  # noqa: PLC0415 - optional pillar
+
+        return MoE(cfg, name="mlp")
+    return MLP(cfg, name="mlp")
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache):
+        cfg = self.cfg
+        h, cache = Attention(cfg, name="attn")(
+            Norm(cfg, name="attn_norm")(x), positions, segment_ids, cache
+        )
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        h = feed_forward(cfg)(Norm(cfg, name="mlp_norm")(x))
+        x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
+        x = constrain(x, ACT_NAMES)
+        return x, cache
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int | None = None, dtype=None) -> LayerCache:
+    """Zeroed KV cache for all layers: k, v [L, B, S, K, H]."""
+    S = cfg.max_len if length is None else length
+    shape = (cfg.num_layers, batch, S, cfg.kv_heads, cfg.head_dim_)
+    dtype = cfg.compute_dtype if dtype is None else dtype
+    return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def check_positions(positions, max_len: int) -> None:
+    if isinstance(positions, jax.core.Tracer):
+        return
+    hi = int(jnp.max(positions))
+    if hi >= max_len:
+        raise ValueError(
+            f"sequence reaches position {hi} but the model's max_len is {max_len}: shorten the "
+            "prompt/sequence or build the model with a larger max_len."
+        )
+
+
+class Transformer(nn.Module):
+    """Decoder LM. `apply({'params': p}, tokens [B,T])` -> logits [B,T,V] (float32).
+
+    With `cache` (from `init_cache`), keys/values are written at `positions` and
+    `(logits, new_cache)` is returned: prefill and one-token decode are the same call.
+    """
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self,
+        tokens: jax.Array,  # [B, T] int32
+        positions: jax.Array | None = None,  # [B, T]; default 0..T-1
+        segment_ids: jax.Array | None = None,  # [B, T]; packed documents, 0 = padding
+        cache: LayerCache | None = None,
+        deterministic: bool = True,
+        return_hidden: bool = False,
+    ):
+        cfg = self.cfg
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        check_positions(positions, cfg.max_len if cache is None else cache.k.shape[2])
+        embed = Embed(cfg.vocab_size, cfg, name="embed_tokens")
+        x = embed(tokens)  # [B, T, D]
+        if cfg.position == "learned":
+            wpe = self.param(
+                "embed_positions",
+                nn.with_logical_partitioning(normal_init(0.01), (None, "embed")),
+                (cfg.max_len, cfg.d_model),
+                cfg.weight_dtype,
+            )
+            x = x + jnp.take(wpe.astype(cfg.compute_dtype), positions, axis=0)
+        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
+        x = constrain(x, ACT_NAMES)
+
+        block = Block
+        policy = REMAT_POLICIES[cfg.remat]
+        if cfg.remat != "none":
+            block = nn.remat(Block, policy=policy, prevent_cse=False)
+        layers = nn.scan(
+            block,
+            variable_axes={"params": 0, "intermediates": 0, "aux": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=(nn.broadcast, nn.broadcast, 0),
+            length=cfg.num_layers,
+            metadata_params={nn.PARTITION_NAME: "layers"},
+        )(cfg, deterministic, name="layers")
+        x, cache = layers(x, positions, segment_ids, cache)
+        x = Norm(cfg, name="norm")(x)  # [B, T, D]
+        if cfg.tie_embeddings:
+            logits = embed.attend(x)
+        else:
+            logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
+        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        out = (logits, x) if return_hidden else logits
+        if cache is not None:
+            return out, cache
+        return out

