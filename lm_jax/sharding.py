@@ -147,9 +147,7 @@ def params_shardings(abstract_boxed, mesh: Mesh):
 
 def logical_names(abstract_boxed):
     """Tree of logical-name tuples (None for unnamed leaves), matching the unboxed tree."""
-    return jax.tree.map(
-        _names_of, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned)
-    )
+    return jax.tree.map(_names_of, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

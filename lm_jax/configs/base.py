@@ -24,7 +24,9 @@ class RopeScaling:
     """Llama-3 style frequency-dependent RoPE scaling (HF `rope_type="llama3"`)."""
 
     factor: float = 8.0  # context extension factor
-    low_freq_factor: float = 1.0  # wavelengths above original/low_freq_factor are scaled by 1/factor
+    low_freq_factor: float = (
+        1.0  # wavelengths above original/low_freq_factor are scaled by 1/factor
+    )
     high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are unchanged
     original_max_len: int = 8192  # the pretraining context length
 
@@ -93,7 +95,9 @@ class ModelConfig:
             f"d_model ({self.d_model}) is not divisible by num_heads ({self.num_heads}); "
             "set head_dim explicitly or change d_model.",
         )
-        _check(self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}.")
+        _check(
+            self.dtype in _DTYPES, f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}."
+        )
         _check(
             self.param_dtype in _DTYPES,
             f"param_dtype must be one of {sorted(_DTYPES)}, got {self.param_dtype!r}.",

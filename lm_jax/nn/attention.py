@@ -85,12 +85,17 @@ class Attention(nn.Module):
 
         impl = None if cfg.attention_impl in ("xla", "auto") else cfg.attention_impl
         if cache is not None:
-            cache = LayerCache(write_cache(cache.k, k, positions), write_cache(cache.v, v, positions))
+            cache = LayerCache(
+                write_cache(cache.k, k, positions), write_cache(cache.v, v, positions)
+            )
             S = cache.k.shape[1]
             k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
             mask = make_attention_mask(positions, k_pos, window=cfg.sliding_window)
             out = jax.nn.dot_product_attention(
-                q, cache.k.astype(q.dtype), cache.v.astype(q.dtype), mask=mask,
+                q,
+                cache.k.astype(q.dtype),
+                cache.v.astype(q.dtype),
+                mask=mask,
                 implementation=impl,
             )
         elif segment_ids is None and impl is None:

@@ -114,15 +114,19 @@ class Norm(nn.Module):
         cfg = self.cfg
         d = x.shape[-1]
         scale = self.param(
-            "scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)), (d,),
+            "scale",
+            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
+            (d,),
             cfg.weight_dtype,
         )
         if cfg.norm == "rmsnorm":
             y = rms_norm(x, scale, cfg.norm_eps)
         else:
             bias = self.param(
-                "bias", nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
-                (d,), cfg.weight_dtype,
+                "bias",
+                nn.with_logical_partitioning(nn.initializers.zeros_init(), ("norm",)),
+                (d,),
+                cfg.weight_dtype,
             )
             y = layer_norm(x, scale, bias, cfg.norm_eps)
         return y.astype(cfg.compute_dtype)

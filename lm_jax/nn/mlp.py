@@ -33,4 +33,6 @@ class MLP(nn.Module):
         else:
             h = act(h)
         down_std = cfg.initializer_range / (2 * cfg.num_layers) ** 0.5
-        return Dense(cfg.d_model, ("mlp", "embed"), cfg, cfg.use_bias, down_std, name="down_proj")(h)
+        return Dense(cfg.d_model, ("mlp", "embed"), cfg, cfg.use_bias, down_std, name="down_proj")(
+            h
+        )
