@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm_jax.configs.base import ModelConfig
 
@@ -52,7 +53,8 @@ def check_token_ids(tokens, vocab_size: int) -> None:
     """Raise if concrete token ids fall outside [0, vocab_size). No-op on tracers."""
     if isinstance(tokens, jax.core.Tracer):
         return
-    lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+    arr = np.asarray(tokens)
+    lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(
             f"token ids must lie in [0, {vocab_size}) (the model's vocab_size), got min {lo}, "

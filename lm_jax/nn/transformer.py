@@ -5,6 +5,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.attention import Attention, LayerCache
@@ -60,7 +61,7 @@ def init_cache(cfg: ModelConfig, batch: int, length: int | None = None, dtype=No
 def check_positions(positions, max_len: int) -> None:
     if isinstance(positions, jax.core.Tracer):
         return
-    hi = int(jnp.max(positions))
+    hi = int(np.asarray(positions).max())
     if hi >= max_len:
         raise ValueError(
             f"sequence reaches position {hi} but the model's max_len is {max_len}: shorten the "

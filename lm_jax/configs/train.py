@@ -1,0 +1,66 @@
+"""Training configuration. Never reaches modules."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from lm_jax.configs.base import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation, evaluation, checkpointing and logging of one training run."""
+
+    steps: int = 100  # optimizer steps
+    learning_rate: float = 1e-3  # peak learning rate
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = 10  # linear warmup steps
+    lr_decay_steps: int | None = None  # cosine reaches min_lr here; None = `steps`
+    min_lr_ratio: float = 0.1  # final lr = ratio * learning_rate
+    weight_decay: float = 0.1  # AdamW decay on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    adam_eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clipping; 0 = off
+    grad_accum: int = 1  # microbatches per step (the batch is split, the step is exact)
+    z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM z-loss)
+    seed: int = 0  # parameter init and dropout
+    mesh: str = ""  # e.g. "data:2,fsdp:2,tensor:2"; "" = all devices on data
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 20  # validation batches per pass; 0 = whole split
+    log_every: int = 10  # steps between metric lines
+    save_every: int = 100  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # max_to_keep
+    async_checkpointing: bool = True
+    workdir: str = "runs/default"  # checkpoints, metrics.jsonl, TensorBoard events
+    nonfinite: Literal["halt", "skip"] = "halt"  # on a non-finite loss/gradient
+    max_consecutive_skips: int = 3  # with nonfinite="skip": halt after this many in a row
+    sample_every: int = 0  # print samples every N steps; 0 = only at the end
+    num_samples: int = 2  # samples printed
+    sample_tokens: int = 200  # tokens per sample
+    log_step_details: bool = False  # per-step JSONL: loss hex, example ids, param hash
+    progress_bar: bool = True
+
+    def __post_init__(self):
+        checks = [
+            (self.steps > 0, f"steps must be > 0, got {self.steps}"),
+            (self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (
+                0 <= self.min_lr_ratio <= 1,
+                f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+            ),
+            (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
+            (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
+            (self.max_consecutive_skips >= 1, "max_consecutive_skips must be >= 1"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise ConfigError(msg)
+
+    def replace(self, **kw) -> TrainConfig:
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,59 @@
+"""Optimizers: AdamW with warmup + cosine decay, clipping, trainable-parameter masks."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm_jax.configs.train import TrainConfig
+
+
+def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, then cosine to `min_lr_ratio * learning_rate`."""
+    decay_steps = cfg.lr_decay_steps or cfg.steps
+    warmup = min(cfg.warmup_steps, decay_steps)
+    peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
+    if cfg.lr_schedule == "constant":
+        return optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+
+    def schedule(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = peak * (step + 1) / (warmup + 1)  # nanoGPT: lr * (it + 1) / (warmup_iters + 1)
+        ratio = jnp.clip((step - warmup) / jnp.maximum(decay_steps - warmup, 1), 0.0, 1.0)
+        cos = floor + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (peak - floor)
+        return jnp.where(step < warmup, warm, cos)
+
+    return schedule
+
+
+def decay_mask(params):
+    """Weight decay on matrices (kernels, embeddings) only, not on norm scales and biases."""
+
+    def decays(path, x):
+        name = str(getattr(path[-1], "key", path[-1]))
+        return x.ndim >= 2 and name not in ("bias", "scale")
+
+    return jax.tree_util.tree_map_with_path(decays, params)
+
+
+def make_optimizer(cfg: TrainConfig, trainable=None) -> optax.GradientTransformation:
+    """AdamW(+clipping) on trainable leaves; frozen leaves (mask False) get no optimizer state."""
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        optax.adamw(
+            learning_rate_schedule(cfg),
+            b1=cfg.beta1,
+            b2=cfg.beta2,
+            eps=cfg.adam_eps,
+            weight_decay=cfg.weight_decay,
+            mask=decay_mask,
+        ),
+    )
+    if trainable is None:
+        return tx
+    labels = lambda params: jax.tree.map(  # noqa: E731
+        lambda t: "train" if t else "freeze",
+        trainable(params) if callable(trainable) else trainable,
+    )
+    return optax.multi_transform({"train": tx, "freeze": optax.set_to_zero()}, labels)
