@@ -1,0 +1,49 @@
+"""Shared benchmark helpers: timing in rounds, matmul-peak probe, machine description."""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import subprocess
+import time
+
+import numpy as np
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                cpu = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores"
+
+
+def timeit(fn, repeat: int = 3) -> float:
+    """Median wall seconds of `fn()` over `repeat` calls (fn must block until done)."""
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def matmul_peak_flops(n: int = 1024, repeat: int = 5) -> float:
+    """Measured f32 dense-matmul FLOP/s of this machine through jnp.dot (a noise probe too)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    t = timeit(lambda: f(a).block_until_ready(), repeat)
+    return 2 * n**3 / t
+
+
+def median(xs):
+    return statistics.median(xs)

@@ -1,0 +1,117 @@
+"""Training tokens/s: lm_jax vs HF transformers GPT2LMHeadModel + torch AdamW (CPU, eager).
+
+Config (issue "Training stack"): 6 layers, d 384, 6 heads, seq 256, batch 8, vocab 8192, f32.
+Rounds alternate the order; a matmul probe runs before and after each round.
+
+  .venv/bin/python benchmarks/train_throughput.py --rounds=5 --steps=5
+"""
+
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+from absl import app, flags
+
+from benchmarks.common import machine, matmul_peak_flops, median
+from lm_jax.configs import gpt2_style
+from lm_jax.configs.train import TrainConfig
+from lm_jax.optim import make_optimizer
+from lm_jax.sharding import batch_sharding, make_mesh
+from lm_jax.train.state import init_train_state
+from lm_jax.train.step import jit_train_step
+
+flags.DEFINE_integer("rounds", 5, "Timing rounds (order alternates).")
+flags.DEFINE_integer("steps", 5, "Timed steps per round and framework.")
+flags.DEFINE_integer("batch", 8, "Batch size.")
+flags.DEFINE_integer("seq", 256, "Sequence length.")
+FLAGS = flags.FLAGS
+
+L, D, N, V = 6, 384, 6, 8192
+
+
+def train_flops_per_token(T: int) -> float:
+    """6 x matmul params (incl. the tied output head) + attention scores 12 L T D."""
+    n_matmul = L * 12 * D * D + V * D
+    return 6 * n_matmul + 12 * L * T * D
+
+
+def lm_jax_runner(B, T):
+    cfg = gpt2_style(vocab_size=V, d_model=D, num_layers=L, num_heads=N, max_len=T)
+    tcfg = TrainConfig(steps=1000, grad_clip=1.0)
+    mesh = make_mesh("", devices=jax.devices()[:1])
+    tx = make_optimizer(tcfg)
+    state, sh = init_train_state(cfg, tx, mesh)
+    bsh = batch_sharding(mesh, 2, B)
+    step = jit_train_step(cfg, tcfg, tx, sh, bsh)
+    rng = np.random.default_rng(0)
+    toks = rng.integers(0, V, (B, T + 1)).astype(np.int32)
+    batch = {
+        "inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
+        "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+        "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.float32),
+    }
+    box = {"state": state}
+
+    def run(n):
+        s = box["state"]
+        for _ in range(n):
+            s, m = step(s, batch, jax.random.key(0))
+        jax.block_until_ready(m["loss"])
+        box["state"] = s
+
+    run(2)  # compile + warm
+    return run
+
+
+def hf_runner(B, T):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=N, n_positions=T,
+                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    model = GPT2LMHeadModel(cfg).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
+    toks = torch.randint(0, V, (B, T + 1))
+
+    def run(n):
+        for _ in range(n):
+            out = model(toks[:, :-1], labels=toks[:, :-1])
+            out.loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    run(2)
+    return run
+
+
+def main(_):
+    B, T, n = FLAGS.batch, FLAGS.seq, FLAGS.steps
+    runners = {"lm_jax": lm_jax_runner(B, T), "hf_torch": hf_runner(B, T)}
+    tps = {k: [] for k in runners}
+    probes = []
+    for r in range(FLAGS.rounds):
+        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        probes.append(matmul_peak_flops())
+        for name in order:
+            t = time.perf_counter()
+            runners[name](n)
+            tps[name].append(B * T * n / (time.perf_counter() - t))
+        probes.append(matmul_peak_flops())
+    peak = max(probes)
+    fpt = train_flops_per_token(T)
+    print(f"machine: {machine()}, torch threads {torch.get_num_threads()}")
+    print(f"matmul probe GFLOP/s: median {median(probes) / 1e9:.1f}, max {peak / 1e9:.1f}")
+    for k, v in tps.items():
+        print(f"{k}: median {median(v):.0f} tokens/s ({', '.join(f'{x:.0f}' for x in v)}); "
+              f"{median(v) * fpt / peak * 100:.1f}% of matmul peak")
+    print(f"ratio lm_jax / hf_torch (median of per-round ratios): "
+          f"{median([a / b for a, b in zip(tps['lm_jax'], tps['hf_torch'])]):.2f}x")
+
+
+if __name__ == "__main__":
+    app.run(main)
