@@ -8,17 +8,22 @@ saved once in `workdir/tokenizer/` (it never changes during a run).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from lm_jax.configs.base import ModelConfig
 
-ITEMS = ("params", "train", "data", "meta")
+ITEMS = ("params", "train", "data", "meta", "manifest")
+TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 class CheckpointError(RuntimeError):
@@ -34,6 +39,8 @@ class Checkpointer:
 
     def __init__(self, workdir: str, keep: int = 2, async_save: bool = True, read_only=False):
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
+        if not read_only:
+            sweep_incomplete(self.directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -51,6 +58,9 @@ class Checkpointer:
 
     def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
         train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
+        if not force and not self.manager.should_save(step):
+            return False
+        manifest = {"params": leaf_hashes(state.params), "train": leaf_hashes(train)}
         return self.manager.save(
             step,
             args=ocp.args.Composite(
@@ -58,6 +68,7 @@ class Checkpointer:
                 train=ocp.args.StandardSave(train),
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
+                manifest=ocp.args.JsonSave(manifest),
             ),
             force=force,
         )
@@ -87,9 +98,11 @@ class Checkpointer:
                 train=ocp.args.StandardRestore(train_target),
                 data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
+                manifest=ocp.args.JsonRestore(),
             ),
         )
         t = restored["train"]
+        verify(restored["manifest"], {"params": restored["params"], "train": t}, step)
         state = type(abstract_state)(
             step=t["step"],
             params=restored["params"],
@@ -121,6 +134,60 @@ class Checkpointer:
                 "config the checkpoint was saved with, or start a new --workdir."
             ) from errors[-1][1]
         return None
+
+
+def leaf_hashes(tree) -> dict[str, str] | None:
+    """sha256 of every leaf's bytes, by path (None on multi-process runs: not addressable)."""
+    if jax.process_count() > 1:
+        return None
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        a = np.asarray(jax.device_get(leaf))
+        out[jax.tree_util.keystr(path)] = hashlib.sha256(
+            a.tobytes() + str(a.dtype).encode() + str(a.shape).encode()
+        ).hexdigest()[:32]
+    return out
+
+
+def verify(manifest: dict | None, restored: dict, step: int) -> None:
+    """Raise CheckpointError if a restored leaf's hash differs from the saved manifest."""
+    if not manifest:
+        return
+    for item, tree in restored.items():
+        want = manifest.get(item)
+        if want is None:
+            continue
+        got = leaf_hashes(tree)
+        if got is None:
+            continue
+        bad = [k for k in want if got.get(k) != want[k]]
+        if bad:
+            raise CheckpointError(
+                f"checkpoint step {step}: {len(bad)} restored leaves differ from the hashes saved "
+                f"with it (first: {item}{bad[0]}); the files are corrupt"
+            )
+
+
+def sweep_incomplete(directory: str) -> list[str]:
+    """Move aside leftovers of interrupted saves/prunes (Orbax temp folders, step folders
+    without their commit metadata) into `directory/_incomplete/`, so restores never see them."""
+    if not os.path.isdir(directory):
+        return []
+    moved = []
+    for name in sorted(os.listdir(directory)):
+        path = os.path.join(directory, name)
+        if not os.path.isdir(path) or name.startswith("_"):
+            continue
+        is_tmp = TMP_MARK in name
+        is_step = name.isdigit()
+        complete = is_step and os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA"))
+        if is_tmp or (is_step and not complete):
+            dest = os.path.join(directory, "_incomplete", f"{name}.{int(time.time() * 1e3)}")
+            os.makedirs(os.path.dirname(dest), exist_ok=True)
+            shutil.move(path, dest)
+            logging.warning("moved incomplete checkpoint folder %s to %s", path, dest)
+            moved.append(name)
+    return moved
 
 
 def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:

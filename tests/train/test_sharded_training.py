@@ -114,3 +114,50 @@ def test_batch_not_divisible_by_mesh_is_a_config_error():
 
     with pytest.raises(ConfigError, match="not divisible"):
         check_batch(Experiment(MODEL, Data(), TRAIN), make_mesh("data:8"))
+
+
+def _save_two(tmp_path):
+    tx = make_optimizer(TRAIN)
+    mesh = make_mesh("data:8")
+    state, _ = init_train_state(MODEL, tx, mesh, seed=3)
+    ckpt = Checkpointer(str(tmp_path), keep=3)
+    ckpt.save(5, state, {"pos": 5}, {"model": {}}, force=True)
+    ckpt.save(10, state, {"pos": 10}, {"model": {}}, force=True)
+    ckpt.wait()
+    ckpt.close()
+    return tx, mesh
+
+
+def _largest_file(folder):
+    files = [p for p in folder.rglob("*") if p.is_file() and "ocdbt" in str(p) and "/d/" in str(p)]
+    return max(files, key=lambda p: p.stat().st_size)
+
+
+@pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "empty_step", "tmp_folder"])
+def test_damaged_latest_checkpoint_falls_back_to_intact_step(tmp_path, damage):
+    tx, mesh = _save_two(tmp_path)
+    step_dir = tmp_path / "checkpoints" / "10"
+    if damage == "flip_bytes":
+        f = _largest_file(step_dir / "params")
+        data = bytearray(f.read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        f.write_bytes(bytes(data))
+    elif damage == "truncate":
+        f = _largest_file(step_dir / "params")
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    elif damage == "empty_step":
+        import shutil
+
+        shutil.rmtree(step_dir)
+        step_dir.mkdir()  # what a kill -9 during Orbax's pruning can leave behind
+    else:
+        (tmp_path / "checkpoints" / "15.orbax-checkpoint-tmp-123").mkdir()
+    abstract, sh = state_shardings(MODEL, tx, mesh)
+    ckpt = Checkpointer(str(tmp_path))
+    step, _, data_state, _ = ckpt.restore_latest(abstract, sh)
+    if damage == "tmp_folder":
+        assert step == 10
+    else:
+        assert step == 5 and data_state == {"pos": 5}
+    names = {p.name for p in (tmp_path / "checkpoints").iterdir()}
+    assert not any("tmp" in n for n in names)
