@@ -41,6 +41,10 @@ class TrainConfig:
     sample_tokens: int = 200  # tokens per sample
     log_step_details: bool = False  # per-step JSONL: loss hex, example ids, param hash
     progress_bar: bool = True
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = the detected accelerator's
+    print_memory: bool = False  # print the compiled train step's memory analysis
+    profile_steps: int = 0  # jax.profiler trace of this many steps (TensorBoard), 0 = off
+    profile_start: int = 5  # first profiled step
 
     def __post_init__(self):
         checks = [

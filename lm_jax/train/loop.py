@@ -17,6 +17,7 @@ from lm_jax.checkpoint import Checkpointer, meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.data.tokenizer import Tokenizer, load_tokenizer
+from lm_jax.flops import device_peak_flops, flops_per_token
 from lm_jax.optim import make_optimizer
 from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train.metrics import MetricWriter, format_metrics
@@ -191,6 +192,10 @@ def train(exp: Experiment, log=print) -> dict:
         }
 
     step_fn = jit_train_step(model_cfg, tcfg, tx, shardings, bsh)
+    if tcfg.print_memory:
+        log(memory_report(step_fn, state, exp.data.batch_size, exp.data.seq_len, bsh))
+    flops_tok = flops_per_token(model_cfg, exp.data.seq_len)
+    peak = tcfg.peak_flops or device_peak_flops() or 0.0
     bad_fn = (
         jit_train_step(model_cfg, tcfg, tx, shardings, bsh, inject_nonfinite=True)
         if exp.debug_nonfinite_step >= 0
@@ -223,6 +228,10 @@ def train(exp: Experiment, log=print) -> dict:
 
     with _Preemption() as preempt:
         while step < tcfg.steps:
+            if tcfg.profile_steps and step == tcfg.profile_start:
+                jax.profiler.start_trace(os.path.join(workdir, "profile"))
+            if tcfg.profile_steps and step == tcfg.profile_start + tcfg.profile_steps:
+                jax.profiler.stop_trace()
             batch = next(train_it)
             fn = bad_fn if step == exp.debug_nonfinite_step else step_fn
             state, m = fn(state, to_global(batch), rng)
@@ -249,6 +258,11 @@ def train(exp: Experiment, log=print) -> dict:
                 dt = time.perf_counter() - t0
                 row = writer.write(step, {k: v for k, v in m.items() if k != "finite"}, "train/")
                 row["train/tokens_per_s"] = tokens_seen / max(dt, 1e-9)
+                if peak:
+                    row["train/mfu"] = (
+                        row["train/tokens_per_s"] * flops_tok / (peak * jax.device_count())
+                    )
+                writer.write(step, {k: row[k] for k in row if k in _RATE_KEYS})
                 if bar is not None:
                     bar.set_postfix(
                         loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_s']:.0f}"
@@ -292,6 +306,34 @@ def train(exp: Experiment, log=print) -> dict:
         "model_config": model_cfg,
         "tokenizer": tok,
     }
+
+
+_RATE_KEYS = ("train/tokens_per_s", "train/mfu")
+
+
+def memory_report(step_fn, state, batch_size: int, seq_len: int, bsh) -> str:
+    """The compiled train step's memory analysis (arguments, outputs, temporaries)."""
+    import jax.numpy as jnp
+
+    spec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.int32, sharding=bsh)
+    fspec = jax.ShapeDtypeStruct((batch_size, seq_len), jnp.float32, sharding=bsh)
+    batch = {
+        "inputs": spec,
+        "targets": spec,
+        "positions": spec,
+        "segment_ids": spec,
+        "loss_mask": fspec,
+    }
+    m = step_fn.lower(state, batch, jax.random.key(0)).compile().memory_analysis()
+    if m is None:
+        return "memory analysis: not available on this backend"
+    gib = 1 / 2**30
+    return (
+        f"memory per device: arguments {m.argument_size_in_bytes * gib:.3f} GiB, outputs "
+        f"{m.output_size_in_bytes * gib:.3f} GiB, temporaries "
+        f"{m.temp_size_in_bytes * gib:.3f} GiB, generated code "
+        f"{m.generated_code_size_in_bytes * gib:.4f} GiB"
+    )
 
 
 def _step_record(step: int, m: dict, batch: dict, state) -> str:
