@@ -1,13 +1,16 @@
 """Training tokens/s: lm_jax vs HF transformers GPT2LMHeadModel + torch AdamW (CPU, eager).
 
 Config (issue "Training stack"): 6 layers, d 384, 6 heads, seq 256, batch 8, vocab 8192, f32.
-Rounds alternate the order; a matmul probe runs before and after each round.
+Each framework runs in its own process (torch's OpenMP threads otherwise spin and steal the
+cores from XLA); rounds alternate the order; a matmul probe runs before and after each round.
 
   .venv/bin/python benchmarks/train_throughput.py --rounds=5 --steps=5
 """
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import jax
@@ -28,6 +31,7 @@ flags.DEFINE_integer("rounds", 5, "Timing rounds (order alternates).")
 flags.DEFINE_integer("steps", 5, "Timed steps per round and framework.")
 flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("seq", 256, "Sequence length.")
+flags.DEFINE_enum("worker", None, ["lm_jax", "hf_torch"], "Internal: time one framework.")
 FLAGS = flags.FLAGS
 
 L, D, N, V = 6, 384, 6, 8192
@@ -89,18 +93,30 @@ def hf_runner(B, T):
     return run
 
 
+def run_worker(name: str, B: int, T: int, n: int) -> float:
+    """Time `n` steps of one framework in a fresh process; returns tokens/s."""
+    cmd = [sys.executable, "-m", "benchmarks.train_throughput", f"--worker={name}",
+           f"--batch={B}", f"--seq={T}", f"--steps={n}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return float(out.strip().splitlines()[-1])
+
+
 def main(_):
     B, T, n = FLAGS.batch, FLAGS.seq, FLAGS.steps
-    runners = {"lm_jax": lm_jax_runner(B, T), "hf_torch": hf_runner(B, T)}
-    tps = {k: [] for k in runners}
+    if FLAGS.worker:
+        runner = (lm_jax_runner if FLAGS.worker == "lm_jax" else hf_runner)(B, T)
+        t = time.perf_counter()
+        runner(n)
+        print(B * T * n / (time.perf_counter() - t))
+        return
+    names = ["lm_jax", "hf_torch"]
+    tps = {k: [] for k in names}
     probes = []
     for r in range(FLAGS.rounds):
-        order = list(runners) if r % 2 == 0 else list(reversed(runners))
+        order = names if r % 2 == 0 else list(reversed(names))
         probes.append(matmul_peak_flops())
         for name in order:
-            t = time.perf_counter()
-            runners[name](n)
-            tps[name].append(B * T * n / (time.perf_counter() - t))
+            tps[name].append(run_worker(name, B, T, n))
         probes.append(matmul_peak_flops())
     peak = max(probes)
     fpt = train_flops_per_token(T)
