@@ -44,7 +44,7 @@ def train_flops_per_token(T: int) -> float:
 
 
 def lm_jax_runner(B, T):
-    cfg = gpt2_style(vocab_size=V, d_model=D, num_layers=L, num_heads=N, max_len=T)
+    cfg = gpt2_style(vocab_size=V, d_model=D, num_layers=L, num_heads=N, max_len=T, scan_unroll=L)
     tcfg = TrainConfig(steps=1000, grad_clip=1.0)
     mesh = make_mesh("", devices=jax.devices()[:1])
     tx = make_optimizer(tcfg)
@@ -54,9 +54,11 @@ def lm_jax_runner(B, T):
     rng = np.random.default_rng(0)
     toks = rng.integers(0, V, (B, T + 1)).astype(np.int32)
     batch = {
-        "inputs": jnp.asarray(toks[:, :-1]), "targets": jnp.asarray(toks[:, 1:]),
+        "inputs": jnp.asarray(toks[:, :-1]),
+        "targets": jnp.asarray(toks[:, 1:]),
         "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-        "segment_ids": jnp.ones((B, T), jnp.int32), "loss_mask": jnp.ones((B, T), jnp.float32),
+        "segment_ids": jnp.ones((B, T), jnp.int32),
+        "loss_mask": jnp.ones((B, T), jnp.float32),
     }
     box = {"state": state}
 
@@ -75,8 +77,16 @@ def hf_runner(B, T):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_embd=D, n_layer=L, n_head=N, n_positions=T,
-                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    cfg = GPT2Config(
+        vocab_size=V,
+        n_embd=D,
+        n_layer=L,
+        n_head=N,
+        n_positions=T,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+    )
     model = GPT2LMHeadModel(cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
     toks = torch.randint(0, V, (B, T + 1))
@@ -95,8 +105,15 @@ def hf_runner(B, T):
 
 def run_worker(name: str, B: int, T: int, n: int) -> float:
     """Time `n` steps of one framework in a fresh process; returns tokens/s."""
-    cmd = [sys.executable, "-m", "benchmarks.train_throughput", f"--worker={name}",
-           f"--batch={B}", f"--seq={T}", f"--steps={n}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.train_throughput",
+        f"--worker={name}",
+        f"--batch={B}",
+        f"--seq={T}",
+        f"--steps={n}",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -123,10 +140,14 @@ def main(_):
     print(f"machine: {machine()}, torch threads {torch.get_num_threads()}")
     print(f"matmul probe GFLOP/s: median {median(probes) / 1e9:.1f}, max {peak / 1e9:.1f}")
     for k, v in tps.items():
-        print(f"{k}: median {median(v):.0f} tokens/s ({', '.join(f'{x:.0f}' for x in v)}); "
-              f"{median(v) * fpt / peak * 100:.1f}% of matmul peak")
-    print(f"ratio lm_jax / hf_torch (median of per-round ratios): "
-          f"{median([a / b for a, b in zip(tps['lm_jax'], tps['hf_torch'])]):.2f}x")
+        print(
+            f"{k}: median {median(v):.0f} tokens/s ({', '.join(f'{x:.0f}' for x in v)}); "
+            f"{median(v) * fpt / peak * 100:.1f}% of matmul peak"
+        )
+    print(
+        f"ratio lm_jax / hf_torch (median of per-round ratios): "
+        f"{median([a / b for a, b in zip(tps['lm_jax'], tps['hf_torch'])]):.2f}x"
+    )
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ class ModelConfig:
     param_dtype: str = "float32"
     attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # jax.nn.dot_product_attention
     remat: Literal["none", "dots", "full"] = "none"  # rematerialisation policy per layer
+    scan_unroll: int = 1  # layers unrolled per scan step; num_layers = no loop (faster on CPU)
     dropout: float = 0.0  # residual/attention-output dropout (training only)
     initializer_range: float = 0.02  # std of normal init
 
@@ -112,6 +113,7 @@ class ModelConfig:
         )
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}.")
         _check(self.max_len > 0, f"max_len must be > 0, got {self.max_len}.")
+        _check(self.scan_unroll >= 1, f"scan_unroll must be >= 1, got {self.scan_unroll}.")
         if self.moe is not None:
             m = self.moe
             _check(m.num_experts > 0, f"moe.num_experts must be > 0, got {m.num_experts}.")

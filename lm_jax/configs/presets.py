@@ -22,7 +22,7 @@ def register(fn):
 @register
 def tiny() -> Preset:
     """CPU seconds, for tests: `python experiments/pretrain.py --preset=tiny`."""
-    model = gpt2_style(d_model=64, num_layers=2, num_heads=4, max_len=128)
+    model = gpt2_style(d_model=64, num_layers=2, num_heads=4, max_len=128, scan_unroll=2)
     data = dict(tokenizer="char", seq_len=64, batch_size=8)
     train = TrainConfig(
         steps=40,
@@ -41,7 +41,7 @@ def tiny() -> Preset:
 def default() -> Preset:
     """The README's main job: a small char-level GPT on Shakespeare's complete works, ~5 min on
     2 CPU cores. `python experiments/pretrain.py` (same as --preset=default)."""
-    model = gpt2_style(d_model=192, num_layers=4, num_heads=6, max_len=128)
+    model = gpt2_style(d_model=192, num_layers=4, num_heads=6, max_len=128, scan_unroll=4)
     data = dict(tokenizer="char", seq_len=128, batch_size=32)
     train = TrainConfig(
         steps=1500,
@@ -64,7 +64,9 @@ def nanogpt_cpu() -> Preset:
     4 layers, 4 heads, 128 dims, block 64, batch 12, 2000 iters, lr 1e-3 decayed to 2000,
     dropout 0. `python experiments/pretrain.py --preset=nanogpt_cpu
     --data.source=tinyshakespeare:../shared/data/tinyshakespeare/input.txt`."""
-    model = gpt2_style(d_model=128, num_layers=4, num_heads=4, max_len=64, dropout=0.0)
+    model = gpt2_style(
+        d_model=128, num_layers=4, num_heads=4, max_len=64, dropout=0.0, scan_unroll=4
+    )
     data = dict(
         tokenizer="char",
         seq_len=64,

@@ -116,6 +116,7 @@ class Transformer(nn.Module):
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, 0),
             length=cfg.num_layers,
+            unroll=min(cfg.scan_unroll, cfg.num_layers),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, name="layers")
         x, cache = layers(x, positions, segment_ids, cache)

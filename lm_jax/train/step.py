@@ -82,11 +82,16 @@ def train_step(
         g, m = grad_fn(state.params, mb, model_cfg, train_cfg, jax.random.fold_in(rng, i), True)
         return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
 
-    micro_batches = _split_micro(batch, n)
-    first = jax.tree.map(lambda x: x[0], micro_batches)
-    g_shape = jax.eval_shape(lambda: grad_fn(state.params, first, model_cfg, train_cfg, rng, True))
-    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
-    (grads, m), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(n)))
+    if n == 1:  # no accumulator buffers: they cost a full pass over the parameters
+        grads, m = grad_fn(state.params, batch, model_cfg, train_cfg, rng, True)
+    else:
+        micro_batches = _split_micro(batch, n)
+        first = jax.tree.map(lambda x: x[0], micro_batches)
+        g_shape = jax.eval_shape(
+            lambda: grad_fn(state.params, first, model_cfg, train_cfg, rng, True)
+        )
+        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
+        (grads, m), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(n)))
 
     tokens = jnp.maximum(m["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
