@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import jax.numpy as jnp
+
+if TYPE_CHECKING:
+    from lm_jax.nn.lora import LoraConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -73,6 +76,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     sliding_window: int | None = None  # attend to at most this many past positions (Mistral)
     moe: MoEConfig | None = None  # None = dense MLP in every layer
+    lora: LoraConfig | None = None  # LoRA adapters on targeted projections (lm_jax.nn.lora)
     # Numerics and execution.
     dtype: str = "float32"  # compute dtype of matmuls (softmax, norms, loss stay float32)
     param_dtype: str = "float32"
@@ -163,6 +167,10 @@ class ModelConfig:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         if d.get("moe") is not None:
             d["moe"] = MoEConfig(**d["moe"])
+        if isinstance(d.get("lora"), dict):
+            from lm_jax.nn.lora import LoraConfig as _Lora  # noqa: PLC0415 - import cycle
+
+            d["lora"] = _Lora.from_dict(d["lora"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         _check(not unknown, f"unknown ModelConfig fields {sorted(unknown)}.")

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
+from lm_jax.nn.lora import maybe_lora
 
 
 def normal_init(std: float):
@@ -50,6 +51,13 @@ class Dense(nn.Module):
                 cfg.weight_dtype,
             )
             y = y + bias.astype(cfg.compute_dtype)
+        if cfg.lora is not None:
+            # LoRA (lm_jax.nn.lora): lora_a/lora_b beside kernel when the path is targeted; the
+            # base output is complete before the (zero at init) low-rank path is added.
+            y2 = maybe_lora(
+                self, x2, y.reshape(x2.shape[0], self.features), kernel.shape, self.names, cfg
+            )
+            y = y2.reshape(*lead, self.features)
         return y
 
 
