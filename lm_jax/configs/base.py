@@ -41,6 +41,7 @@ class MoEConfig:
     num_experts: int = 8  # E
     top_k: int = 2  # experts per token (token choice)
     router: Literal["softmax_topk", "topk_softmax", "expert_choice"] = "softmax_topk"
+    renormalize: bool = True  # softmax_topk: top-k weights sum to 1 (Mixtral); False = Switch
     dispatch: Literal["dropless", "capacity"] = "dropless"
     capacity_factor_train: float = 1.25  # capacity = factor * tokens * top_k / E
     capacity_factor_eval: float = 2.0
@@ -50,6 +51,42 @@ class MoEConfig:
     load_balance_coef: float = 0.01  # Switch load-balancing loss coefficient
     router_z_coef: float = 0.001  # ST-MoE router z-loss coefficient
     every: int = 1  # MoE in every k-th layer (layer index % every == every - 1)
+
+    def __post_init__(self):
+        _check(self.num_experts > 0, f"moe.num_experts must be > 0, got {self.num_experts}.")
+        _check(
+            0 < self.top_k <= self.num_experts,
+            f"moe.top_k ({self.top_k}) must be in [1, num_experts={self.num_experts}].",
+        )
+        _check(
+            self.capacity_factor_train > 0 and self.capacity_factor_eval > 0,
+            "moe.capacity_factor_train/eval must be > 0, got "
+            f"{self.capacity_factor_train}/{self.capacity_factor_eval}.",
+        )
+        _check(
+            self.router in ("softmax_topk", "topk_softmax", "expert_choice"),
+            f"moe.router must be softmax_topk, topk_softmax or expert_choice, got {self.router!r}.",
+        )
+        _check(
+            self.dispatch in ("dropless", "capacity"),
+            f"moe.dispatch must be 'dropless' or 'capacity', got {self.dispatch!r}.",
+        )
+        _check(
+            self.router != "expert_choice" or self.dispatch == "capacity",
+            "moe.router='expert_choice' gives every expert a fixed capacity: set "
+            "moe.dispatch='capacity' (capacity_factor_* set C).",
+        )
+        _check(self.num_shared_experts >= 0, "moe.num_shared_experts must be >= 0.")
+        _check(
+            self.expert_mlp_dim is None or self.expert_mlp_dim > 0,
+            f"moe.expert_mlp_dim must be None or > 0, got {self.expert_mlp_dim}.",
+        )
+        _check(0.0 <= self.jitter_noise < 1.0, "moe.jitter_noise must be in [0, 1).")
+        _check(
+            self.load_balance_coef >= 0 and self.router_z_coef >= 0,
+            "moe.load_balance_coef and moe.router_z_coef must be >= 0.",
+        )
+        _check(self.every >= 1, f"moe.every must be >= 1, got {self.every}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,15 +157,6 @@ class ModelConfig:
         _check(self.scan_unroll >= 1, f"scan_unroll must be >= 1, got {self.scan_unroll}.")
         if self.moe is not None:
             m = self.moe
-            _check(m.num_experts > 0, f"moe.num_experts must be > 0, got {m.num_experts}.")
-            _check(
-                0 < m.top_k <= m.num_experts,
-                f"moe.top_k ({m.top_k}) must be in [1, num_experts={m.num_experts}].",
-            )
-            _check(
-                m.capacity_factor_train > 0 and m.capacity_factor_eval > 0,
-                "moe.capacity_factor_train/eval must be > 0.",
-            )
             _check(
                 1 <= m.every <= self.num_layers and self.num_layers % m.every == 0,
                 f"moe.every ({m.every}) must divide num_layers ({self.num_layers}).",

@@ -22,12 +22,12 @@ REMAT_POLICIES = {
 }
 
 
-def feed_forward(cfg: ModelConfig) -> nn.Module:
-    """The MLP slot: a dense MLP, or the MoE block when `cfg.moe` is set."""
-    if cfg.moe is not None:
+def feed_forward(cfg: ModelConfig, deterministic: bool = True, moe: bool | None = None):
+    """The MLP slot: a dense MLP, or the MoE block (`moe`; default: when `cfg.moe` is set)."""
+    if cfg.moe is not None if moe is None else moe:
         from lm_jax.nn.moe import MoE  # noqa: PLC0415 - optional pillar
 
-        return MoE(cfg, name="mlp")
+        return MoE(cfg, deterministic, name="mlp")
     return MLP(cfg, name="mlp")
 
 
@@ -36,6 +36,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     deterministic: bool = True
+    moe: bool | None = None  # MoE feed-forward; None = when cfg.moe is set
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache):
@@ -44,9 +45,37 @@ class Block(nn.Module):
             Norm(cfg, name="attn_norm")(x), positions, segment_ids, cache
         )
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
-        h = feed_forward(cfg)(Norm(cfg, name="mlp_norm")(x))
+        h = feed_forward(cfg, self.deterministic, self.moe)(Norm(cfg, name="mlp_norm")(x))
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         x = constrain(x, ACT_NAMES)
+        return x, cache
+
+
+def _block_class(cfg: ModelConfig):
+    if cfg.remat == "none":
+        return Block
+    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+
+
+class LayerGroup(nn.Module):
+    """`cfg.moe.every` = k consecutive blocks (`block_0` .. `block_{k-1}`), the last with the MoE
+    feed-forward; scanned over L / k groups when k > 1. cache: k, v [k, B, S, K, H]."""
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, positions, segment_ids, cache):
+        k = self.cfg.moe.every
+        block, new = _block_class(self.cfg), []
+        for i in range(k):
+            c = None if cache is None else LayerCache(cache.k[i], cache.v[i])
+            x, c = block(self.cfg, self.deterministic, i == k - 1, name=f"block_{i}")(
+                x, positions, segment_ids, c
+            )
+            new.append(c)
+        if cache is not None:
+            cache = LayerCache(jnp.stack([c.k for c in new]), jnp.stack([c.v for c in new]))
         return x, cache
 
 
@@ -106,20 +135,24 @@ class Transformer(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
         x = constrain(x, ACT_NAMES)
 
-        block = Block
-        policy = REMAT_POLICIES[cfg.remat]
-        if cfg.remat != "none":
-            block = nn.remat(Block, policy=policy, prevent_cse=False)
+        # Layers are scanned (params with a leading L axis under `layers`); with moe.every = k > 1
+        # the scan runs over L / k `LayerGroup`s of k blocks (leading axis L / k).
+        every = cfg.moe.every if cfg.moe is not None else 1
+        n = cfg.num_layers // every
+        if every > 1 and cache is not None:  # [L, ...] -> [L / k, k, ...]
+            cache = jax.tree.map(lambda c: c.reshape(n, every, *c.shape[1:]), cache)
         layers = nn.scan(
-            block,
+            LayerGroup if every > 1 else _block_class(cfg),
             variable_axes={"params": 0, "intermediates": 0, "aux": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=(nn.broadcast, nn.broadcast, 0),
-            length=cfg.num_layers,
-            unroll=min(cfg.scan_unroll, cfg.num_layers),
+            length=n,
+            unroll=min(cfg.scan_unroll, n),
             metadata_params={nn.PARTITION_NAME: "layers"},
         )(cfg, deterministic, name="layers")
         x, cache = layers(x, positions, segment_ids, cache)
+        if every > 1 and cache is not None:
+            cache = jax.tree.map(lambda c: c.reshape(n * every, *c.shape[2:]), cache)
         x = Norm(cfg, name="norm")(x)  # [B, T, D]
         if cfg.tie_embeddings:
             logits = embed.attend(x)

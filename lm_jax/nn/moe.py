@@ -1,0 +1,420 @@
+"""Mixture-of-experts feed-forward block (takes the MLP's slot when `ModelConfig.moe` is set).
+
+Parameters (under the layer's `mlp`, with the scan's leading L axis in a Transformer):
+`router/kernel [D, E]`, `experts/{gate_proj?, up_proj} /kernel [E, D, F]`,
+`experts/down_proj/kernel [E, F, D]`, `shared_experts/...` (a dense MLP, DeepSeekMoE).
+
+Token groups: capacity-based dispatch routes within each sequence (G = B groups of S = T
+tokens), so results do not depend on how the batch is sharded. Capacity dispatch is not causal
+(a later token's top-1 choice can displace an earlier token's top-2 choice; expert choice picks
+over the whole sequence), so KV-cache decode equals the full forward only with dropless
+dispatch or a capacity that drops nothing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from lm_jax.configs.base import ConfigError, ModelConfig
+from lm_jax.nn.lora import lora_factors
+from lm_jax.nn.mlp import ACTIVATIONS, MLP
+from lm_jax.sharding import logical_to_spec
+
+# --------------------------------------------------------------------------- routing (pure)
+
+
+def token_choice(logits, top_k: int, mode: str, renormalize: bool = True):
+    """Top-k token choice. logits [..., E] f32 -> (weights [..., K] f32, ids [..., K] int32).
+
+    softmax_topk: softmax over E, keep the top k (renormalised to sum 1 as Mixtral, or raw
+    probabilities as Switch top-1); topk_softmax: top k logits, softmax over those k.
+    """
+    if mode == "topk_softmax":
+        vals, ids = jax.lax.top_k(logits, top_k)  # [..., K]
+        return jax.nn.softmax(vals, axis=-1), ids
+    vals, ids = jax.lax.top_k(jax.nn.softmax(logits, axis=-1), top_k)  # [..., K]
+    if renormalize:
+        vals = vals / jnp.sum(vals, axis=-1, keepdims=True)
+    return vals, ids
+
+
+def capacity(factor: float, group_size: int, top_k: int, num_experts: int) -> int:
+    """Tokens per expert per group: ceil(factor * S * K / E), within [1, S]."""
+    return int(min(group_size, max(1, math.ceil(factor * group_size * top_k / num_experts))))
+
+
+def capacity_masks(ids, weights, num_experts: int, cap: int):
+    """GShard/Switch dispatch and combine tensors with priority-ordered dropping.
+
+    ids, weights [G, S, K] -> dispatch (0/1), combine (gate weights) [G, S, E, C]. Slots are
+    handed out to every token's 1st choice (by position), then every 2nd choice, ...; a choice
+    whose expert is already full (C slots) is dropped.
+    """
+    G, S, K = ids.shape
+    onehot = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32)  # [G, S, K, E]
+    by_priority = onehot.transpose(0, 2, 1, 3).reshape(G, K * S, num_experts)  # [G, K*S, E]
+    pos = jnp.cumsum(by_priority, axis=1) - 1  # [G, K*S, E] slot index within its expert
+    pos = pos.reshape(G, K, S, num_experts).transpose(0, 2, 1, 3)  # [G, S, K, E]
+    pos = jnp.sum(pos * onehot, axis=-1)  # [G, S, K]
+    slot = jax.nn.one_hot(jnp.where(pos < cap, pos, cap), cap, dtype=jnp.float32)  # [G, S, K, C]
+    onehot = onehot.astype(jnp.float32)
+    dispatch = jnp.einsum("gske,gskc->gsec", onehot, slot)  # [G, S, E, C]
+    combine = jnp.einsum("gske,gskc->gsec", onehot * weights[..., None], slot)  # [G, S, E, C]
+    return dispatch, combine
+
+
+def expert_choice_masks(probs, cap: int):
+    """Expert choice (Zhou et al. 2022): each expert takes its top-C tokens of the group.
+
+    probs [G, S, E] (softmax over experts) -> dispatch, combine [G, S, E, C].
+    """
+    S = probs.shape[1]
+    vals, idx = jax.lax.top_k(probs.transpose(0, 2, 1), cap)  # [G, E, C]
+    dispatch = jax.nn.one_hot(idx, S, dtype=jnp.float32).transpose(0, 3, 1, 2)  # [G, S, E, C]
+    return dispatch, dispatch * vals[:, None]  # [G, S, E, C]
+
+
+def dispatch_tokens(x, dispatch):
+    """x [G, S, D], dispatch [G, S, E, C] -> expert inputs [E, G, C, D]."""
+    return jnp.einsum("gsec,gsd->egcd", dispatch.astype(x.dtype), x)
+
+
+def combine_tokens(y, combine):
+    """Expert outputs y [E, G, C, D], combine [G, S, E, C] -> [G, S, D]."""
+    return jnp.einsum("gsec,egcd->gsd", combine.astype(y.dtype), y)
+
+
+def expert_ffn(x, kernels: dict, act, group_sizes=None):
+    """Every expert's MLP. Batched: x [E, M, D] -> [E, M, D]; grouped: x [M, D] sorted by
+    expert with `group_sizes` [E] -> [M, D] (`jax.lax.ragged_dot`; rows past the groups give 0)."""
+
+    def mm(a, w):
+        w = w.astype(a.dtype)
+        if group_sizes is None:
+            return jnp.einsum("emd,edf->emf", a, w)  # [E, M, F]
+        return jax.lax.ragged_dot(a, w, group_sizes)  # [M, F]
+
+    h = mm(x, kernels["up"])
+    h = act(mm(x, kernels["gate"])) * h if "gate" in kernels else act(h)
+    return mm(h, kernels["down"])
+
+
+def sorted_ffn(x, ids, num_experts: int, kernels: dict, act):
+    """Dropless: x [M, D] rows with expert ids [M] (id == num_experts: skip, output 0) -> [M, D].
+
+    Rows are sorted by expert, run through one grouped matmul per projection, and unsorted.
+    """
+    order = jnp.argsort(ids, stable=True)  # [M]
+    group_sizes = jnp.bincount(ids, length=num_experts).astype(jnp.int32)  # [E]
+    y = expert_ffn(x[order], kernels, act, group_sizes)  # [M, D] in expert order
+    return jnp.zeros_like(y).at[order].set(y)  # [M, D]
+
+
+def dropless_ffn(x, ids, weights, kernels: dict, act, num_experts: int):
+    """x [N, D], ids/weights [N, K] -> sum_k weights * expert_ids(x) [N, D]."""
+    N, K = ids.shape
+    y = sorted_ffn(jnp.repeat(x, K, axis=0), ids.reshape(-1), num_experts, kernels, act)
+    return jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y.reshape(N, K, -1))  # [N, D]
+
+
+# --------------------------------------------------------------------------- losses (pure)
+
+
+def load_balance_loss(probs, load):
+    """Switch: E * sum_i f_i * P_i with f = `load` [E] (sums to 1) and P = mean probs [E].
+    1 at perfectly balanced load; the gradient flows through P only."""
+    P_mean = jnp.mean(probs.reshape(-1, probs.shape[-1]), axis=0)  # [E]
+    return probs.shape[-1] * jnp.sum(jax.lax.stop_gradient(load) * P_mean)
+
+
+def router_z_loss(logits):
+    """ST-MoE: mean over tokens of logsumexp(logits)^2."""
+    return jnp.mean(jnp.square(jax.nn.logsumexp(logits, axis=-1)))
+
+
+def router_entropy(probs):
+    return jnp.mean(-jnp.sum(jax.scipy.special.xlogy(probs, probs), axis=-1))
+
+
+def check_router_logits(logits) -> None:
+    """Raise on NaN router logits when they are concrete (eager). Under tracing the NaN is
+    propagated to the block's output and losses instead (see `MoE`), never routed silently."""
+    if isinstance(logits, jax.core.Tracer):
+        return
+    bad = int(np.isnan(np.asarray(logits)).any(-1).sum())
+    if bad:
+        raise FloatingPointError(
+            f"MoE router produced NaN logits for {bad} token(s): the hidden states or the router "
+            "kernel contain NaN/inf; check the inputs, the learning rate and the loss history."
+        )
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+
+def check_moe_mesh(cfg: ModelConfig, mesh) -> None:
+    """ConfigError unless the expert mesh axis divides num_experts (call where the mesh is set)."""
+    if cfg.moe is None or mesh is None or "expert" not in mesh.axis_names:
+        return
+    ep, E = mesh.shape["expert"], cfg.moe.num_experts
+    if E % ep:
+        raise ConfigError(
+            f"moe.num_experts ({E}) is not divisible by the mesh's expert axis ({ep}): choose an "
+            f"expert axis size that divides {E} (e.g. --mesh=expert:{math.gcd(E, ep)},data:-1)."
+        )
+
+
+def _ep_mesh():
+    """The context mesh when it has an expert axis > 1, else None (plain path)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or mesh.empty or mesh.shape.get("expert", 1) == 1:
+        return None
+    return mesh
+
+
+def _ep_specs(mesh, batch: int, kernels: dict):
+    """(batch spec entry, expert weight specs, tensor axis or None) for the shard_map."""
+    spec = logical_to_spec(("batch",), mesh, (batch,))[0]
+    t_size = mesh.shape.get("tensor", 1)
+    t = "tensor" if t_size > 1 and kernels["up"].shape[-1] % t_size == 0 else None
+    kspecs = {n: P("expert", None, t) for n in ("gate", "up") if n in kernels}
+    kspecs["down"] = P("expert", t, None)
+    return spec, kspecs, t
+
+
+def _tok_axes(spec) -> tuple:
+    return () if spec is None else (spec,) if isinstance(spec, str) else tuple(spec)
+
+
+def ep_capacity_ffn(x, dispatch, combine, kernels: dict, act, mesh):
+    """Capacity dispatch with experts sharded over `expert`. x [G, S, D] -> [G, S, D].
+
+    When the groups are split over `expert`, expert inputs [E, G, C, D] are exchanged by
+    all-to-all so each shard runs its E/ep experts on everyone's tokens, and sent back. When
+    they are not (e.g. batch 1 decode), every shard runs its local experts on its (replicated)
+    tokens and the partial outputs are summed over `expert`.
+    """
+    spec, kspecs, t = _ep_specs(mesh, x.shape[0], kernels)
+    exchange = "expert" in _tok_axes(spec)
+    ep = mesh.shape["expert"]
+
+    def body(x, dispatch, combine, kernels):
+        E_loc = kernels["up"].shape[0]
+        G, C, D = x.shape[0], dispatch.shape[-1], x.shape[-1]
+        if exchange:
+            h = dispatch_tokens(x, dispatch).reshape(ep, E_loc, G, C, D)  # [ep, E_loc, G, C, D]
+            h = jax.lax.all_to_all(h, "expert", 0, 0)  # [ep (source), E_loc, G, C, D]
+            h = h.transpose(1, 0, 2, 3, 4).reshape(E_loc, ep * G * C, D)  # [E_loc, ep*G*C, D]
+            h = expert_ffn(h, kernels, act).reshape(E_loc, ep, G, C, D)
+            h = jax.lax.all_to_all(h.transpose(1, 0, 2, 3, 4), "expert", 0, 0)  # [ep, E_loc, ...]
+            y = combine_tokens(h.reshape(ep * E_loc, G, C, D), combine)  # [G, S, D]
+        else:
+            e0 = jax.lax.axis_index("expert") * E_loc
+            dispatch = jax.lax.dynamic_slice_in_dim(dispatch, e0, E_loc, axis=2)  # [G,S,E_loc,C]
+            combine = jax.lax.dynamic_slice_in_dim(combine, e0, E_loc, axis=2)  # [G,S,E_loc,C]
+            h = dispatch_tokens(x, dispatch).reshape(E_loc, G * C, D)  # [E_loc, G*C, D]
+            h = expert_ffn(h, kernels, act).reshape(E_loc, G, C, D)
+            y = combine_tokens(h, combine)  # [G, S, D]
+        axes = (() if exchange else ("expert",)) + ((t,) if t else ())
+        return jax.lax.psum(y, axes) if axes else y
+
+    tok = P(spec)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(tok, tok, tok, kspecs), out_specs=tok, check_vma=False
+    )(x, dispatch, combine, kernels)
+
+
+def ep_dropless_ffn(x, ids, weights, kernels: dict, act, mesh):
+    """Dropless with experts sharded over `expert`. x [B, T, D], ids/weights [B, T, K].
+
+    Exchanged case: each shard sorts its token copies by expert and sends shard j the rows for
+    j's experts by all-to-all. XLA:CPU has no `ragged_all_to_all`, so every destination gets a
+    buffer of the worst case (all N*K rows), padded with the id E_loc (= skip); the receiver
+    runs the grouped matmul and sends the rows back the same way. Otherwise as in
+    `ep_capacity_ffn`: local experts on replicated tokens, then a sum over `expert`.
+    """
+    spec, kspecs, t = _ep_specs(mesh, x.shape[0], kernels)
+    exchange = "expert" in _tok_axes(spec)
+    ep = mesh.shape["expert"]
+
+    def body(x, ids, weights, kernels):
+        E_loc = kernels["up"].shape[0]
+        B, T, D = x.shape
+        K = ids.shape[-1]
+        xf, idf, wf = x.reshape(B * T, D), ids.reshape(-1), weights.reshape(B * T, K)
+        if exchange:
+            A = idf.shape[0]  # N*K token copies on this shard
+            order = jnp.argsort(idf, stable=True)  # [A]
+            sid = idf[order]  # [A] sorted expert ids
+            dest = sid // E_loc  # [A] owning shard
+            count = jnp.bincount(dest, length=ep)  # [ep]
+            start = jnp.cumsum(count) - count  # [ep]
+            slot = dest * A + jnp.arange(A) - start[dest]  # [A] row in the send buffer
+            send = jnp.zeros((ep * A, D), x.dtype).at[slot].set(xf[order // K])  # [ep*A, D]
+            send_ids = jnp.full((ep * A,), E_loc, jnp.int32).at[slot].set(sid % E_loc)
+            recv = jax.lax.all_to_all(send.reshape(ep, A, D), "expert", 0, 0)  # [ep, A, D]
+            recv_ids = jax.lax.all_to_all(send_ids.reshape(ep, A), "expert", 0, 0)  # [ep, A]
+            out = sorted_ffn(recv.reshape(ep * A, D), recv_ids.reshape(-1), E_loc, kernels, act)
+            back = jax.lax.all_to_all(out.reshape(ep, A, D), "expert", 0, 0).reshape(ep * A, D)
+            y = jnp.zeros((A, D), back.dtype).at[order].set(back[slot])  # [A, D] token order
+            y = jnp.einsum("nk,nkd->nd", wf.astype(y.dtype), y.reshape(B * T, K, D))
+        else:
+            e0 = jax.lax.axis_index("expert") * E_loc
+            local = (idf >= e0) & (idf < e0 + E_loc)
+            lid = jnp.where(local, idf - e0, E_loc).reshape(B * T, K)  # E_loc = not here
+            y = dropless_ffn(xf, lid, wf, kernels, act, E_loc)  # [N, D]
+        y = y.reshape(B, T, D)
+        axes = (() if exchange else ("expert",)) + ((t,) if t else ())
+        return jax.lax.psum(y, axes) if axes else y
+
+    tok = P(spec)
+    return jax.shard_map(
+        body, mesh=mesh, in_specs=(tok, tok, tok, kspecs), out_specs=tok, check_vma=False
+    )(x, ids, weights, kernels)
+
+
+# --------------------------------------------------------------------------- modules
+
+
+class ExpertKernel(nn.Module):
+    """One stacked kernel [E, d_in, d_out] (or the router's [D, E]) at `<path>/kernel`.
+
+    With `cfg.lora` targeting this path, LoRA factors `lora_a [E, d_in, r]`, `lora_b [E, r,
+    d_out]` sit beside it and the merged kernel + a @ b * scale is returned (LoRA dropout is not
+    applied to expert inputs).
+    """
+
+    shape: tuple[int, ...]
+    names: tuple[str | None, ...]
+    cfg: ModelConfig
+    std: float
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        cfg = self.cfg
+        init = nn.with_logical_partitioning(nn.initializers.normal(self.std), self.names)
+        kernel = self.param("kernel", init, self.shape, cfg.weight_dtype)
+        lora = cfg.lora
+        if lora is not None and lora.matches("/".join(self.scope.path)):
+            a, b = lora_factors(self, self.shape, self.names, lora, cfg.weight_dtype)
+            kernel = kernel + jnp.matmul(a, b) * jnp.asarray(lora.scale, kernel.dtype)
+        return kernel
+
+
+class Experts(nn.Module):
+    """Stacked expert kernels: `{gate_proj?, up_proj}/kernel [E, D, F]`, `down_proj/kernel
+    [E, F, D]` (logical names expert, embed, mlp). Returns {"gate"?, "up", "down"}."""
+
+    cfg: ModelConfig
+    num_experts: int
+    mlp_dim: int
+
+    @nn.compact
+    def __call__(self, d_model: int) -> dict:
+        cfg, E, F, D = self.cfg, self.num_experts, self.mlp_dim, d_model
+        std, down_std = cfg.initializer_range, cfg.initializer_range / (2 * cfg.num_layers) ** 0.5
+        up_names, down_names = ("expert", "embed", "mlp"), ("expert", "mlp", "embed")
+        out = {}
+        for n in ("gate", "up") if cfg.gated_mlp else ("up",):
+            out[n] = ExpertKernel((E, D, F), up_names, cfg, std, name=f"{n}_proj")()
+        out["down"] = ExpertKernel((E, F, D), down_names, cfg, down_std, name="down_proj")()
+        return out
+
+
+class MoE(nn.Module):
+    """Mixture-of-experts feed-forward: [B, T, D] -> [B, T, D].
+
+    1. router logits [B, T, E] = x @ router/kernel in float32 (x jittered by U(1-eps, 1+eps)
+       in training when `jitter_noise` > 0, from the 'dropout' stream);
+    2. routing: top-k token choice (softmax_topk, Mixtral; topk_softmax) or expert choice;
+    3. dispatch: dropless (copies sorted by expert, grouped matmul `ragged_dot`) or capacity
+       (GShard [G, S, E, C] dispatch/combine; train/eval capacity factors; 1st choices before
+       2nd choices, then by position); expert choice always uses its fixed capacity;
+    4. experts: SwiGLU or GELU MLPs with stacked kernels; sharded over the `expert` mesh axis
+       and exchanged by all-to-all when the context mesh has one (`ep_*_ffn`);
+    5. combine with the gate weights, plus DeepSeekMoE shared experts (a dense MLP);
+    6. sow `aux/moe_loss` (load_balance_coef * Switch loss + router_z_coef * z-loss) and
+       `aux/moe_metrics` (load [E], dropped_fraction, router_entropy, both losses).
+
+    NaN router logits raise when concrete (eager apply); under tracing the affected tokens'
+    outputs are set to NaN (and the losses are NaN), so the error reaches the loss.
+    """
+
+    cfg: ModelConfig
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        cfg, m = self.cfg, self.cfg.moe
+        B, T, D = x.shape
+        E, K = m.num_experts, m.top_k
+        F = m.expert_mlp_dim or cfg.mlp_dim_
+        act = ACTIVATIONS[cfg.activation]
+        mesh = _ep_mesh()
+        if mesh is not None:
+            check_moe_mesh(cfg, mesh)
+
+        # 1. router (f32)
+        router = ExpertKernel((D, E), ("embed", None), cfg, cfg.initializer_range, name="router")
+        xr = x.astype(jnp.float32)
+        if m.jitter_noise > 0 and not self.deterministic:
+            lo, hi = 1.0 - m.jitter_noise, 1.0 + m.jitter_noise
+            xr = xr * jax.random.uniform(self.make_rng("dropout"), xr.shape, xr.dtype, lo, hi)
+        logits = jnp.einsum("btd,de->bte", xr, router().astype(jnp.float32))  # [B, T, E]
+        check_router_logits(logits)
+        probs = jax.nn.softmax(logits, axis=-1)  # [B, T, E]
+
+        kernels = Experts(cfg, E, F, name="experts")(D)  # {gate?, up, down}
+
+        # 2-5. route, dispatch, experts, combine
+        factor = m.capacity_factor_eval if self.deterministic else m.capacity_factor_train
+        xc = x.astype(cfg.compute_dtype)
+        if m.router == "expert_choice" or m.dispatch == "capacity":
+            if m.router == "expert_choice":
+                cap = capacity(factor, T, K, E)
+                dispatch, combine = expert_choice_masks(probs, cap)  # [G, S, E, C]
+                load = jnp.sum(dispatch, axis=(0, 1, 3)) / jnp.sum(dispatch)  # [E]
+                dropped = jnp.mean(jnp.sum(dispatch, axis=(2, 3)) == 0)
+            else:
+                weights, ids = token_choice(logits, K, m.router, m.renormalize)  # [B, T, K]
+                load = jnp.bincount(ids.reshape(-1), length=E) / ids.size  # [E]
+                dispatch, combine = capacity_masks(ids, weights, E, capacity(factor, T, K, E))
+                dropped = 1.0 - jnp.sum(dispatch) / ids.size
+            if mesh is None:
+                h = dispatch_tokens(xc, dispatch)  # [E, G, C, D]
+                h = expert_ffn(h.reshape(E, -1, D), kernels, act).reshape(h.shape)
+                y = combine_tokens(h, combine)  # [G, S, D]
+            else:
+                y = ep_capacity_ffn(xc, dispatch, combine, kernels, act, mesh)
+        else:
+            weights, ids = token_choice(logits, K, m.router, m.renormalize)  # [B, T, K]
+            load = jnp.bincount(ids.reshape(-1), length=E) / ids.size  # [E]
+            dropped = jnp.zeros((), jnp.float32)
+            if mesh is None:
+                flat = (xc.reshape(B * T, D), ids.reshape(B * T, K), weights.reshape(B * T, K))
+                y = dropless_ffn(*flat, kernels, act, E).reshape(B, T, D)
+            else:
+                y = ep_dropless_ffn(xc, ids, weights, kernels, act, mesh)
+        if m.num_shared_experts:
+            y = y + MLP(cfg, F * m.num_shared_experts, name="shared_experts")(x)
+        nan_token = jnp.isnan(logits).any(axis=-1, keepdims=True)  # [B, T, 1]
+        y = jnp.where(nan_token, jnp.nan, y).astype(cfg.compute_dtype)
+
+        # 6. auxiliary losses and metrics
+        lb, z = load_balance_loss(probs, load), router_z_loss(logits)
+        self.sow("aux", "moe_loss", m.load_balance_coef * lb + m.router_z_coef * z)
+        metrics = {
+            "load": load.astype(jnp.float32),
+            "dropped_fraction": jnp.asarray(dropped, jnp.float32),
+            "router_entropy": router_entropy(probs),
+            "load_balance_loss": lb,
+            "router_z_loss": z,
+        }
+        self.sow("aux", "moe_metrics", metrics)
+        return y
