@@ -27,10 +27,17 @@ def _unwrap_optional(tp):
     return tp, False
 
 
+def _hints(cls) -> dict:
+    """Type hints, resolving names that config modules import only for type checking."""
+    from lm_jax.nn.lora import LoraConfig
+
+    return typing.get_type_hints(cls, localns={"LoraConfig": LoraConfig})
+
+
 def define_config_flags(prefix: str, cls, flag_values=flags.FLAGS) -> list[str]:
     """Define one flag per scalar field of dataclass `cls` (recursing into nested configs)."""
     names = []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         tp, _ = _unwrap_optional(hints[f.name])
         name = f"{prefix}.{f.name}"
@@ -50,7 +57,7 @@ def define_config_flags(prefix: str, cls, flag_values=flags.FLAGS) -> list[str]:
 
 def apply_config_flags(prefix: str, cfg: Any, flag_values=flags.FLAGS) -> Any:
     """Return `cfg` with every set `--prefix.field` flag applied (nested configs created)."""
-    hints = typing.get_type_hints(type(cfg))
+    hints = _hints(type(cfg))
     updates = {}
     for f in dataclasses.fields(cfg):
         name = f"{prefix}.{f.name}"
