@@ -253,3 +253,60 @@ def test_bad_configs_fail_at_start_up_naming_the_field(tmp_path):
     # adapters restored onto their own (abstract) target are fine
     again, _ = L.load_adapters(str(tmp_path / "ad"), target=jax.eval_shape(lambda: adapters))
     assert _max_diff(again, adapters) == 0.0
+
+
+def _moe_cfg(num_experts=4):
+    from lm_jax.configs import MoEConfig
+
+    return llama_style(
+        vocab_size=61,
+        d_model=16,
+        num_heads=2,
+        num_layers=2,
+        max_len=32,
+        mlp_dim=32,
+        tie_embeddings=False,
+        moe=MoEConfig(num_experts=num_experts, top_k=2, dispatch="dropless"),
+        lora=L.LoraConfig(rank=2, alpha=4.0),
+    )
+
+
+def test_lora_on_routed_experts_gets_gradients_and_shards_over_experts():
+    from lm_jax.sharding import make_mesh, params_shardings
+
+    cfg = _moe_cfg()
+    E = cfg.moe.num_experts
+    tokens = _tokens(cfg, B=4, T=16, seed=2)
+    boxed = Transformer(cfg).init(jax.random.key(1), tokens)["params"]
+    params = nn.unbox(boxed)
+    targeted = L.check_targets(cfg, params)
+    assert {"layers/mlp/experts/up_proj", "layers/mlp/experts/down_proj"} <= set(targeted)
+    assert "layers/mlp/router" not in targeted
+    exp = boxed["layers"]["mlp"]["experts"]["up_proj"]
+    assert exp["lora_a"].names == ("layers", "expert", "embed", "lora_rank")
+    assert exp["lora_b"].names == ("layers", "expert", "lora_rank", "mlp")
+    assert exp["lora_a"].value.shape == (cfg.num_layers, E, cfg.d_model, 2)
+    base, _ = L.split_lora(params)
+    at_init = Transformer(cfg).apply({"params": params}, tokens)
+    plain = Transformer(cfg.replace(lora=None)).apply({"params": base}, tokens)
+    assert np.array_equal(at_init, plain)
+
+    params = _randomise_b(params)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, t: _nll(cfg, p, t)))
+    loss, grads = grad_fn(params, tokens)
+    for proj in ("gate_proj", "up_proj", "down_proj"):
+        for leaf in ("lora_a", "lora_b"):
+            g = np.asarray(grads["layers"]["mlp"]["experts"][proj][leaf])  # [L, E, ...]
+            per_expert = np.abs(g).reshape(cfg.num_layers, E, -1).max(-1)
+            assert (per_expert > 0).all(), (proj, leaf, per_expert)
+    merged = L.merge(params, cfg)
+    out = Transformer(cfg.replace(lora=None)).apply({"params": merged}, tokens)
+    assert float(jnp.max(jnp.abs(out - Transformer(cfg).apply({"params": params}, tokens)))) < 1e-5
+
+    mesh = make_mesh("expert:4,data:2")
+    shardings = params_shardings(boxed, mesh)
+    assert shardings["layers"]["mlp"]["experts"]["up_proj"]["lora_a"].spec[1] == "expert"
+    with jax.set_mesh(mesh):
+        loss_sh, grads_sh = grad_fn(jax.device_put(params, shardings), tokens)
+    assert abs(float(loss_sh) - float(loss)) < 1e-5
+    assert _max_diff(L.split_lora(grads_sh)[1], L.split_lora(grads)[1]) < 1e-5
