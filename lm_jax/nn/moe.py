@@ -309,7 +309,8 @@ class ExpertKernel(nn.Module):
 
 class Experts(nn.Module):
     """Stacked expert kernels: `{gate_proj?, up_proj}/kernel [E, D, F]`, `down_proj/kernel
-    [E, F, D]` (logical names expert, embed, mlp). Returns {"gate"?, "up", "down"}."""
+    [E, F, D]` (logical names expert, embed, mlp). Returns {"gate"?, "up", "down"}. Routed
+    experts have no biases (cfg.use_bias applies to the shared experts only)."""
 
     cfg: ModelConfig
     num_experts: int
