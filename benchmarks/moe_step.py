@@ -1,0 +1,89 @@
+"""MoE vs dense training-step time at equal active FLOPs (issue 4).
+
+`.venv/bin/python -m benchmarks.moe_step --rounds=3 --steps=3`
+
+Dense: SwiGLU MLP with F = top_k * F_expert. MoE: E experts of F_expert, top-k token choice, so
+the active expert FLOPs per token equal the dense MLP's (the router adds D * E). Both run the
+full train step (`jit_train_step`: forward, backward, AdamW) on one device; variants alternate
+order per round and the median step time is reported with the ratio to dense.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from benchmarks.common import machine, median, timeit
+from lm_jax.configs import MoEConfig, llama_style
+from lm_jax.configs.train import TrainConfig
+from lm_jax.optim import make_optimizer
+from lm_jax.sharding import batch_sharding, make_mesh
+from lm_jax.train.state import init_train_state
+from lm_jax.train.step import jit_train_step
+
+flags.DEFINE_integer("rounds", 3, "Timing rounds (order alternates).")
+flags.DEFINE_integer("steps", 3, "Timed steps per variant and round.")
+flags.DEFINE_integer("batch", 8, "Batch size.")
+flags.DEFINE_integer("seq", 128, "Sequence length.")
+flags.DEFINE_integer("experts", 8, "Number of experts E.")
+flags.DEFINE_integer("top_k", 2, "Experts per token.")
+FLAGS = flags.FLAGS
+
+L, D, N, V, F_EXPERT = 4, 256, 4, 4096, 256
+
+
+def make_cfg(variant: str):
+    kw = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=N, max_len=FLAGS.seq)
+    kw.update(scan_unroll=L)
+    if variant == "dense":
+        return llama_style(mlp_dim=FLAGS.top_k * F_EXPERT, **kw)
+    moe = MoEConfig(num_experts=FLAGS.experts, top_k=FLAGS.top_k, dispatch=variant)
+    return llama_style(mlp_dim=F_EXPERT, moe=moe, **kw)
+
+
+def runner(variant: str):
+    cfg, B, T = make_cfg(variant), FLAGS.batch, FLAGS.seq
+    tcfg = TrainConfig(steps=1000, grad_clip=1.0)
+    mesh = make_mesh("", devices=jax.devices()[:1])
+    tx = make_optimizer(tcfg)
+    state, sh = init_train_state(cfg, tx, mesh)
+    step = jit_train_step(cfg, tcfg, tx, sh, batch_sharding(mesh, 2, B))
+    toks = np.random.default_rng(0).integers(0, V, (B, T + 1)).astype(np.int32)
+    batch = {
+        "inputs": jnp.asarray(toks[:, :-1]),
+        "targets": jnp.asarray(toks[:, 1:]),
+        "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
+        "segment_ids": jnp.ones((B, T), jnp.int32),
+        "loss_mask": jnp.ones((B, T), jnp.float32),
+    }
+    box = {"state": state}
+
+    def run():
+        s = box["state"]
+        for _ in range(FLAGS.steps):
+            s, m = step(s, batch, jax.random.key(0))
+        jax.block_until_ready(m["loss"])
+        box["state"] = s
+
+    run()  # compile + warm
+    return run
+
+
+def main(_):
+    variants = ["dense", "dropless", "capacity"]
+    runs = {v: runner(v) for v in variants}
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    for r in range(FLAGS.rounds):
+        for v in variants if r % 2 == 0 else variants[::-1]:
+            times[v].append(timeit(runs[v], 1) / FLAGS.steps)
+    print(f"machine: {machine()}; B={FLAGS.batch} T={FLAGS.seq} L={L} D={D} E={FLAGS.experts}")
+    dense = median(times["dense"])
+    for v in variants:
+        t = median(times[v])
+        print(f"{v:9s} step {t * 1e3:8.1f} ms  ratio to dense {t / dense:5.2f}x")
+
+
+if __name__ == "__main__":
+    app.run(main)
