@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from lm_jax.configs.flags import apply_config_flags, define_config_flags
 from lm_jax.configs.presets import PRESETS, get_preset
@@ -38,6 +38,8 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected positional arguments {argv[1:]}; flags look like --x=y")
     F = flags.FLAGS
+    if not F["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
     if F.coordinator_address:
         import jax
 

@@ -2,7 +2,9 @@
 
 Packing is concat-then-split: documents (each followed by EOS when the tokenizer has one) are
 concatenated and cut into rows of `seq_len + 1` tokens with stride `seq_len`, so every token is
-a target exactly once per epoch and nothing is padded except the final row. A document that
+a target exactly once per epoch and nothing is padded except the final row. From the second
+epoch on, the cut points shift by a seeded offset in [0, seq_len) per epoch, so repeated epochs
+see fresh windows (as nanoGPT's random offsets do) rather than the same rows again. A document that
 crosses a row boundary continues in the next row with positions restarting at 0 (its earlier
 context is not visible). Within a row, `segment_ids` separate documents; `loss_mask` is 0 where
 the target belongs to another document than the input, and on padding.
@@ -70,7 +72,11 @@ def build_tokenizer_for(cfg: DataConfig) -> Tokenizer:
 
 
 def pack_documents(docs, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.ndarray]:
-    """Rows [R, T+1] of token ids and document ids (-1 = padding), concat-then-split."""
+    """Token stream and document ids (-1 = padding) of all docs, concatenated.
+
+    `rows` is the number of rows of `seq_len + 1` tokens (stride `seq_len`) that cover it; the
+    stream is padded so that any row at any offset in [0, seq_len) is in bounds.
+    """
     ids, owner = [], []
     for doc_id, text in docs:
         toks = tokenizer.encode(text)
@@ -82,12 +88,17 @@ def pack_documents(docs, tokenizer: Tokenizer, seq_len: int) -> dict[str, np.nda
     if stream.size < 2:
         raise ValueError("the corpus tokenizes to fewer than 2 tokens: nothing to train on")
     rows = max(1, -(-(stream.size - 1) // seq_len))
-    need = rows * seq_len + 1
-    pad = need - stream.size
+    pad = rows * seq_len + 1 + seq_len - stream.size
     stream = np.concatenate([stream, np.full(pad, tokenizer.pad_id, np.int32)])
     doc = np.concatenate([doc, np.full(pad, -1, np.int32)])
-    idx = np.arange(rows)[:, None] * seq_len + np.arange(seq_len + 1)[None]
-    return {"tokens": stream[idx], "docs": doc[idx]}
+    return {"tokens": stream, "docs": doc, "rows": np.int64(rows)}
+
+
+def epoch_offset(seed: int, epoch: int, seq_len: int) -> int:
+    """Where epoch `epoch` starts cutting rows: 0 for the first, then seeded in [0, seq_len)."""
+    if epoch == 0:
+        return 0
+    return int(np.random.default_rng([seed, epoch]).integers(seq_len))
 
 
 def row_to_example(tokens: np.ndarray, docs: np.ndarray) -> dict[str, np.ndarray]:
@@ -147,25 +158,25 @@ def make_text_dataset(
         raise ConfigError(f"batch_size {cfg.batch_size} must divide over {process_count} processes")
     repeat = split == "train" if repeat is None else repeat
     packed = pack_documents(load_texts(cfg.source, split), tokenizer, cfg.seq_len)
-    n = len(packed["tokens"])
+    n, T = int(packed["rows"]), cfg.seq_len
     local = cfg.batch_size // process_count
-    ds = grain.MapDataset.range(n)
+    tokens, docs = packed["tokens"], packed["docs"]
+
+    def row(r: int, offset: int) -> dict[str, np.ndarray]:
+        if r >= n:  # padding row of a final validation batch
+            return row_to_example(np.zeros(T + 1, np.int32), np.full(T + 1, -1, np.int32))
+        lo = r * T + offset
+        return row_to_example(tokens[lo : lo + T + 1], docs[lo : lo + T + 1])
+
     if repeat:
+        ds = grain.MapDataset.range(n)
         if cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed)
-        ds = ds.repeat(None)
+        ds = ds.repeat(None).map_with_index(
+            lambda i, r: row(int(r), epoch_offset(cfg.seed, i // n, T))
+        )
     else:
         total = -(-n // cfg.batch_size) * cfg.batch_size  # pad to whole global batches
-        ds = grain.MapDataset.range(total)
-    ds = ds[process_index::process_count]
-    tokens, docs = packed["tokens"], packed["docs"]
-    pad_row = {"tokens": np.zeros_like(tokens[0]), "docs": np.full_like(docs[0], -1)}
-
-    def get(i):
-        i = int(i)
-        if i >= n:
-            return row_to_example(pad_row["tokens"], pad_row["docs"])
-        return row_to_example(tokens[i], docs[i])
-
-    ds = ds.map(get).batch(local)
+        ds = grain.MapDataset.range(total).map(lambda r: row(int(r), 0))
+    ds = ds[process_index::process_count].batch(local)
     return _Iterator(ds.to_iter_dataset())
