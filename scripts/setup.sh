@@ -6,6 +6,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
+# Fashion-MNIST for the image-text pillar (Debian `dataset-fashion-mnist`): best effort, only as
+# root and only when missing; without it lm_jax.data.images falls back to sklearn digits.
+if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  export DEBIAN_FRONTEND=noninteractive
+  { apt-get install -y -q dataset-fashion-mnist || { apt-get update -q && apt-get install -y -q dataset-fashion-mnist; }; } \
+    >/dev/null 2>&1 || echo "setup.sh: dataset-fashion-mnist not installed (optional)" >&2
+fi
 stamp=".venv/.lm_jax-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)${1:-}"
 if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --upgrade pip

@@ -104,7 +104,7 @@ class ModelConfig:
     # Architecture family switches.
     norm: Literal["layernorm", "rmsnorm"] = "rmsnorm"
     norm_eps: float = 1e-5
-    activation: Literal["gelu_tanh", "gelu", "silu", "relu"] = "silu"
+    activation: Literal["gelu_tanh", "gelu", "silu", "relu", "quick_gelu"] = "silu"
     gated_mlp: bool = True  # SwiGLU-style gate_proj * up_proj
     use_bias: bool = False  # biases on attention and MLP projections (GPT-2: True)
     position: Literal["learned", "rope"] = "rope"

@@ -60,6 +60,7 @@ class Attention(nn.Module):
     """
 
     cfg: ModelConfig
+    causal: bool = True  # False: bidirectional (encoders: ViT, text towers); segments still apply
 
     @nn.compact
     def __call__(
@@ -84,7 +85,14 @@ class Attention(nn.Module):
             k = apply_rope(k, positions, inv_freq)
 
         impl = None if cfg.attention_impl in ("xla", "auto") else cfg.attention_impl
-        if cache is not None:
+        if not self.causal:
+            if cache is not None:
+                raise ValueError("a bidirectional (causal=False) Attention has no KV cache.")
+            mask = None
+            if segment_ids is not None:  # [B, 1, T, T]: same segment (0 = padding) only
+                mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+        elif cache is not None:
             cache = LayerCache(
                 write_cache(cache.k, k, positions), write_cache(cache.v, v, positions)
             )

@@ -37,11 +37,12 @@ class Block(nn.Module):
     cfg: ModelConfig
     deterministic: bool = True
     moe: bool | None = None  # MoE feed-forward; None = when cfg.moe is set
+    causal: bool = True  # False: bidirectional attention (encoders)
 
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache):
         cfg = self.cfg
-        h, cache = Attention(cfg, name="attn")(
+        h, cache = Attention(cfg, self.causal, name="attn")(
             Norm(cfg, name="attn_norm")(x), positions, segment_ids, cache
         )
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
