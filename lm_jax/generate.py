@@ -1,0 +1,447 @@
+"""Autoregressive sampling with a KV cache, and scoring of given continuations.
+
+`generate` runs ONE jitted program per static setting (config, shapes, top_k, greedy, ...):
+prefill the preallocated KV cache with the right-padded prompts at positions 0..T-1, sample the
+first token from each row's last prompt position, then a `jax.lax.while_loop` decodes one token
+per step for every row at its own position `prompt_length_b + i` and stops early once every row
+has emitted a stop token. Pad slots of short prompts are written to the cache by the prefill but
+are never seen: the cache mask is causal by position and decode overwrites slot `p` before a
+query at position >= p exists.
+
+Sampling is pure (`sampling_logprobs`, `sample_logits`): temperature, then top-k, then top-p
+(nucleus: the smallest set of tokens whose probability reaches p, the top token always kept);
+temperature 0 is greedy. Per step, the key is `fold_in(key, step)`, so output is a function of
+(params, prompts, key, settings) only.
+
+Two log-probabilities are returned per token: `logprobs` under the unmodified model (temperature
+1, no truncation: log pi(x) for alignment / DPG) and `sample_logprobs` under the distribution
+actually sampled from (log q(x) for importance sampling / QRS; 0 for greedy).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_jax.configs.base import ModelConfig
+from lm_jax.nn.transformer import Transformer, init_cache
+from lm_jax.sharding import constrain
+
+CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer recompiles)
+PROMPT_BUCKET = 16  # padded prompt lengths likewise
+CACHE_NAMES = ("layers", "batch", "length", "kv_heads", None)  # k, v [L, B, S, K, H]
+
+
+class GenerateOutput(NamedTuple):
+    """Result of `generate`; N = max_new_tokens."""
+
+    tokens: jax.Array  # [B, N] int32; pad_id after a stop token
+    logprobs: jax.Array  # [B, N] float32 log pi(token), temperature 1; 0 after a stop
+    sample_logprobs: jax.Array  # [B, N] float32 log q(token) as sampled; 0 after a stop
+    lengths: jax.Array  # [B] int32 generated tokens, including the stop token
+    done: jax.Array  # [B] bool: the row ended on a stop token
+
+    @property
+    def mask(self) -> jax.Array:
+        """[B, N] bool: True at generated tokens (t < lengths)."""
+        n = self.tokens.shape[1]
+        return jnp.arange(n)[None, :] < self.lengths[:, None]
+
+
+class SampleOutput(NamedTuple):
+    tokens: jax.Array  # [B] int32
+    logprobs: jax.Array  # [B] log-softmax of the raw logits at the token
+    sample_logprobs: jax.Array  # [B] log-prob under the sampling distribution
+
+
+# --------------------------------------------------------------------------- sampling (pure)
+
+
+def sampling_logprobs(
+    logits: jax.Array, temperature=1.0, top_k: int = 0, top_p=1.0, use_top_p: bool | None = None
+) -> jax.Array:
+    """Log-probs [..., V] of the sampling distribution (-inf outside the kept set).
+
+    logits / temperature; keep the top_k largest (0 = all; ties at the k-th value are kept);
+    then keep the smallest prefix of tokens sorted by probability whose mass reaches top_p
+    (the top token always). `temperature` and `top_p` may be traced; `top_k` is static.
+    """
+    x = logits.astype(jnp.float32) / temperature
+    V = x.shape[-1]
+    if 0 < top_k < V:
+        kth = jax.lax.top_k(x, top_k)[0][..., -1:]
+        x = jnp.where(x >= kth, x, -jnp.inf)
+    if use_top_p is None:
+        use_top_p = isinstance(top_p, jax.Array) or float(top_p) < 1.0
+    if use_top_p:
+        s = -jnp.sort(-x, axis=-1)  # descending
+        p = jax.nn.softmax(s, axis=-1)
+        before = jnp.cumsum(p, axis=-1) - p  # mass strictly before each sorted token
+        n_keep = jnp.maximum(jnp.sum(before < top_p, axis=-1, keepdims=True), 1)
+        thresh = jnp.take_along_axis(s, n_keep - 1, axis=-1)
+        x = jnp.where(x >= thresh, x, -jnp.inf)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def _sample(logits, key, temperature, top_k, top_p, greedy: bool, use_top_p: bool):
+    logits = logits.astype(jnp.float32)  # [B, V]
+    base = jax.nn.log_softmax(logits, axis=-1)
+    if greedy:
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        slp = jnp.zeros(tok.shape, jnp.float32)
+    else:
+        q = sampling_logprobs(logits, temperature, top_k, top_p, use_top_p)
+        tok = jax.random.categorical(key, q, axis=-1).astype(jnp.int32)
+        slp = jnp.take_along_axis(q, tok[:, None], axis=-1)[:, 0]
+    lp = jnp.take_along_axis(base, tok[:, None], axis=-1)[:, 0]
+    return SampleOutput(tok, lp, slp)
+
+
+def sample_logits(
+    logits: jax.Array, key: jax.Array, temperature=1.0, top_k: int = 0, top_p=1.0
+) -> SampleOutput:
+    """Sample one token per row of logits [B, V]; temperature 0 = greedy (argmax).
+
+    Returns tokens [B], logprobs [B] (log_softmax of the raw logits at the token) and
+    sample_logprobs [B] (log-prob under the sampling distribution; 0 when greedy).
+    """
+    _check_sampling(temperature, top_k, top_p)
+    greedy = not isinstance(temperature, jax.Array) and float(temperature) == 0.0
+    use_top_p = isinstance(top_p, jax.Array) or float(top_p) < 1.0
+    return _sample(logits, key, temperature, top_k, top_p, greedy, use_top_p)
+
+
+def _check_sampling(temperature, top_k, top_p) -> None:
+    if not isinstance(temperature, jax.Array) and float(temperature) < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature}.")
+    if int(top_k) < 0:
+        raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {top_k}.")
+    if not isinstance(top_p, jax.Array) and not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}.")
+
+
+# --------------------------------------------------------------------------- input handling
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _check_ids(arr: np.ndarray, vocab: int, what: str) -> None:
+    if arr.size == 0:
+        return
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(
+            f"{what} must be token ids in [0, {vocab}) (the model's vocab_size), got min {lo}, "
+            f"max {hi}: check the tokenizer matches the model and that padding is passed via "
+            "prompt_lengths rather than as out-of-range ids."
+        )
+
+
+def prepare_prompts(
+    prompt_tokens, prompt_lengths=None, vocab_size: int | None = None, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """List of lists (ragged) or int array [B, T] (+ prompt_lengths) -> (tokens [B, T], lengths [B]).
+
+    Slots past each row's length are set to pad_id; valid ids are checked against vocab_size.
+    """
+    if isinstance(prompt_tokens, (list, tuple)) and (
+        len(prompt_tokens) == 0 or not np.isscalar(prompt_tokens[0])
+    ):
+        if prompt_lengths is not None:
+            raise ValueError("prompt_lengths is only for an int array [B, T]; lists are ragged.")
+        rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in prompt_tokens]
+        lengths = np.array([len(r) for r in rows], np.int64)
+        T = int(lengths.max()) if len(rows) else 0
+        tokens = np.full((len(rows), T), pad_id, np.int64)
+        for i, r in enumerate(rows):
+            tokens[i, : len(r)] = r
+    else:
+        tokens = np.asarray(prompt_tokens)
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(
+                f"prompt_tokens must be a list of token-id lists or an int array [B, T], got "
+                f"dtype {tokens.dtype} and shape {tokens.shape}."
+            )
+        B, T = tokens.shape
+        if prompt_lengths is None:
+            lengths = np.full((B,), T, np.int64)
+        else:
+            lengths = np.asarray(prompt_lengths, np.int64).reshape(-1)
+            if lengths.shape != (B,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > T:
+                raise ValueError(
+                    f"prompt_lengths must be [B={B}] ints in [1, T={T}], got {lengths.tolist()}."
+                )
+        tokens = np.where(np.arange(T)[None] < lengths[:, None], tokens, pad_id)
+    if tokens.shape[0] == 0:
+        raise ValueError("no prompts given: pass at least one prompt.")
+    if lengths.min() < 1:
+        empty = np.flatnonzero(lengths < 1).tolist()
+        raise ValueError(
+            f"prompts {empty} are empty: every prompt needs at least one token (e.g. BOS)."
+        )
+    if vocab_size is not None:
+        valid = np.arange(tokens.shape[1])[None] < lengths[:, None]
+        _check_ids(tokens[valid], vocab_size, "prompt tokens")
+    return tokens.astype(np.int32), lengths.astype(np.int32)
+
+
+def _limit(config: ModelConfig, max_len: int | None) -> int:
+    if max_len is None:
+        return config.max_len
+    if config.position == "learned" and max_len > config.max_len:
+        raise ValueError(
+            f"max_len={max_len} exceeds the model's {config.max_len} learned positions; "
+            f"pass max_len <= {config.max_len}."
+        )
+    return int(max_len)
+
+
+# --------------------------------------------------------------------------- generate
+
+
+class _State(NamedTuple):
+    i: jax.Array  # next step index
+    tok: jax.Array  # [B] last sampled token
+    cache: object
+    done: jax.Array  # [B] bool
+    lengths: jax.Array  # [B] int32
+    tokens: jax.Array  # [B, N]
+    logprobs: jax.Array  # [B, N]
+    sample_logprobs: jax.Array  # [B, N]
+
+
+@functools.lru_cache(maxsize=32)
+def _generate_fn(
+    config: ModelConfig,
+    cache_len: int,
+    max_new: int,
+    top_k: int,
+    greedy: bool,
+    use_top_p: bool,
+):
+    """The jitted prefill + while_loop decode for one static setting (shapes retrace in jit)."""
+    model = Transformer(config)
+
+    def run(params, tokens, lengths, key, temperature, top_p, stop, pad_id):
+        B, T = tokens.shape
+        tokens = constrain(tokens, ("batch", "length"))
+        cache = init_cache(config, B, cache_len)
+        cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), cache)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        logits, cache = model.apply({"params": params}, tokens, positions, cache=cache)
+        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+
+        def sample(lg, i):
+            k = jax.random.fold_in(key, i)
+            return _sample(lg, k, temperature, top_k, top_p, greedy, use_top_p)
+
+        def record(s: _State, out: SampleOutput, cache) -> _State:
+            active = ~s.done
+            tok = jnp.where(active, out.tokens, pad_id)
+            lp = jnp.where(active, out.logprobs, 0.0)
+            slp = jnp.where(active, out.sample_logprobs, 0.0)
+            hit = jnp.any(out.tokens[:, None] == stop[None, :], axis=-1)
+            return _State(
+                i=s.i + 1,
+                tok=out.tokens,
+                cache=cache,
+                done=s.done | (active & hit),
+                lengths=s.lengths + active.astype(jnp.int32),
+                tokens=jax.lax.dynamic_update_slice(s.tokens, tok[:, None], (0, s.i)),
+                logprobs=jax.lax.dynamic_update_slice(s.logprobs, lp[:, None], (0, s.i)),
+                sample_logprobs=jax.lax.dynamic_update_slice(
+                    s.sample_logprobs, slp[:, None], (0, s.i)
+                ),
+            )
+
+        s0 = _State(
+            i=jnp.int32(0),
+            tok=jnp.zeros((B,), jnp.int32),
+            cache=cache,
+            done=jnp.zeros((B,), bool),
+            lengths=jnp.zeros((B,), jnp.int32),
+            tokens=jnp.full((B, max_new), pad_id, jnp.int32),
+            logprobs=jnp.zeros((B, max_new), jnp.float32),
+            sample_logprobs=jnp.zeros((B, max_new), jnp.float32),
+        )
+        s = record(s0, sample(last, 0), cache)
+
+        def cond(s: _State):
+            return (s.i < max_new) & ~jnp.all(s.done)
+
+        def body(s: _State) -> _State:
+            pos = (lengths + s.i - 1)[:, None]  # [B, 1]: the position of s.tok
+            lg, cache = model.apply({"params": params}, s.tok[:, None], pos, cache=s.cache)
+            return record(s, sample(lg[:, 0], s.i), cache)
+
+        s = jax.lax.while_loop(cond, body, s)
+        return GenerateOutput(s.tokens, s.logprobs, s.sample_logprobs, s.lengths, s.done)
+
+    return jax.jit(run)
+
+
+def generate(
+    config: ModelConfig,
+    params,
+    prompt_tokens,
+    key: jax.Array,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    prompt_lengths=None,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    max_len: int | None = None,
+) -> GenerateOutput:
+    """Sample up to max_new_tokens continuations of each prompt (see the module docstring).
+
+    prompt_tokens: list of token-id lists (ragged) or int array [B, T] right-padded with
+    `prompt_lengths` [B]. `max_len` bounds prompt + new tokens (default config.max_len; RoPE
+    models may pass more). Under `jax.set_mesh(mesh)` with sharded params it runs sharded.
+    """
+    V = config.vocab_size
+    _check_sampling(temperature, top_k, top_p)
+    if int(max_new_tokens) < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    _check_ids(np.asarray([pad_id]), V, "pad_id")
+    stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
+    _check_ids(stop, V, "stop_tokens")
+    tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, V, pad_id)
+    B = tokens.shape[0]
+    N = int(max_new_tokens)
+    limit = _limit(config, max_len)
+    longest = int(lengths.max())
+    if longest > limit:
+        raise ValueError(
+            f"prompt longer than the maximum length: the longest prompt has {longest} tokens "
+            f"but the maximum length is {limit} (config.max_len={config.max_len}); shorten "
+            "the prompt."
+        )
+    if longest + N > limit:
+        raise ValueError(
+            f"prompt ({longest} tokens) + max_new_tokens ({N}) = {longest + N} exceeds the "
+            f"maximum length {limit} (config.max_len={config.max_len}); lower max_new_tokens "
+            f"to at most {limit - longest} or shorten the prompt."
+        )
+    if N == 0:
+        z = jnp.zeros((B, 0), jnp.float32)
+        return GenerateOutput(
+            jnp.zeros((B, 0), jnp.int32), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool)
+        )
+    cache_len = min(_round_up(longest + N, CACHE_BUCKET), limit)
+    T = min(_round_up(tokens.shape[1], PROMPT_BUCKET), cache_len)
+    if T > tokens.shape[1]:
+        tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])), constant_values=pad_id)
+    top_k = 0 if int(top_k) >= V else int(top_k)
+    greedy = float(temperature) == 0.0
+    use_top_p = float(top_p) < 1.0 and not greedy
+    fn = _generate_fn(config, cache_len, N, 0 if greedy else top_k, greedy, use_top_p)
+    return fn(
+        params,
+        jnp.asarray(tokens),
+        jnp.asarray(lengths),
+        key,
+        jnp.float32(1.0 if greedy else temperature),
+        jnp.float32(top_p),
+        jnp.asarray(stop),
+        jnp.int32(pad_id),
+    )
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+@functools.lru_cache(maxsize=16)
+def _score_fn(config: ModelConfig):
+    model = Transformer(config)
+
+    def run(params, tokens, scored):
+        logits = model.apply({"params": params}, tokens)  # [B, T, V]
+        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
+        tok_lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
+        tok_lp = jnp.concatenate([jnp.zeros_like(tok_lp[:, :1]), tok_lp], axis=1)
+        return jnp.where(scored, tok_lp, 0.0)
+
+    return jax.jit(run)
+
+
+def sequence_logprobs(
+    config: ModelConfig,
+    params,
+    tokens,
+    lengths=None,
+    mask=None,
+    prompt_lengths=None,
+) -> jax.Array:
+    """Per-token log-probs [B, T] of given sequences in one forward pass (temperature 1).
+
+    out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where t >= 1, t < lengths[b] (default T),
+    t >= prompt_lengths[b] (default 1) and mask[b, t] (default all); 0 elsewhere. Summing a row
+    gives log p(continuation | prompt). Tokens past `lengths` are ignored (any value).
+    """
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}.")
+    B, T = tokens.shape
+    if T > config.max_len:
+        raise ValueError(
+            f"sequence of {T} tokens is longer than the maximum length {config.max_len}."
+        )
+    t = np.arange(T)[None]
+    lengths = np.full((B,), T) if lengths is None else np.asarray(lengths).reshape(B)
+    ctx = t < lengths[:, None]
+    _check_ids(tokens[ctx], config.vocab_size, "tokens")
+    start = np.ones((B,)) if prompt_lengths is None else np.asarray(prompt_lengths).reshape(B)
+    scored = ctx & (t >= np.maximum(start, 1)[:, None])
+    if mask is not None:
+        scored &= np.asarray(mask).astype(bool)
+    tokens = np.where(ctx, tokens, 0).astype(np.int32)
+    return _score_fn(config)(params, jnp.asarray(tokens), jnp.asarray(scored))
+
+
+def continuation_logprobs(
+    config: ModelConfig,
+    params,
+    prompt_tokens,
+    continuations,
+    lengths=None,
+    prompt_lengths=None,
+) -> jax.Array:
+    """log p(continuation token | prompt, earlier continuation) [B, N], laid out as
+    `GenerateOutput.tokens` (0 at j >= lengths[b]); e.g. log a(x) of policy samples under a
+    base model. prompt_tokens as in `generate`; continuations [B, N] with `lengths` [B]."""
+    ptoks, plens = prepare_prompts(prompt_tokens, prompt_lengths, config.vocab_size)
+    cont = np.asarray(continuations)
+    B, N = cont.shape
+    clens = np.full((B,), N) if lengths is None else np.asarray(lengths).reshape(B)
+    total = plens + clens
+    seq = np.zeros((B, int(total.max())), np.int64)
+    for b in range(B):
+        seq[b, : plens[b]] = ptoks[b, : plens[b]]
+        seq[b, plens[b] : total[b]] = cont[b, : clens[b]]
+    out = sequence_logprobs(config, params, seq, total, prompt_lengths=plens)
+    idx = np.minimum(plens[:, None] + np.arange(N)[None], seq.shape[1] - 1)
+    got = jnp.take_along_axis(out, jnp.asarray(idx), axis=1)
+    return jnp.where(jnp.asarray(np.arange(N)[None] < clens[:, None]), got, 0.0)
+
+
+__all__ = [
+    "GenerateOutput",
+    "SampleOutput",
+    "continuation_logprobs",
+    "generate",
+    "prepare_prompts",
+    "sample_logits",
+    "sampling_logprobs",
+    "sequence_logprobs",
+]
