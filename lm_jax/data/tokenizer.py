@@ -8,8 +8,12 @@ back with `load_tokenizer(dir)`, which dispatches on the `tokenizer.json`-indepe
 from __future__ import annotations
 
 import abc
+import importlib
+import importlib.util
 import json
 import os
+
+import numpy as np
 
 MANIFEST = "lm_jax_tokenizer.json"
 
@@ -36,6 +40,15 @@ class Tokenizer(abc.ABC):
     bos_id: int | None = None
     eos_id: int | None = None
     pad_id: int = 0
+
+    def encode_array(self, text: str) -> np.ndarray:
+        """`encode` as an int32 array (subclasses override with a vectorised version)."""
+        return np.asarray(self.encode(text), np.int32)
+
+    @classmethod
+    def from_dir(cls, directory: str, manifest: dict) -> Tokenizer:
+        """Load from `directory` (written by `save`); `manifest` is its parsed manifest."""
+        raise NotImplementedError(f"{cls.__name__} cannot be loaded from a directory")
 
     @abc.abstractmethod
     def _save_files(self, directory: str) -> dict:
@@ -66,6 +79,19 @@ class Tokenizer(abc.ABC):
 
 
 _REGISTRY: dict[str, type] = {}
+# Modules that register tokenizer kinds; optional ones are imported only if they exist.
+_KIND_MODULES = (
+    "lm_jax.data.byte_tokenizer",
+    "lm_jax.data.char_tokenizer",
+    "lm_jax.data.sp_tokenizer",
+    "lm_jax.data.hf_tokenizer",
+)
+
+
+def _import_kinds() -> None:
+    for name in _KIND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
 
 
 def register(kind: str):
@@ -88,7 +114,20 @@ def load_tokenizer(directory: str) -> Tokenizer:
     try:
         with open(path) as f:
             manifest = json.load(f)
-        cls = _REGISTRY[manifest["kind"]]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise TokenizerError(f"corrupt tokenizer manifest {path!r}: {e}") from e
-    return cls.from_dir(directory, manifest)
+        kind = manifest["kind"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise TokenizerError(f"corrupt tokenizer manifest {path!r}: {e!r}") from e
+    if kind not in _REGISTRY:
+        _import_kinds()
+    if kind not in _REGISTRY:
+        raise TokenizerError(
+            f"tokenizer manifest {path!r} names unknown kind {kind!r} (known: "
+            f"{sorted(_REGISTRY)}); is the module that registers it installed?"
+        )
+    tok = _REGISTRY[kind].from_dir(directory, manifest)
+    if manifest.get("vocab_size") not in (None, tok.vocab_size):
+        raise TokenizerError(
+            f"corrupt tokenizer in {directory!r}: manifest says vocab_size "
+            f"{manifest['vocab_size']} but the files give {tok.vocab_size}"
+        )
+    return tok
