@@ -46,6 +46,7 @@ from lm_jax.data.sources import DataSourceError, load_texts
 from lm_jax.data.tokenizer import Tokenizer
 
 STATE_VERSION = 1
+ENDLESS = 2**62  # batches of a training iterator (grain's lengths must fit in an index)
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask", "example_ids")
 
 
@@ -165,6 +166,16 @@ class _EvalRow:
         return self.rows(int(r), 0)  # rows past the end come back as all-padding rows
 
 
+class _BatchAt:
+    """Batch index k -> batch k of a grain MapDataset of batches (random access)."""
+
+    def __init__(self, batches):
+        self.batches = batches
+
+    def __call__(self, k: int) -> dict[str, np.ndarray]:
+        return self.batches[int(k)]
+
+
 class TextIterator:
     """Iterator of batch dicts over a grain `MapDataset` of batches; JSON-able resumable state."""
 
@@ -190,9 +201,9 @@ class TextIterator:
 
     def _start(self):
         self.close()
-        ds = self._batches[self._next :].to_iter_dataset(
-            grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
-        )
+        end = self.num_batches if self.num_batches is not None else ENDLESS
+        ds = grain.MapDataset.range(self._next, end).map(_BatchAt(self._batches))
+        ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=2, prefetch_buffer_size=4))
         if self._num_workers > 0:
             from absl import flags
 

@@ -76,6 +76,7 @@ def split_text(text: str, split: str, val_fraction: float, at_line: bool = True)
     """The train (head) or validation (tail) part of `text`, cut at character
     `int(len * (1 - val_fraction))`, moved on to the next line start if `at_line`."""
     cut = int(len(text) * (1.0 - val_fraction))
+    at_line = at_line and 0 < cut and text[cut - 1] != "\n"  # not already at a line start
     nl = text.find("\n", cut) if at_line else -1
     if 0 <= nl < len(text) - 1:
         cut = nl + 1

@@ -95,7 +95,9 @@ class SentencePieceTokenizer(Tokenizer):
         except (RuntimeError, OSError) as e:
             raise TokenizerError(
                 f"training a {model_type} sentencepiece tokenizer of {vocab_size} pieces failed: "
-                f"{e} (a smaller vocab_size or a larger corpus fixes 'Vocabulary size too high')"
+                f"{e} (vocab_size must hold 256 byte pieces + the corpus's distinct characters + "
+                "5 specials, and not exceed what the corpus supports: 'too high' needs a smaller "
+                "vocab_size or a larger corpus)"
             ) from e
         return cls(out.getvalue())
 
