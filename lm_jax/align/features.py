@@ -1,0 +1,168 @@
+"""Features phi(x) over token arrays: tokens [B,T] int32, mask [B,T] (1 = generated) -> [B] float32.
+
+A `Feature` is a named function plus its kind: *pointwise* (a boolean constraint b(x) = phi(x),
+enforced with log b = 0 / -inf) or *distributional* (a moment target E_p[phi] = mu_bar, met by a
+lambda in the EBM). Word presence is a token-subsequence match in jnp (jit- and shard-friendly);
+regexes decode on the host through `jax.pure_callback`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_jax.configs.base import ConfigError
+
+FeatureFn = Callable[[jax.Array, jax.Array], jax.Array]  # tokens [B,T], mask [B,T] -> [B]
+
+
+class FeatureError(ConfigError):
+    """A constraint spec or feature is malformed."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+    """phi: (tokens [B,T], mask [B,T]) -> [B] float32; `binary` features take values in {0, 1}."""
+
+    name: str
+    fn: FeatureFn = dataclasses.field(compare=False)
+    binary: bool = True
+
+    def __call__(self, tokens: jax.Array, mask: jax.Array) -> jax.Array:
+        return self.fn(tokens, mask).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class Constraint:
+    """A feature and its target: `target=None` = pointwise (phi(x) = 1 for every x), else a
+    moment target E_p[phi] = target."""
+
+    feature: Feature
+    target: float | None = None
+
+    @property
+    def pointwise(self) -> bool:
+        return self.target is None
+
+
+def subsequence_present(tokens: jax.Array, mask: jax.Array, pattern: Sequence[int]) -> jax.Array:
+    """1.0 where `pattern` occurs contiguously inside the masked part of a row: [B,T] -> [B]."""
+    pat = jnp.asarray(pattern, jnp.int32)  # [m]
+    m = int(pat.shape[0])
+    T = tokens.shape[1]
+    if m == 0 or m > T:
+        return jnp.zeros(tokens.shape[:1], jnp.float32)
+    n = T - m + 1
+    hit = jnp.ones((tokens.shape[0], n), bool)  # [B, n]
+    for j in range(m):  # m is small: one shifted compare per pattern token
+        ok = (tokens[:, j : j + n] == pat[j]) & (mask[:, j : j + n] > 0)
+        hit = hit & ok
+    return jnp.any(hit, axis=1).astype(jnp.float32)
+
+
+def token_sequences_feature(name: str, patterns: Sequence[Sequence[int]]) -> Feature:
+    """Presence of any of several token sequences (e.g. a word's tokenisations)."""
+    patterns = [tuple(int(t) for t in p) for p in patterns if len(p)]
+    if not patterns:
+        raise FeatureError(f"feature {name!r} has no non-empty token pattern.")
+
+    def fn(tokens, mask):
+        hits = [subsequence_present(tokens, mask, p) for p in patterns]
+        return jnp.max(jnp.stack(hits), axis=0)
+
+    return Feature(name, fn, binary=True)
+
+
+def word_feature(tokenizer, word: str) -> Feature:
+    """Presence of `word` as token subsequences: its tokenisations alone and after a space/newline
+    (BPE tokenisers spell ' word' differently from 'word'). Char-level tokenisers match the exact
+    characters. The match is on tokens, so a word split differently in context can be missed."""
+    if not word:
+        raise FeatureError("word constraint is empty: use e.g. word:amazing")
+    pats = set()
+    for prefix in ("", " ", "\n"):
+        try:
+            ids = tokenizer.encode(prefix + word)
+        except Exception as e:  # noqa: BLE001 - char tokenizers reject unseen characters
+            if prefix == "":
+                raise FeatureError(f"tokenizer cannot encode word {word!r}: {e}") from e
+            continue
+        if prefix:
+            try:
+                pre = tokenizer.encode(prefix)
+            except Exception:  # noqa: BLE001
+                continue
+            if ids[: len(pre)] == pre:  # prefix tokenised apart: keep only the word's tokens
+                ids = ids[len(pre) :]
+        if ids:
+            pats.add(tuple(ids))
+    return token_sequences_feature(f"word:{word}", sorted(pats))
+
+
+def regex_feature(tokenizer, pattern: str) -> Feature:
+    """re.search(pattern, decode(tokens[mask])) on the host (jax.pure_callback)."""
+    try:
+        rx = re.compile(pattern)
+    except re.error as e:
+        raise FeatureError(f"bad regex {pattern!r}: {e}") from e
+
+    def host(tokens, mask):
+        tokens, mask = np.asarray(tokens), np.asarray(mask)
+        out = np.zeros(tokens.shape[0], np.float32)
+        for i in range(tokens.shape[0]):
+            text = tokenizer.decode([int(t) for t, m in zip(tokens[i], mask[i]) if m])
+            out[i] = 1.0 if rx.search(text) else 0.0
+        return out
+
+    def fn(tokens, mask):
+        spec = jax.ShapeDtypeStruct(tokens.shape[:1], jnp.float32)
+        return jax.pure_callback(host, spec, tokens, mask, vmap_method="sequential")
+
+    return Feature(f"regex:{pattern}", fn, binary=True)
+
+
+def length_feature(max_len: int) -> Feature:
+    """Normalised length: (number of masked tokens) / max_len in [0, 1] (a non-binary example)."""
+    return Feature(f"length/{max_len}", lambda t, m: jnp.sum(m > 0, axis=1) / max_len, binary=False)
+
+
+def score_feature(name: str, score_fn: FeatureFn, binary: bool = False) -> Feature:
+    """Wrap any scorer, e.g. a classifier's P(label | x) from an lm_jax model."""
+    return Feature(name, score_fn, binary=binary)
+
+
+def parse_constraint(spec: str, tokenizer) -> Constraint:
+    """'word:amazing' (pointwise), 'word:she=0.5' / 'regex:\\bshe\\b=0.5' (moment target)."""
+    kind, sep, rest = spec.partition(":")
+    if not sep or not rest:
+        raise FeatureError(
+            f"constraint {spec!r} should look like word:amazing, regex:PATTERN or word:she=0.5"
+        )
+    target = None
+    body, eq, value = rest.rpartition("=")
+    if eq and body:
+        try:
+            target = float(value)
+        except ValueError:
+            body = rest  # an '=' inside a regex
+        else:
+            rest = body
+    if kind == "word":
+        feat = word_feature(tokenizer, rest)
+    elif kind == "regex":
+        feat = regex_feature(tokenizer, rest)
+    else:
+        raise FeatureError(f"unknown constraint kind {kind!r} in {spec!r}: use word: or regex:")
+    return Constraint(feat, target)
+
+
+def feature_matrix(features: Sequence[Feature], tokens: jax.Array, mask: jax.Array) -> jax.Array:
+    """phi [B, F] for all features."""
+    if not features:
+        return jnp.zeros((tokens.shape[0], 0), jnp.float32)
+    return jnp.stack([f(tokens, mask) for f in features], axis=1)
