@@ -1,0 +1,173 @@
+"""llama.cpp GGUF files -> lm_jax (config, params, tokenizer).
+
+`from_gguf(path)` reads a llama-architecture GGUF with the PyPI `gguf` package: metadata from
+`GGUFReader.fields`, tensors dequantized to float32 with `gguf.quants.dequantize` (Q4_0, Q4_1,
+Q8_0, K-quants, F16, ...). Tensor names:
+    token_embd.weight [V,D]            -> embed_tokens/embedding
+    blk.{i}.attn_norm / ffn_norm       -> layers/attn_norm / mlp_norm scale
+    blk.{i}.attn_{q,k,v,output}.weight -> layers/attn/{q,k,v,o}_proj/kernel (transposed)
+    blk.{i}.ffn_{gate,up,down}.weight  -> layers/mlp/{gate,up,down}_proj/kernel (transposed)
+    output_norm.weight, output.weight  -> norm/scale, lm_head/kernel (absent: tied embeddings)
+Dequantized arrays come in numpy order [out, in] (the reverse of the GGUF's ggml shape).
+
+llama.cpp's converter permutes the rows of q and k within each head so that its RoPE rotates
+interleaved pairs (x0, x1), (x2, x3)...: per head, rows [h0..h_{H/2-1}, h_{H/2}..] become
+[h0, h_{H/2}, h1, h_{H/2+1}, ...]. We undo it as transformers' GGUF loader does:
+`w.reshape(n_head, H/2, 2, D_in).swapaxes(1, 2)`, with n_head = K for k, which gives back the
+rotate_half layout our RoPE (and HF's) uses.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from lm_jax.configs.base import ConfigError, ModelConfig
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def _metadata(reader, prefix: str = "") -> dict:
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
+
+
+def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation: w [n_head * H, D_in] (see the module docstring)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(2, 1).reshape(w.shape)
+
+
+def _config(reader, arch: str) -> ModelConfig:
+    def req(key):
+        v = _field(reader, f"{arch}.{key}")
+        if v is None:
+            raise ConfigError(f"GGUF metadata {arch}.{key} is missing.")
+        return v
+
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+        raise ConfigError(f"GGUF rope scaling {scaling!r} is not supported (only none).")
+    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+        raise ConfigError(
+            "GGUF has per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+): not supported."
+        )
+    D, N = int(req("embedding_length")), int(req("attention.head_count"))
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        vocab = len(tokens.data) if tokens is not None else None
+    if vocab is None:
+        vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
+    has_output = any(t.name == "output.weight" for t in reader.tensors)
+    return ModelConfig(
+        vocab_size=int(vocab),
+        d_model=D,
+        num_layers=int(req("block_count")),
+        num_heads=N,
+        num_kv_heads=int(_field(reader, f"{arch}.attention.head_count_kv", N)),
+        head_dim=int(_field(reader, f"{arch}.rope.dimension_count", D // N)),
+        mlp_dim=int(req("feed_forward_length")),
+        max_len=int(req("context_length")),
+        norm="rmsnorm",
+        norm_eps=float(req("attention.layer_norm_rms_epsilon")),
+        activation="silu",
+        gated_mlp=True,
+        use_bias=False,
+        position="rope",
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        tie_embeddings=not has_output,
+    )
+
+
+def _params(reader, cfg: ModelConfig) -> dict:
+    from gguf.quants import dequantize  # noqa: PLC0415
+
+    tensors = {t.name: t for t in reader.tensors}
+
+    def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
+        if name not in tensors:
+            raise ConfigError(f"GGUF tensor {name!r} is missing.")
+        t = tensors[name]
+        a = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        a = a.reshape(tuple(int(s) for s in reversed(t.shape)))  # ggml shape is reversed
+        if a.shape != shape:
+            raise ConfigError(
+                f"GGUF tensor {name!r} has shape {a.shape}, expected {shape} from the metadata."
+            )
+        return a
+
+    V, D, L, F = cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.mlp_dim_
+    N, K, H = cfg.num_heads, cfg.kv_heads, cfg.head_dim_
+
+    def stack(fn):
+        return np.stack([fn(i) for i in range(L)])
+
+    def linear(name, n_in, n_out, permute_heads=None):
+        def one(i):
+            w = get(f"blk.{i}.{name}.weight", (n_out, n_in))
+            if permute_heads is not None:
+                w = reverse_permute(w, permute_heads)
+            return w.T
+
+        return {"kernel": stack(one)}
+
+    params = {
+        "embed_tokens": {"embedding": get("token_embd.weight", (V, D))},
+        "layers": {
+            "attn_norm": {"scale": stack(lambda i: get(f"blk.{i}.attn_norm.weight", (D,)))},
+            "mlp_norm": {"scale": stack(lambda i: get(f"blk.{i}.ffn_norm.weight", (D,)))},
+            "attn": {
+                "q_proj": linear("attn_q", D, N * H, permute_heads=N),
+                "k_proj": linear("attn_k", D, K * H, permute_heads=K),
+                "v_proj": linear("attn_v", D, K * H),
+                "o_proj": linear("attn_output", N * H, D),
+            },
+            "mlp": {
+                "gate_proj": linear("ffn_gate", D, F),
+                "up_proj": linear("ffn_up", D, F),
+                "down_proj": linear("ffn_down", F, D),
+            },
+        },
+        "norm": {"scale": get("output_norm.weight", (D,))},
+    }
+    if not cfg.tie_embeddings:
+        params["lm_head"] = {"kernel": get("output.weight", (V, D)).T}
+    return params
+
+
+def from_gguf(path: str, tokenizer: bool = True):
+    """(ModelConfig, params, HFTokenizer | None) from a llama-architecture GGUF file.
+
+    Params are float32 numpy arrays (quantized tensors dequantized). `tokenizer=False` skips
+    the tokenizer (returned as None).
+    """
+    import gguf  # noqa: PLC0415
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} not found.")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/...
+        raise ConfigError(f"{path!r} is not a readable GGUF file: {e}") from e
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"unsupported GGUF architecture {arch!r} in {os.path.basename(path)}: from_gguf "
+            f"supports {list(SUPPORTED_ARCHITECTURES)}."
+        )
+    cfg = _config(reader, arch)
+    params = _params(reader, cfg)
+    tok = None
+    if tokenizer:
+        from lm_jax.data.hf_tokenizer import HFTokenizer  # noqa: PLC0415
+
+        tok = HFTokenizer.from_gguf_metadata(_metadata(reader, "tokenizer."))
+    return cfg, params, tok
