@@ -177,7 +177,8 @@ def _tfds_texts(kind: str, arg: str, split: str) -> list[tuple[int, str]]:
         raise
     except Exception as e:  # noqa: BLE001 - tfds raises many kinds (network, registry, files)
         raise DataSourceError(
-            f"tfds dataset {location!r} split {split!r} is unavailable ({type(e).__name__}: {e}); "
+            f"tfds dataset {location!r} split {split!r} is unavailable "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
             "tfds:<name> needs the internet to download once; offline, use tfds_dir:<path>"
         ) from e
     where = f"tfds dataset {location!r}"
