@@ -73,8 +73,15 @@ def prepare_tokenizer(exp: Experiment, workdir: str) -> Tokenizer:
 
 
 def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (for bits per byte)."""
+    """UTF-8 bytes each token id stands for (bits per byte over a partial evaluation pass).
+
+    Byte-level ids are one byte each; other tokens are measured by decoding them alone (exact
+    for char and word-piece vocabularies; special ids count 0).
+    """
     out = np.zeros((vocab_size,), np.float64)
+    if tok.kind == "byte":
+        out[: min(256, vocab_size)] = 1.0
+        return out
     for i in range(min(tok.vocab_size, vocab_size)):
         try:
             out[i] = len(tok.decode([i]).encode("utf-8"))
@@ -134,6 +141,8 @@ def evaluate(params, exp: Experiment, tok, eval_fn, to_global, byte_lens) -> dic
         nbytes += float(np.sum(byte_lens[batch["targets"]] * batch["loss_mask"]))
     if tokens == 0:
         raise ValueError("the validation split yielded no tokens; check --data.source")
+    if not exp.train.eval_batches and getattr(it, "total_bytes", 0):
+        nbytes = float(it.total_bytes)  # the whole split was scored: its exact UTF-8 size
     loss = nll / tokens
     out = {"loss": loss, "perplexity": math.exp(min(loss, 80.0)), "tokens": tokens}
     if nbytes > 0 and jax.process_count() == 1:
