@@ -1,0 +1,163 @@
+"""The host loop: estimate the target (lambda, Z) on base samples, then sample -> score -> step
+with any tuner, logging alignment metrics and diversity (Distinct-n, Self-BLEU)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+import optax
+
+from lm_jax.align import estimators as est
+from lm_jax.align.ebm import EBM, make_ebm
+from lm_jax.align.features import Constraint, feature_matrix
+from lm_jax.align.moments import check_targets, fit_ebm
+from lm_jax.align.policies import LMPolicy
+from lm_jax.align.samplers import Samples, shard_batch
+from lm_jax.align.tuners import TunerConfig, init_state, jit_align_step
+
+
+def scorer(policy: LMPolicy, constraints: Sequence[Constraint]):
+    """jit(frozen, tokens, mask) -> (log a [B], phi [B, F])."""
+    feats = [c.feature for c in constraints]
+    return jax.jit(
+        lambda frozen, t, m: (policy.base_logprob(frozen, t, m), feature_matrix(feats, t, m))
+    )
+
+
+def sample_many(sample_fn: Callable[[jax.Array, int], Samples], key, n: int, batch: int):
+    outs = [sample_fn(jax.random.fold_in(key, i), batch) for i in range(-(-n // batch))]
+    return jax.tree.map(lambda *x: np.concatenate(x)[:n], *outs)
+
+
+def estimate_target(policy, frozen, constraints, key, n: int, batch: int, score=None):
+    """(EBM with fitted lambda, info): SNIS moment matching and log Z^ on n samples of a."""
+    check_targets(constraints)
+    score = scorer(policy, constraints) if score is None else score
+    s = sample_many(lambda k, b: policy.sample_base(frozen, k, b), key, n, batch)
+    log_a, phi = score(frozen, s.tokens, s.mask)
+    ebm, fit = fit_ebm(make_ebm(constraints), constraints, phi, log_a)
+    log_p = ebm.log_score(log_a, phi)
+    log_z = float(est.log_z_hat(log_p, log_a))
+    idx = [i for i, c in enumerate(constraints) if not c.pointwise]
+    lam_mu = float(sum(float(ebm.lam[i]) * constraints[i].target for i in idx))
+    info = {
+        "log_z": log_z,
+        "kl_p_a": lam_mu - log_z,  # the Pythagorean floor for KL(pi || a)
+        "phi_a": np.asarray(phi.mean(0)).tolist(),
+        "lambda": np.asarray(ebm.lam).tolist(),
+        "fit_iterations": fit["iterations"],
+        "samples": n,
+    }
+    return ebm, info
+
+
+def diversity(texts: Sequence[str], self_bleu_n: int = 64) -> dict:
+    """Distinct-1/2 over all texts and Self-BLEU on the first `self_bleu_n` (quadratic cost)."""
+    from lm_jax.eval.generation_metrics import distinct_n, self_bleu  # noqa: PLC0415
+
+    out = {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2)}
+    if len(texts) >= 2 and self_bleu_n >= 2:
+        out["self_bleu"] = self_bleu(list(texts)[:self_bleu_n])
+    return out
+
+
+def decode_samples(tokenizer, s: Samples) -> list[str]:
+    toks, mask = np.asarray(s.tokens), np.asarray(s.mask)
+    eos = getattr(tokenizer, "eos_id", None)
+    return [
+        tokenizer.decode([int(t) for t, m in zip(r, mr) if m and t != eos])
+        for r, mr in zip(toks, mask)
+    ]
+
+
+def train(
+    policy: LMPolicy,
+    trainable,
+    frozen,
+    constraints: Sequence[Constraint],
+    tcfg: TunerConfig,
+    tx: optax.GradientTransformation,
+    *,
+    steps: int,
+    batch_size: int,
+    key: jax.Array,
+    target: tuple[EBM, dict] | None = None,
+    moment_samples: int = 1024,
+    mesh=None,
+    writer=None,
+    tokenizer=None,
+    eval_every: int = 0,
+    eval_samples: int = 256,
+    log: Callable[[str], None] = print,
+):
+    """Align `trainable` towards the EBM of `constraints`; returns (state, history rows)."""
+    score = scorer(policy, constraints)
+    k_target, k_train, k_eval = jax.random.split(key, 3)
+    if target is None:
+        target = estimate_target(
+            policy, frozen, constraints, k_target, moment_samples, batch_size, score
+        )
+    ebm, info = target
+    log(f"target: {info}")
+    state = init_state(trainable, tx, tcfg, log_z=info["log_z"], z_count=info["samples"])
+    step = jit_align_step(tcfg, tx, policy.logprob_fn, mesh)
+    history = []
+
+    def evaluate(i):
+        s = sample_many(
+            lambda k, b: policy.sample(state.params, frozen, k, b),
+            jax.random.fold_in(k_eval, i),
+            eval_samples,
+            batch_size,
+        )
+        log_a, phi = score(frozen, s.tokens, s.mask)
+        row = {
+            "eval/kl_pi_a": float(est.kl_pi_a(s.log_q, log_a)),
+            "eval/phi_pi": np.asarray(phi.mean(0)).tolist(),
+        }
+        if tokenizer is not None:
+            row.update({f"eval/{k}": v for k, v in diversity(decode_samples(tokenizer, s)).items()})
+        return row
+
+    for i in range(steps + 1):
+        row = {}
+        if eval_every and (i % eval_every == 0 or i == steps):
+            row.update(evaluate(i))
+        if i < steps:
+            src = state.proposal if tcfg.off_policy else state.params
+            s = policy.sample(src, frozen, jax.random.fold_in(k_train, i), batch_size)
+            log_a, phi = score(frozen, s.tokens, s.mask)
+            batch = {
+                "tokens": s.tokens,
+                "mask": s.mask,
+                "log_q": s.log_q,
+                "log_a": log_a,
+                "phi": phi,
+            }
+            state, m = step(state, shard_batch(batch, mesh), frozen, ebm)
+            row.update({k: np.asarray(v).tolist() for k, v in jax.device_get(m).items()})
+        if writer is not None:
+            writer.write(i, row)
+        history.append({"step": i, **row})
+        if i % 10 == 0 or i == steps:
+            log(
+                " | ".join(
+                    [f"step {i}"]
+                    + [
+                        f"{k} {np.round(v, 4)}"
+                        for k, v in row.items()
+                        if k
+                        in (
+                            "kl_pi_a",
+                            "phi_pi",
+                            "kl_p_pi",
+                            "eval/kl_pi_a",
+                            "eval/phi_pi",
+                            "eval/distinct_2",
+                        )
+                    ]
+                )
+            )
+    return state, history
