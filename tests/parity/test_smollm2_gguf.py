@@ -6,8 +6,8 @@ import os
 import jax
 import numpy as np
 import pytest
-
 from conftest import smollm2_gguf_path
+
 from lm_jax.configs import ConfigError
 from lm_jax.convert import from_gguf
 from lm_jax.data.hf_tokenizer import HFTokenizer
