@@ -177,3 +177,25 @@ def test_export_refuses_an_unrepresentable_config():
     cfg = llama_style(vocab_size=V, d_model=32, num_heads=4, num_layers=1, use_bias=True)
     with pytest.raises(ConfigError, match="model_type 'mistral'"):
         to_hf(cfg.replace(sliding_window=4), {}, "/nonexistent", model_type="mistral")
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_export_lm_jax_init_matches_hf(family, tmp_path):
+    import flax.linen as nn
+    import jax
+
+    from lm_jax.configs import gpt2_style, llama_style
+
+    if family == "gpt2":
+        cfg = gpt2_style(vocab_size=V, d_model=32, num_heads=4, num_layers=2, max_len=T)
+    else:
+        cfg = llama_style(
+            vocab_size=V, d_model=32, num_heads=4, num_kv_heads=2, num_layers=2, max_len=T,
+            mlp_dim=48, tie_embeddings=False, initializer_range=0.1,
+        )  # fmt: skip
+    tokens = _tokens(B=1)
+    params = Transformer(cfg).init(jax.random.key(0), tokens)["params"]  # boxed jax arrays
+    to_hf(cfg, params, tmp_path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager")
+    diff = np.max(np.abs(_hf_logits(hf.eval(), tokens) - _ours(cfg, nn.unbox(params), tokens)))
+    assert diff <= TOL, diff
