@@ -147,7 +147,7 @@ def _check_ids(arr: np.ndarray, vocab: int, what: str) -> None:
 def prepare_prompts(
     prompt_tokens, prompt_lengths=None, vocab_size: int | None = None, pad_id: int = 0
 ) -> tuple[np.ndarray, np.ndarray]:
-    """List of lists (ragged) or int array [B, T] (+ prompt_lengths) -> (tokens [B, T], lengths [B]).
+    """Ragged lists, or an int array [B, T] (+ prompt_lengths) -> (tokens [B, T], lengths [B]).
 
     Slots past each row's length are set to pad_id; valid ids are checked against vocab_size.
     """
@@ -316,6 +316,8 @@ def generate(
     _check_ids(np.asarray([pad_id]), V, "pad_id")
     stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
     _check_ids(stop, V, "stop_tokens")
+    # -1 never matches: a few stop-list sizes share one compiled program.
+    stop = np.pad(stop, (0, _round_up(max(len(stop), 1), 8) - len(stop)), constant_values=-1)
     tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, V, pad_id)
     B = tokens.shape[0]
     N = int(max_new_tokens)
@@ -419,10 +421,20 @@ def continuation_logprobs(
 ) -> jax.Array:
     """log p(continuation token | prompt, earlier continuation) [B, N], laid out as
     `GenerateOutput.tokens` (0 at j >= lengths[b]); e.g. log a(x) of policy samples under a
-    base model. prompt_tokens as in `generate`; continuations [B, N] with `lengths` [B]."""
+    base model. prompt_tokens as in `generate`; continuations [B, N] with `lengths` [B], or
+    ragged lists."""
     ptoks, plens = prepare_prompts(prompt_tokens, prompt_lengths, config.vocab_size)
-    cont = np.asarray(continuations)
+    if isinstance(continuations, (list, tuple)) and lengths is None:  # ragged lists
+        rows = [np.asarray(r, np.int64).reshape(-1) for r in continuations]
+        lengths = [len(r) for r in rows]
+        cont = np.zeros((len(rows), max(lengths, default=0)), np.int64)
+        for b, r in enumerate(rows):
+            cont[b, : len(r)] = r
+    else:
+        cont = np.asarray(continuations)
     B, N = cont.shape
+    if B != ptoks.shape[0]:
+        raise ValueError(f"{ptoks.shape[0]} prompts but {B} continuations.")
     clens = np.full((B,), N) if lengths is None else np.asarray(lengths).reshape(B)
     total = plens + clens
     seq = np.zeros((B, int(total.max())), np.int64)

@@ -43,15 +43,27 @@ def _params(cfg, seed=1):
     return nn.unbox(init["params"])
 
 
-def _greedy_reference(cfg, params, prompt, n):
-    """Step-by-step argmax of full forwards (no cache), and log_softmax at those positions."""
-    seq, lps = list(prompt), []
+def _greedy_reference(cfg, params, prompts, n, width=32):
+    """Step-by-step argmax of full forwards (no cache), and log_softmax at those positions.
+
+    Each step runs the whole sequences (right-padded to `width`; causal, so padding after a
+    row's last token cannot change its logits) and reads the logits at the last token.
+    """
+    fwd = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t))
+    seqs = [list(p) for p in prompts]
+    toks, lps = [[] for _ in prompts], [[] for _ in prompts]
     for _ in range(n):
-        logits = Transformer(cfg).apply({"params": params}, jnp.asarray([seq]))[0, -1]
-        tok = int(jnp.argmax(logits))
-        lps.append(float(jax.nn.log_softmax(logits)[tok]))
-        seq.append(tok)
-    return seq[len(prompt) :], lps
+        arr = np.zeros((len(seqs), width), np.int32)
+        for b, s in enumerate(seqs):
+            arr[b, : len(s)] = s
+        logits = np.asarray(fwd(params, jnp.asarray(arr)))
+        for b, s in enumerate(seqs):
+            last = logits[b, len(s) - 1]
+            tok = int(np.argmax(last))
+            lps[b].append(float(jax.nn.log_softmax(jnp.asarray(last))[tok]))
+            toks[b].append(tok)
+            s.append(tok)
+    return toks, lps
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
@@ -61,10 +73,9 @@ def test_greedy_equals_argmax_of_full_forwards(name):
     n = 9
     out = generate(cfg, params, PROMPTS, jax.random.key(0), n, temperature=0.0)
     assert out.tokens.shape == (len(PROMPTS), n) and out.tokens.dtype == jnp.int32
-    for b, prompt in enumerate(PROMPTS):
-        toks, lps = _greedy_reference(cfg, params, prompt, n)
-        np.testing.assert_array_equal(out.tokens[b], toks)
-        np.testing.assert_allclose(out.logprobs[b], lps, atol=1e-5, rtol=0)
+    toks, lps = _greedy_reference(cfg, params, PROMPTS, n)
+    np.testing.assert_array_equal(out.tokens, toks)
+    np.testing.assert_allclose(out.logprobs, lps, atol=1e-5, rtol=0)
     np.testing.assert_array_equal(out.sample_logprobs, 0.0)  # greedy: q(token) = 1
     np.testing.assert_array_equal(out.lengths, n)
 
@@ -139,7 +150,9 @@ def test_sample_logits_matches_target_distribution(setting):
     # log-probs: model (T=1, no truncation) and the sampling distribution.
     base = np.asarray(jax.nn.log_softmax(jnp.asarray(logits)))
     np.testing.assert_allclose(out.logprobs, base[out.tokens], atol=1e-5)
-    np.testing.assert_allclose(out.sample_logprobs, np.log(expected)[out.tokens], atol=1e-5)
+    np.testing.assert_allclose(
+        out.sample_logprobs, np.log(np.maximum(expected, 1e-30))[out.tokens], atol=1e-5
+    )
     q = sampling_logprobs(jnp.asarray(logits), **setting)
     np.testing.assert_allclose(np.exp(q), expected, atol=1e-6)
 
@@ -252,11 +265,19 @@ def test_sequence_logprobs_equals_log_softmax_of_forward():
         want = np.where((np.arange(1, 12) < L) & (np.arange(1, 12) >= P), ref, 0.0)
         np.testing.assert_allclose(out[b, 1:], want, atol=1e-5)
         assert float(out[b, 0]) == 0.0
+    # Ragged continuations as lists = the same tokens scored inside the full sequences.
+    prompts = [[int(t) for t in toks[b, :P]] for b, P in enumerate([3, 1, 4])]
+    conts = [[int(t) for t in toks[b, P:L]] for b, (P, L) in enumerate(zip([3, 1, 4], lengths))]
+    got = continuation_logprobs(cfg, params, prompts, conts)
+    for b, (P, L) in enumerate(zip([3, 1, 4], lengths, strict=True)):
+        np.testing.assert_allclose(got[b, : L - P], out[b, P:L], atol=1e-5)
+        np.testing.assert_array_equal(got[b, L - P :], 0.0)
 
 
 # ----------------------------------------------------------------------------- sharding
 
 
+@pytest.mark.slow
 def test_sharded_forward_and_generate_equal_single_device():
     cfg = CONFIGS["llama_gqa"]
     params = _params(cfg)

