@@ -161,3 +161,43 @@ def train(
                 )
             )
     return state, history
+
+
+def load_base(path: str):
+    """(ModelConfig, params, tokenizer) from an lm_jax workdir, an HF model folder or a .gguf."""
+    import os  # noqa: PLC0415
+
+    if path.endswith(".gguf"):
+        from lm_jax.convert import from_gguf  # noqa: PLC0415
+
+        return from_gguf(path)
+    if os.path.isdir(os.path.join(path, "checkpoints")):
+        from lm_jax.checkpoint import load_model  # noqa: PLC0415
+
+        return load_model(path)
+    from lm_jax.convert import from_hf  # noqa: PLC0415
+    from lm_jax.data.hf_tokenizer import HFTokenizer  # noqa: PLC0415
+
+    cfg, params = from_hf(path)
+    return cfg, params, HFTokenizer.from_pretrained_dir(path)
+
+
+def plot_histories(histories: dict[str, list[dict]], floor: float, path: str) -> None:
+    """E_pi[phi_1] and KL(pi||a) (evaluation rows) against steps, one line per method."""
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for name, hist in histories.items():
+        ev = [h for h in hist if "eval/kl_pi_a" in h]
+        steps = [h["step"] for h in ev]
+        axes[0].plot(steps, [h["eval/phi_pi"][0] for h in ev], marker=".", label=name)
+        axes[1].plot(steps, [h["eval/kl_pi_a"] for h in ev], marker=".", label=name)
+    axes[1].axhline(floor, ls="--", c="k", label="KL(p||a)")
+    for ax, title in zip(axes, ("E_pi[phi_1]", "KL(pi||a)")):
+        ax.set(xlabel="step", title=title)
+        ax.legend()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
