@@ -357,12 +357,14 @@ def perplexity(
     mesh=None,
     logits_fn: LogitsFn | None = None,
     limit: int | None = None,
+    max_tokens: int | None = None,
 ) -> PerplexityResult:
     """Perplexity / bits per byte of texts (each scored on its own) under a window policy.
 
     window: tokens fed per window (default cfg.max_len); stride: default = window
     (non-overlapping), smaller = HF-style sliding window. Short windows are packed into rows of
     `window` tokens (`pack`); rows are batched `batch_size` at a time, sharded over `mesh`.
+    `limit` keeps the first texts, `max_tokens` the first scored tokens (bytes follow).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -375,9 +377,16 @@ def perplexity(
         window = cfg.max_len
     if cfg is not None and window > cfg.max_len:
         raise EvalError(f"window {window} exceeds the model's max_len {cfg.max_len}")
-    pieces, nbytes = [], 0
+    pieces, nbytes, budget = [], 0, max_tokens
     for text in texts:
         ids, b = encode_for_scoring(tokenizer, text, add_bos)
+        if budget is not None:
+            if budget < 1:
+                break
+            if len(ids) - 1 > budget:  # keep the first `budget` scored tokens
+                ids = ids[: budget + 1]
+                b = len(tokenizer.decode(ids[1:]).encode("utf-8"))  # the scored tokens' text
+            budget -= len(ids) - 1
         if len(ids) >= 2:
             pieces += text_windows(ids, window, stride)
             nbytes += b

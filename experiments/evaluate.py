@@ -1,0 +1,84 @@
+r"""Evaluate a model on a task; writes a JSON report (--out) and prints a table.
+
+  python experiments/evaluate.py --gguf=<SmolLM2.gguf> --task=perplexity \
+      --data_source=tinyshakespeare:../shared/data/tinyshakespeare/input.txt --limit=4096
+  python experiments/evaluate.py --gguf=<SmolLM2.gguf> --task=sst2 --shots=4 --limit=200
+  python experiments/evaluate.py --checkpoint=runs/m30k --task=multi30k_en_de --out=report.json
+
+Tasks: perplexity, sst2 (option likelihood, --shots), sst2_head (head on frozen features),
+multi30k_en_de (greedy translation, BLEU / chrF / ROUGE). See lm_jax/eval/tasks.py.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags
+
+flags.DEFINE_string("checkpoint", "", "lm_jax training workdir (newest checkpoint).")
+flags.DEFINE_string("hf_dir", "", "Hugging Face model folder (config.json + safetensors).")
+flags.DEFINE_string("gguf", "", "llama.cpp GGUF file (e.g. SmolLM2-135M).")
+flags.DEFINE_string("task", "perplexity", "Task name (an unknown name lists the tasks).")
+flags.DEFINE_string("data_source", "", "perplexity: lm_jax.data source, e.g. tinyshakespeare:<p>.")
+flags.DEFINE_string("split", None, "Split (perplexity: validation; multi30k: test_2016_flickr).")
+flags.DEFINE_string("data_dir", None, "Folder with sst2/ and multi30k/ (default ../shared/data).")
+flags.DEFINE_integer("limit", None, "Examples to use (perplexity: scored tokens).")
+flags.DEFINE_integer("shots", None, "sst2: in-context examples (0 = zero-shot).")
+flags.DEFINE_integer("window", None, "perplexity: tokens per context window.")
+flags.DEFINE_integer("stride", None, "perplexity: window stride (< window: sliding).")
+flags.DEFINE_integer("batch_size", None, "Rows per forward pass.")
+flags.DEFINE_integer("train_limit", None, "sst2_head: training examples.")
+flags.DEFINE_string("pool", None, "sst2_head: mean or last.")
+flags.DEFINE_string("out", "", "Write the JSON report here.")
+
+
+def table(report: dict) -> str:
+    rows = [(k, v) for k, v in report.items() if not isinstance(v, (list, dict))]
+    width = max(len(k) for k, _ in rows)
+    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
+    return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in rows)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --x=y")
+    F = flags.FLAGS
+    from lm_jax.eval.tasks import get_task, load_model, run_task
+
+    get_task(F.task)  # unknown task: fail before loading anything
+    model = load_model(F.checkpoint, F.hf_dir, F.gguf)
+    opts = {
+        k: getattr(F, k)
+        for k in (
+            "data_source",
+            "split",
+            "data_dir",
+            "limit",
+            "shots",
+            "window",
+            "stride",
+            "batch_size",
+            "train_limit",
+            "pool",
+        )
+    }
+    report = run_task(F.task, model, **opts)
+    print(table(report))
+    if F.out:
+        with open(F.out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        app.run(main)
+    except Exception as e:  # bad input: one clear line, exit 2
+        from lm_jax.errors import USER_ERRORS
+        from lm_jax.eval.perplexity import EvalError
+
+        if isinstance(e, (*USER_ERRORS, EvalError)):
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            sys.exit(2)
+        raise
