@@ -128,7 +128,7 @@ class Transformer(nn.Module):
         if cfg.position == "learned":
             wpe = self.param(
                 "embed_positions",
-                nn.with_logical_partitioning(normal_init(0.01), (None, "embed")),
+                nn.with_logical_partitioning(normal_init(cfg.initializer_range), (None, "embed")),
                 (cfg.max_len, cfg.d_model),
                 cfg.weight_dtype,
             )
