@@ -137,7 +137,11 @@ def train(
                 "phi": phi,
             }
             state, m = step(state, shard_batch(batch, mesh), frozen, ebm)
-            row.update({k: np.asarray(v).tolist() for k, v in jax.device_get(m).items()})
+            m = {k: np.asarray(v).tolist() for k, v in jax.device_get(m).items()}
+            if not m["z_valid"]:  # Z^ = 0 on this batch: KL^/TVD^ are not estimable (inf)
+                for k in ("kl_p_pi", "tvd_p_pi", "log_z", "kl_p_q"):
+                    m.pop(k, None)
+            row.update(m)
         if writer is not None:
             writer.write(i, row)
         history.append({"step": i, **row})

@@ -4,9 +4,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tabular as tb
 
 from lm_jax.align import estimators as est
+from lm_jax.align import toy as tb
 from lm_jax.align.ebm import make_ebm
 from lm_jax.align.features import Constraint, feature_matrix, token_sequences_feature
 from lm_jax.align.moments import fit_ebm, fit_lambda

@@ -5,7 +5,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import tabular as tb
 
 from lm_jax.align import (
     Constraint,
@@ -18,6 +17,7 @@ from lm_jax.align import (
     make_ebm,
     token_sequences_feature,
 )
+from lm_jax.align import toy as tb
 from lm_jax.align.samplers import shard_batch
 from lm_jax.sharding import make_mesh
 

@@ -4,9 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import tabular as tb
-from toy_train import train
 
+from lm_jax.align import toy as tb
 from lm_jax.align.ebm import make_ebm
 from lm_jax.align.features import Constraint, feature_matrix, token_sequences_feature
 
@@ -39,7 +38,7 @@ def evaluate(toy, table):
 
 
 def test_dpg_reaches_target_above_floor(toy):
-    state, m = train(toy["a"], [WORD], toy["ebm"], "dpg", steps=600)
+    state, m = tb.train(toy["a"], [WORD], toy["ebm"], "dpg", steps=600)
     ex = evaluate(toy, state.params)
     print("dpg", ex)
     assert ex["kl_p_pi"] <= 0.02 and ex["phi_pi"] >= 0.99
@@ -53,7 +52,7 @@ def test_dpg_reaches_target_above_floor(toy):
 
 
 def test_reinforce_overshoots_floor(toy):
-    state, _ = train(toy["a"], [WORD], toy["ebm"], "reinforce", steps=300)  # R = phi, Adam
+    state, _ = tb.train(toy["a"], [WORD], toy["ebm"], "reinforce", steps=300)  # R = phi, Adam
     ex = evaluate(toy, state.params)
     print("reinforce", ex)
     assert ex["phi_pi"] >= 0.99 and ex["kl_pi_a"] >= 2 * ex["floor"]
@@ -63,7 +62,7 @@ def test_reinforce_overshoots_floor(toy):
     "method", ["kl_dpg", "fdpg_fkl", "fdpg_rkl", "fdpg_tv", "fdpg_js", "fdpg_chi2", "kl_pg"]
 )
 def test_other_methods_improve(toy, method):
-    state, m = train(toy["a"], [WORD], toy["ebm"], method, steps=150, kl_adaptive_every=5)
+    state, m = tb.train(toy["a"], [WORD], toy["ebm"], method, steps=150, kl_adaptive_every=5)
     ex = evaluate(toy, state.params)
     ex0 = evaluate(toy, toy["a"])
     print(method, ex, {k: np.asarray(v[-1]).tolist() for k, v in m.items()})

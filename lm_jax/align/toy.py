@@ -1,13 +1,20 @@
-"""An exact toy: a tabular autoregressive policy over V tokens and T positions (logits per
-prefix), small enough to enumerate all V^T sequences."""
+"""An exact toy for testing alignment: a tabular autoregressive policy over V tokens and T
+positions (one logits row per prefix, so any distribution is representable), small enough to
+enumerate all V^T sequences and compute Z, KL and TVD exactly. `train` runs any tuner on it with
+every step (sample -> score -> step) inside one jitted `lax.scan`."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from lm_jax.align.features import feature_matrix
+from lm_jax.align.tuners import TunerConfig, init_state, make_step
 
 V, T = 4, 4
 OFFSETS = np.array([(V**t - 1) // (V - 1) for t in range(T)], np.int32)  # first row per depth
@@ -68,3 +75,28 @@ def exact(log_p_all, log_pi_all, log_a_all):
     tvd = 0.5 * float(np.abs(p - pi).sum())
     kl_pi_a = float(np.sum(pi * (log_pi_all - log_a_all)))
     return {"z": float(z), "kl_p_pi": kl, "tvd": tvd, "kl_pi_a": kl_pi_a}
+
+
+def train(a, features, ebm, method, steps=300, batch=256, lr=0.1, seed=0, **kw):
+    """Tune the table `a` (also the base) with `method`: (final AlignState, per-step metrics)."""
+    cfg = TunerConfig(method, **kw)
+    tx = optax.adam(lr)
+    step = make_step(cfg, tx, logprob_fn)
+    state = init_state(a, tx, cfg)
+
+    def body(state, key):
+        sampler = state.proposal if cfg.off_policy else state.params
+        x, log_q = sample(sampler, key, batch)
+        mask = jnp.ones(x.shape, jnp.float32)
+        b = dict(
+            tokens=x,
+            mask=mask,
+            log_q=log_q,
+            log_a=logprob(a, x),
+            phi=feature_matrix(features, x, mask),
+        )
+        state, m = step(state, b, None, ebm)
+        return state, {k: m[k] for k in ("kl_p_pi", "kl_pi_a", "phi_pi", "skipped")}
+
+    run = jax.jit(functools.partial(jax.lax.scan, body))
+    return run(state, jax.random.split(jax.random.key(seed), steps))
