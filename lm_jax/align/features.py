@@ -87,14 +87,14 @@ def word_feature(tokenizer, word: str) -> Feature:
     pats = set()
     for prefix in ("", " ", "\n"):
         try:
-            ids = tokenizer.encode(prefix + word)
+            ids = [int(i) for i in tokenizer.encode(prefix + word)]
         except Exception as e:  # noqa: BLE001 - char tokenizers reject unseen characters
             if prefix == "":
                 raise FeatureError(f"tokenizer cannot encode word {word!r}: {e}") from e
             continue
         if prefix:
             try:
-                pre = tokenizer.encode(prefix)
+                pre = [int(i) for i in tokenizer.encode(prefix)]
             except Exception:  # noqa: BLE001
                 continue
             if ids[: len(pre)] == pre:  # prefix tokenised apart: keep only the word's tokens
