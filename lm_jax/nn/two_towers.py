@@ -324,7 +324,9 @@ class CaptionOutput(NamedTuple):
 
 
 @functools.lru_cache(maxsize=8)
-def _caption_fn(cfg: CaptionerConfig, cache_len: int, max_new: int, greedy: bool):
+def _caption_fn(cfg: CaptionerConfig, cache_len: int, max_new: int, greedy: bool, top_k: int):
+    from lm_jax.generate import sample_logits  # noqa: PLC0415 - the LM generator's sampler
+
     dec = cfg.decoder
     P = cfg.num_prefix
 
@@ -339,8 +341,7 @@ def _caption_fn(cfg: CaptionerConfig, cache_len: int, max_new: int, greedy: bool
         def pick(lg, i):
             if greedy:
                 return jnp.argmax(lg, -1).astype(jnp.int32)
-            k = jax.random.fold_in(key, i)
-            return jax.random.categorical(k, lg / temperature, -1).astype(jnp.int32)
+            return sample_logits(lg, jax.random.fold_in(key, i), temperature, top_k).tokens
 
         def body(s):
             i, tok, cache, done, lengths, out = s
@@ -372,10 +373,12 @@ def generate_with_prefix(
     max_new_tokens: int,
     key: jax.Array | None = None,
     temperature: float = 0.0,
+    top_k: int = 0,
     pad_id: int = 0,
 ) -> CaptionOutput:
     """Caption images: prefill [image prefix; BOS] into a KV cache, then decode one token per
-    step with the decoder `Transformer` until `eos_id` (temperature 0 = greedy)."""
+    step with the decoder `Transformer` until `eos_id` (temperature 0 = greedy; sampling with
+    `lm_jax.generate.sample_logits`). A separate entry point: `generate()` is unchanged."""
     from lm_jax.nn.vision import check_images  # noqa: PLC0415
 
     check_images(images, cfg.vision)
@@ -391,7 +394,7 @@ def generate_with_prefix(
         raise ValueError(f"temperature must be >= 0, got {temperature}.")
     greedy = temperature == 0.0
     key = jax.random.key(0) if key is None else key
-    fn = _caption_fn(cfg, limit, int(max_new_tokens), greedy)
+    fn = _caption_fn(cfg, limit, int(max_new_tokens), greedy, int(top_k))
     return fn(
         params, jnp.asarray(images), key, jnp.float32(max(temperature, 1e-6)),
         jnp.int32(bos_id), jnp.int32(eos_id), jnp.int32(pad_id),

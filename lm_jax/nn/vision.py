@@ -183,11 +183,11 @@ class ViT(nn.Module):
         kernel = self.param(
             "patch_embed_kernel",
             nn.with_logical_partitioning(
-                normal_init(cfg.initializer_range), (None, None, None, "embed")
+                normal_init((p * p * C) ** -0.5), (None, None, None, "embed")
             ),
             (p, p, C, D),
             cfg.weight_dtype,
-        )  # HWIO conv kernel, applied with stride p as a matmul over patches
+        )  # HWIO conv kernel (LeCun-normal init), applied with stride p as a matmul over patches
         x = patchify(images.astype(cfg.compute_dtype), p)  # [B, P, p*p*C]
         x = jnp.dot(x, kernel.reshape(p * p * C, D).astype(cfg.compute_dtype))  # [B, P, D]
         if vc.patch_bias:

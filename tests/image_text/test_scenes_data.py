@@ -1,0 +1,57 @@
+"""Composed scenes: held-out pairs/phrasings, captions from layouts, tfds + grain round trip."""
+
+import numpy as np
+
+from lm_jax.data import scenes
+from lm_jax.data.images import DIGIT_CLASSES, load_images, to_float
+from lm_jax.data.tokenizer import load_tokenizer
+
+
+def test_layouts_hold_out_pairs_and_phrasing():
+    comp = scenes.SceneComposer(load_images("digits", "train"))
+    rng = np.random.default_rng(0)
+    pairs = scenes.heldout_pairs(10)
+    assert len(pairs) == 9
+    for _ in range(300):
+        ex = comp.example(rng, heldout=False)
+        n = int(ex["num_items"])
+        assert 1 <= n <= 3 and ex["phrasing"] != scenes.HELDOUT_PHRASING
+        assert not scenes.has_heldout_pair(ex["labels"][:n], pairs)
+        assert len(set(ex["cells"][:n].tolist())) == n
+        assert ex["image"].shape == (48, 48, 1) and ex["image"].dtype == np.uint8
+    for _ in range(100):
+        ex = comp.example(rng, heldout=True)
+        n = int(ex["num_items"])
+        assert ex["phrasing"] == scenes.HELDOUT_PHRASING
+        assert n == 1 or scenes.has_heldout_pair(ex["labels"][:n], pairs)
+
+
+def test_caption_from_layout():
+    cap = scenes.caption([3, 7], [8, 0], [0, 1], DIGIT_CLASSES, 0)
+    assert cap == "a large seven in the top left and a small three in the bottom right"
+    assert scenes.caption([1], [4], [1], DIGIT_CLASSES, 1) == "center : large one"
+    tok = scenes.WordTokenizer.for_classes(DIGIT_CLASSES)
+    for p in range(len(scenes.PHRASINGS)):  # every phrasing and prompt is in the vocabulary
+        text = scenes.caption([0, 5, 9], [1, 4, 6], [0, 1, 0], DIGIT_CLASSES, p)
+        assert tok.unk_id not in tok.encode(text) and tok.decode(tok.encode(text)) == text
+    assert tok.unk_id not in tok.encode(scenes.PROMPT_TEMPLATES[2].format(cls="eight"))
+
+
+def test_tfds_builder_grain_round_trip(tmp_path):
+    b = scenes.build_scenes(str(tmp_path), "digits", num_train=40, num_test=12)
+    assert b.info.splits["train"].num_examples == 40
+    tok = scenes.WordTokenizer.for_classes(scenes.class_names_of(b))
+    tok.save(str(tmp_path / "tok"))
+    assert load_tokenizer(str(tmp_path / "tok")).words == tok.words
+    batch = next(iter(scenes.scene_batches(b, "train", 8, tok, 40, bos=True)))
+    assert batch["image"].shape == (8, 48, 48, 1) and batch["image"].dtype == np.uint8
+    assert batch["tokens"].shape == (8, 40) and (batch["tokens"][:, 0] == tok.bos_id).all()
+    lengths = batch["mask"].sum(1)
+    assert (batch["tokens"][np.arange(8), lengths - 1] == tok.eos_id).all()
+    row = b.as_data_source("test")[0]
+    assert (
+        row["caption"].decode()
+        == scenes.layout_captions(row, DIGIT_CLASSES, (scenes.HELDOUT_PHRASING,))[0]
+    )
+    x = to_float(batch["image"])
+    assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
