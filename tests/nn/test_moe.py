@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lm_jax.configs import ConfigError, MoEConfig, llama_style
+from lm_jax.convert import from_hf
 from lm_jax.nn import Transformer, init_cache
 from lm_jax.nn.mlp import MLP
 from lm_jax.nn.moe import (
@@ -71,62 +72,22 @@ def test_mixtral_matches_hf_logits():
     )
     torch.manual_seed(0)
     hf = transformers.MixtralForCausalLM(hf_cfg).eval().float()
-    sd = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
-    cfg = llama_style(
-        vocab_size=97,
-        d_model=32,
-        num_layers=2,
-        num_heads=4,
-        num_kv_heads=2,
-        mlp_dim=48,
-        max_len=64,
-        rope_theta=float(hf_cfg.rope_parameters["rope_theta"]),
-        norm_eps=hf_cfg.rms_norm_eps,
-        tie_embeddings=False,
-        moe=MoEConfig(num_experts=4, top_k=2, dispatch="dropless"),
+    cfg, params = from_hf(hf)
+    assert (cfg.d_model, cfg.num_layers, cfg.kv_heads, cfg.tie_embeddings) == (32, 2, 2, False)
+    assert cfg.moe == MoEConfig(
+        num_experts=4,
+        top_k=2,
+        dispatch="dropless",
+        expert_mlp_dim=48,
+        load_balance_coef=hf_cfg.router_aux_loss_coef,
+        router_z_coef=0.0,
     )
-    params = _mixtral_params(sd, L=2, F=48)
     tokens = np.random.default_rng(0).integers(0, 97, (2, 12))
     with torch.no_grad():
         ref = hf(torch.tensor(tokens)).logits.numpy()
     ours = Transformer(cfg).apply({"params": params}, jnp.asarray(tokens))
     assert np.abs(ref).max() > 1.0  # not a vacuous comparison of near-zero logits
     assert float(np.abs(np.asarray(ours) - ref).max()) <= 1e-4
-
-
-def _mixtral_params(sd, L, F):
-    """HF Mixtral state dict -> lm_jax params (until lm_jax.convert.hf has Mixtral)."""
-
-    def stack(fmt, fn=lambda w: w.T):
-        return jnp.asarray(np.stack([fn(sd[fmt.format(i)]) for i in range(L)]))
-
-    p = "model.layers.{}."
-    gate_up = lambda part: stack(  # noqa: E731 - [E, 2F, D] -> [E, D, F]
-        p + "mlp.experts.gate_up_proj", lambda w: w[:, part].transpose(0, 2, 1)
-    )
-    return {
-        "embed_tokens": {"embedding": jnp.asarray(sd["model.embed_tokens.weight"])},
-        "layers": {
-            "attn_norm": {"scale": stack(p + "input_layernorm.weight", lambda w: w)},
-            "mlp_norm": {"scale": stack(p + "post_attention_layernorm.weight", lambda w: w)},
-            "attn": {
-                n: {"kernel": stack(p + f"self_attn.{n}.weight")}
-                for n in ("q_proj", "k_proj", "v_proj", "o_proj")
-            },
-            "mlp": {
-                "router": {"kernel": stack(p + "mlp.gate.weight")},
-                "experts": {
-                    "gate_proj": {"kernel": gate_up(slice(0, F))},
-                    "up_proj": {"kernel": gate_up(slice(F, 2 * F))},
-                    "down_proj": {
-                        "kernel": stack(p + "mlp.experts.down_proj", lambda w: w.transpose(0, 2, 1))
-                    },
-                },
-            },
-        },
-        "norm": {"scale": jnp.asarray(sd["model.norm.weight"])},
-        "lm_head": {"kernel": jnp.asarray(sd["lm_head.weight"].T)},
-    }
 
 
 # --------------------------------------------------------------------------- dispatch
