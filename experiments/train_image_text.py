@@ -8,6 +8,7 @@ import dataclasses
 import json
 import os
 
+import flax.serialization
 import jax
 import numpy as np
 import optax
@@ -40,9 +41,8 @@ def main(_):
     names = scenes.class_names_of(builder)
     tok = scenes.WordTokenizer.for_classes(names)
     two, cap = it.tiny_configs(tok.vocab_size, width=F.width, layers=F.layers)
-    two = dataclasses.replace(two, loss=F.loss)
-    cfg = two if F.mode == "contrastive" else cap
     caption_mode = F.mode == "caption"
+    cfg = cap if caption_mode else dataclasses.replace(two, loss=F.loss)
     sched = optax.warmup_cosine_decay_schedule(0, F.lr, max(1, F.steps // 20), F.steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.05))
     max_len = 40 if not caption_mode else cfg.decoder.max_len - cfg.num_prefix
@@ -65,8 +65,7 @@ def main(_):
             t, m = scenes.encode_texts(tok, texts, 40)
             r = it.retrieval_recall(img, it.embed_texts(cfg, state.params, t, m))
             res.update({f"{tag}/{k}": v for k, v in r.items()})
-        res["zero_shot_acc"] = acc
-        res["zero_shot_images"] = len(zs)
+        res.update(zero_shot_acc=acc, zero_shot_images=len(zs))
     else:
         out = generate_with_prefix(
             cfg, state.params, it.to_unit(images), tok.bos_id, tok.eos_id, 47
@@ -79,6 +78,8 @@ def main(_):
             it.save_caption_grid(F.grid, images[:16], hyps[:16])
     res["test_scenes"] = len(rows)
     os.makedirs(F.out, exist_ok=True)
+    with open(os.path.join(F.out, f"{F.mode}_params.msgpack"), "wb") as f:
+        f.write(flax.serialization.to_bytes(jax.device_get(state.params)))
     with open(os.path.join(F.out, f"{F.mode}.json"), "w") as f:
         json.dump(res, f, indent=1)
     print(json.dumps({k: v for k, v in res.items() if k != "examples"}, indent=1))

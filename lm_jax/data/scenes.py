@@ -10,7 +10,9 @@ multi-item test scene holds at least one). Test scenes use the source's test ima
 
 Storage: the tfds builder `SceneBuilder` (array_record, uint8 `Tensor` image features: no
 TensorFlow needed), read back with grain (`scene_batches`). Captions are words from a closed
-vocabulary (`WordTokenizer`).
+vocabulary (`WordTokenizer`). The last training phrasing names the classes only ("a photo of
+a shirt and a bag"): with layout words in every caption, in-batch negatives are separable by
+layout alone and the towers learn classes slowly.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ PHRASINGS = (
     ("there is a {size} {cls} in the {pos}", "a {size} {cls} in the {pos}", " , "),
     ("a photo of a {size} {cls} at the {pos}", "a {size} {cls} at the {pos}", " with "),
     ("the {pos} shows a {size} {cls}", "the {pos} shows a {size} {cls}", " and "),
+    ("a photo of a {cls}", "a {cls}", " and "),  # classes only: no layout to match on
 )
 HELDOUT_PHRASING = 4
 TRAIN_PHRASINGS = tuple(i for i in range(len(PHRASINGS)) if i != HELDOUT_PHRASING)
@@ -328,7 +331,7 @@ def build_scenes(
     builder_cls, config_cls = _builder_cls()
     source = resolve_source(source)
     name = re.sub(r"[^a-z0-9_]", "_", f"{source}_c{spec.canvas}_{spec.small}_{spec.large}")
-    name += f"_n{num_train}_{num_test}_s{seed}"
+    name += f"_n{num_train}_{num_test}_s{seed}_p{len(PHRASINGS)}"
     cfg = config_cls(
         name=name, source=source, canvas=spec.canvas, small=spec.small, large=spec.large,
         num_train=num_train, num_test=num_test, seed=seed,
