@@ -157,7 +157,7 @@ def test_load_from_saved_folder(case, tmp_path):
 
 def test_unsupported_model_type_names_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    with pytest.raises(ConfigError, match=r"'bert'.*\['gpt2', 'llama', 'mistral'\]"):
+    with pytest.raises(ConfigError, match=r"'bert'.*\['gpt2', 'llama', 'mistral', 'mixtral'\]"):
         from_hf(tmp_path)
 
 
