@@ -178,7 +178,7 @@ def test_generate_samples_the_model_distribution(setting):
     """Pairs (x1, x2) from a 1-layer model follow p(x1 | prompt) p(x2 | prompt, x1) as filtered,
     with the distributions computed exactly from full forwards."""
     cfg = gpt2_style(vocab_size=8, d_model=16, num_heads=2, num_layers=1, max_len=16)
-    cfg = cfg.replace(initializer_range=0.5)  # peaked, token-dependent distributions
+    cfg = cfg.replace(initializer_range=0.25)  # uneven, token-dependent distributions
     params = _params(cfg, seed=5)
     prompt, n = [3, 1, 4], 6000
     model = Transformer(cfg)
@@ -195,6 +195,7 @@ def test_generate_samples_the_model_distribution(setting):
     big = flat * n >= 5  # pool rare cells into one, for chi-square validity
     cells = np.where(big[pairs], pairs, 64)
     expected = np.append(np.where(big, flat, 0.0), flat[~big].sum())
+    assert (expected > 0).sum() >= 3, "degenerate test model: too few cells for chi-square"
     assert _chisquare(cells, expected, n) > 0.001
     # sample_logprobs = log q of the drawn tokens; logprobs = log p at temperature 1.
     q = np.log(np.maximum(joint, 1e-30))
