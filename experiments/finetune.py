@@ -54,23 +54,15 @@ def main(argv):
     from lm_jax.train import finetune as ft_lib
 
     ft_lib.check_task(F.task, F.train_file)
+    lora = ft_lib.lora_config(F.lora_rank, F.lora_alpha, F.lora_targets, F.lora_dropout)
     ft = ft_lib.FinetuneConfig(
-        seq_len=F.seq_len,
-        batch_size=F.batch_size,
-        lora=ft_lib.lora_config(F.lora_rank, F.lora_alpha, F.lora_targets, F.lora_dropout),
-        bf16_base=F.bf16_base,
-        export_peft=F.export_peft,
+        F.seq_len, F.batch_size, lora=lora, bf16_base=F.bf16_base, export_peft=F.export_peft
     )
+    names = ("steps", "learning_rate", "warmup_steps", "eval_every", "save_every", "mesh", "seed")
     train_cfg = TrainConfig(
-        steps=F.steps,
-        learning_rate=F.learning_rate,
-        warmup_steps=F.warmup_steps,
+        **{k: getattr(F, k) for k in names},
         weight_decay=0.0,
-        eval_every=F.eval_every,
-        save_every=F.save_every,
         log_every=max(1, min(25, F.steps)),
-        mesh=F.mesh,
-        seed=F.seed,
         workdir=F.workdir,
     )
     report = ft_lib.run(
