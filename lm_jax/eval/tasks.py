@@ -144,8 +144,18 @@ def task_sst2_head(
     tr_x, tr_y = tr_x[:train_limit], tr_y[:train_limit]
     te_x, te_y = te_x[:limit], te_y[:limit]
     t0 = time.perf_counter()
+    # "last" pools the hidden state at the end of the zero-shot prompt ("...\nSentiment:"),
+    # where the LM has read the whole review; "mean" pools the bare review's tokens.
+    prefix, suffix = ("Review: ", "\nSentiment:") if pool == "last" else ("", "")
     feats = extract_features(
-        m.cfg, m.params, m.tokenizer, tr_x + te_x, pool=pool, batch_size=batch_size
+        m.cfg,
+        m.params,
+        m.tokenizer,
+        tr_x + te_x,
+        pool=pool,
+        batch_size=batch_size,
+        prefix=prefix,
+        suffix=suffix,
     )
     t1 = time.perf_counter()
     head = train_head(feats[: len(tr_x)], tr_y, 2, steps=steps)
