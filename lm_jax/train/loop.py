@@ -400,6 +400,8 @@ __all__ = ["Experiment", "TrainingHalted", "evaluate", "sample_text", "train"]
 def print_samples(result: dict, exp: Experiment, prompts=("\n", "ROMEO:")) -> list[str]:
     """Print samples from a finished run's state."""
     tok = result["tokenizer"]
+    if exp.train.num_samples <= 0 or exp.train.sample_tokens <= 0:
+        return []
     prompts = [p for p in prompts if _encodable(tok, p)] or ["\n"]
     texts = sample_text(
         result["model_config"],
