@@ -459,7 +459,7 @@ def finetune(
         if not ft.save:
             return
         if ft.lora is not None:
-            _, adapters = lora_lib.split_lora(jax.device_get(state.params))
+            adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
             nbytes = lora_lib.save_adapters(
                 os.path.join(workdir, "adapters"),
                 adapters,
@@ -502,7 +502,7 @@ def finetune(
         if ft.lora is not None and ft.export_peft:
             from lm_jax.convert.peft import save_peft_adapters
 
-            _, adapters = lora_lib.split_lora(jax.device_get(state.params))
+            adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
             save_peft_adapters(os.path.join(workdir, "peft"), adapters, cfg, None, base_name)
             log(f"peft adapters written to {os.path.join(workdir, 'peft')}")
         if test is not None:
