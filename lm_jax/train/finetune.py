@@ -412,7 +412,7 @@ def finetune(
     state, _ = init_train_state(cfg, tx, mesh, train_cfg.seed, params=params)
     del params
     bsh = batch_sharding(mesh, 2, ft.batch_size)
-    step_fn = jit_train_step(cfg, train_cfg, tx, shardings, bsh)
+    step_fn = jit_train_step(cfg, train_cfg, tx, shardings, bsh, trainable=trainable)
     eval_fn = jit_eval_step(cfg, train_cfg, shardings.params, bsh)
     data = SFTBatches(enc, ft, train_cfg.seed)
 

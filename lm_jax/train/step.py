@@ -66,6 +66,7 @@ def train_step(
     train_cfg: TrainConfig,
     tx: optax.GradientTransformation,
     inject_nonfinite: bool = False,
+    trainable=None,
 ) -> tuple[TrainState, dict]:
     """One optimizer step over `grad_accum` microbatches; gradients of the token-mean loss.
 
@@ -93,6 +94,9 @@ def train_step(
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
         (grads, m), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(n)))
 
+    if trainable is not None:  # frozen leaves: zero gradients, so XLA drops their computation
+        mask = trainable(state.params) if callable(trainable) else trainable
+        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, mask)
     tokens = jnp.maximum(m["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = (m["nll_sum"] + m["z_sum"]) / tokens
@@ -130,13 +134,18 @@ def eval_step(params, batch, *, model_cfg: ModelConfig, train_cfg: TrainConfig) 
     return {"nll_sum": m["nll_sum"], "tokens": m["tokens"]}
 
 
-def jit_train_step(model_cfg, train_cfg, tx, state_sh, batch_sh, inject_nonfinite=False):
+def jit_train_step(
+    model_cfg, train_cfg, tx, state_sh, batch_sh, inject_nonfinite=False, trainable=None
+):
+    """`trainable`: tree of bools or a function params -> tree (e.g. LoRA's `trainable_mask`);
+    gradients of frozen leaves are then never computed and `grad_norm` covers trainable ones."""
     fn = functools.partial(
         train_step,
         model_cfg=model_cfg,
         train_cfg=train_cfg,
         tx=tx,
         inject_nonfinite=inject_nonfinite,
+        trainable=trainable,
     )
     return jax.jit(
         fn,
