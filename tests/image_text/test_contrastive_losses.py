@@ -104,7 +104,7 @@ def test_two_tower_loss_and_grads_sharded_equal_single_device(loss):
     diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in leaves)
     print(f"{loss}: loss 1 dev {float(l1):.6f} 8 dev {float(l8):.6f}; max|grad diff| {diff:.1e}")
     np.testing.assert_allclose(l8, l1, rtol=1e-5)
-    assert diff < 1e-5
+    assert diff < 5e-5  # f32 reduction order differs across 8 shards
 
 
 @pytest.mark.parametrize("kind", ["clip", "siglip"])
