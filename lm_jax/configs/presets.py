@@ -44,14 +44,14 @@ def default() -> Preset:
     model = gpt2_style(d_model=192, num_layers=4, num_heads=6, max_len=128, scan_unroll=4)
     data = dict(tokenizer="char", seq_len=128, batch_size=32)
     train = TrainConfig(
-        steps=1500,
+        steps=800,
         learning_rate=2e-3,
-        warmup_steps=100,
+        warmup_steps=50,
         min_lr_ratio=0.1,
         beta2=0.99,
-        eval_every=500,
+        eval_every=400,
         eval_batches=40,
-        save_every=500,
+        save_every=400,
         log_every=25,
         workdir="runs/default",
     )
