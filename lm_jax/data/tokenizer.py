@@ -85,6 +85,7 @@ _KIND_MODULES = (
     "lm_jax.data.char_tokenizer",
     "lm_jax.data.sp_tokenizer",
     "lm_jax.data.hf_tokenizer",
+    "lm_jax.data.scenes",  # WordTokenizer of the image-text captions
 )
 
 

@@ -108,3 +108,20 @@ def test_vocab_larger_than_model_is_an_error():
     ByteTokenizer().check_fits(257)
     with pytest.raises(TokenizerError, match="larger than the model's vocab_size"):
         ByteTokenizer().check_fits(256)
+
+
+def test_a_saved_word_tokenizer_loads_without_importing_its_module_first(tmp_path):
+    import subprocess
+    import sys
+
+    save = (
+        "from lm_jax.data.scenes import WordTokenizer; "
+        f"WordTokenizer(['a', 'bag']).save('{tmp_path}')"
+    )
+    load = (
+        "from lm_jax.data.tokenizer import load_tokenizer; "
+        f"print(load_tokenizer('{tmp_path}').kind)"
+    )
+    subprocess.run([sys.executable, "-c", save], check=True)
+    out = subprocess.run([sys.executable, "-c", load], check=True, capture_output=True, text=True)
+    assert out.stdout.strip() == "word"
