@@ -11,6 +11,8 @@ import time
 
 from absl import app, flags
 
+from lm_jax.configs.base import ConfigError
+
 flags.DEFINE_string("checkpoint", None, "lm_jax training workdir (newest checkpoint).")
 flags.DEFINE_string(
     "hf_dir", None, "Local transformers folder (config.json, safetensors, tokenizer)."
@@ -27,23 +29,16 @@ FLAGS = flags.FLAGS
 
 
 def load():
-    sources = [n for n in ("checkpoint", "hf_dir", "gguf") if FLAGS[n].value]
-    if len(sources) > 1:
-        raise app.UsageError(f"give exactly one of --checkpoint, --hf_dir, --gguf; got {sources}")
-    if FLAGS.checkpoint:
-        from lm_jax.checkpoint import load_model
-
-        return load_model(FLAGS.checkpoint)
-    if FLAGS.hf_dir:
-        from lm_jax.convert import from_hf
-        from lm_jax.data.hf_tokenizer import HFTokenizer
-
-        cfg, params = from_hf(FLAGS.hf_dir)
-        return cfg, params, HFTokenizer.from_pretrained_dir(FLAGS.hf_dir)
-    from lm_jax.convert import from_gguf
     from lm_jax.convert.gguf import smollm2_gguf_path
+    from lm_jax.convert.sources import load_any
 
-    return from_gguf(FLAGS.gguf or smollm2_gguf_path())
+    srcs = {n: FLAGS[n].value or "" for n in ("checkpoint", "hf_dir", "gguf")}
+    if not any(srcs.values()):
+        srcs["gguf"] = smollm2_gguf_path()
+    try:
+        return load_any(**srcs)[:3]
+    except ConfigError as e:
+        raise app.UsageError(str(e)) from None
 
 
 def main(argv):

@@ -43,27 +43,13 @@ class LoadedModel:
 
 def load_model(checkpoint: str = "", hf_dir: str = "", gguf: str = "") -> LoadedModel:
     """Exactly one of: an lm_jax training workdir, a HF model folder, a GGUF file."""
-    given = [
-        (k, v) for k, v in (("checkpoint", checkpoint), ("hf_dir", hf_dir), ("gguf", gguf)) if v
-    ]
-    if len(given) != 1:
-        raise EvalError("give exactly one of --checkpoint, --hf_dir, --gguf")
-    kind, path = given[0]
-    if kind == "checkpoint":
-        from lm_jax.checkpoint import load_model as load_ckpt
+    from lm_jax.configs.base import ConfigError
+    from lm_jax.convert.sources import load_any
 
-        cfg, params, tok = load_ckpt(path)
-    elif kind == "hf_dir":
-        from lm_jax.convert import from_hf
-        from lm_jax.data.hf_tokenizer import HFTokenizer
-
-        cfg, params = from_hf(path)
-        tok = HFTokenizer.from_pretrained_dir(path)
-    else:
-        from lm_jax.convert import from_gguf
-
-        cfg, params, tok = from_gguf(path)
-    return LoadedModel(cfg, params, tok, f"{kind}:{path}")
+    try:
+        return LoadedModel(*load_any(checkpoint, hf_dir, gguf))
+    except ConfigError as e:
+        raise EvalError(str(e)) from None
 
 
 # --------------------------------------------------------------------------- data

