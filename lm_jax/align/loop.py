@@ -171,19 +171,13 @@ def load_base(path: str):
     """(ModelConfig, params, tokenizer) from an lm_jax workdir, an HF model folder or a .gguf."""
     import os  # noqa: PLC0415
 
+    from lm_jax.convert.sources import load_any  # noqa: PLC0415
+
     if path.endswith(".gguf"):
-        from lm_jax.convert import from_gguf  # noqa: PLC0415
-
-        return from_gguf(path)
+        return load_any(gguf=path)[:3]
     if os.path.isdir(os.path.join(path, "checkpoints")):
-        from lm_jax.checkpoint import load_model  # noqa: PLC0415
-
-        return load_model(path)
-    from lm_jax.convert import from_hf  # noqa: PLC0415
-    from lm_jax.data.hf_tokenizer import HFTokenizer  # noqa: PLC0415
-
-    cfg, params = from_hf(path)
-    return cfg, params, HFTokenizer.from_pretrained_dir(path)
+        return load_any(checkpoint=path)[:3]
+    return load_any(hf_dir=path)[:3]
 
 
 def plot_histories(histories: dict[str, list[dict]], floor: float, path: str) -> None:
