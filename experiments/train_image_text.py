@@ -31,6 +31,8 @@ flags.DEFINE_integer("steps", 1500, "optimizer steps")
 flags.DEFINE_integer("batch", 128, "global batch")
 flags.DEFINE_integer("width", 64, "model width of all towers")
 flags.DEFINE_integer("layers", 3, "blocks per tower")
+flags.DEFINE_integer("patch", 8, "ViT patch side in pixels (must divide the 48-pixel canvas)")
+flags.DEFINE_bool("rephrase", True, "re-caption each training scene per read in a random phrasing")
 flags.DEFINE_float("lr", 2e-3, "peak learning rate (cosine, 5% warm-up)")
 flags.DEFINE_string("out", "/tmp/lm_jax_image_text", "results JSON / caption grid folder")
 flags.DEFINE_string("grid", "", "caption grid PNG path (caption mode)")
@@ -40,13 +42,17 @@ def main(_):
     builder = scenes.build_scenes(F.data_dir, F.source, num_train=F.num_train, num_test=F.num_test)
     names = scenes.class_names_of(builder)
     tok = scenes.WordTokenizer.for_classes(names)
-    two, cap = it.tiny_configs(tok.vocab_size, width=F.width, layers=F.layers)
+    two, cap = it.tiny_configs(tok.vocab_size, width=F.width, layers=F.layers, patch=F.patch)
     caption_mode = F.mode == "caption"
     cfg = cap if caption_mode else dataclasses.replace(two, loss=F.loss)
     sched = optax.warmup_cosine_decay_schedule(0, F.lr, max(1, F.steps // 20), F.steps)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(sched, weight_decay=0.05))
     max_len = 40 if not caption_mode else cfg.decoder.max_len - cfg.num_prefix
-    batches = iter(scenes.scene_batches(builder, "train", F.batch, tok, max_len, bos=caption_mode))
+    batches = iter(
+        scenes.scene_batches(
+            builder, "train", F.batch, tok, max_len, bos=caption_mode, rephrase=F.rephrase
+        )
+    )
     state, last = it.fit(cfg, tx, batches, F.steps, make_mesh(), log_every=100)
     test = builder.as_data_source("test")
     rows = [test[i] for i in range(len(test))]

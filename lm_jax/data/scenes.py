@@ -350,17 +350,30 @@ def class_names_of(builder) -> tuple[str, ...]:
 def scene_batches(
     builder, split: str, batch_size: int, tok: WordTokenizer, max_len: int, *, seed: int = 0,
     shuffle: bool = True, repeat: bool = True, bos: bool = False, drop_remainder: bool = True,
+    rephrase: bool = False,
 ):  # fmt: skip
     """grain pipeline over the stored scenes: batches of images uint8 [B, H, W, 1], tokens /
     mask [B, max_len] (the stored caption, EOS-terminated; BOS first with bos=True), labels,
-    cells, sizes, num_items."""
+    cells, sizes, num_items.
+
+    rephrase=True (training-split augmentation) re-captions every scene, each time it is read,
+    in a training phrasing drawn at random (seeded by `seed` and the element's position in the
+    repeated stream), instead of the one phrasing stored with it."""
     import grain  # noqa: PLC0415
 
+    if rephrase and split != "train":
+        raise SceneError(
+            f"rephrase=True is a training augmentation; split {split!r} keeps its own captions."
+        )
     src = builder.as_data_source(split=split)
+    names = class_names_of(builder)
 
-    def to_example(row):
-        text = row["caption"]
-        text = text.decode() if isinstance(text, bytes) else str(text)
+    def to_example(row, rng=None):
+        if rng is not None:
+            text = layout_captions(row, names, (int(rng.choice(TRAIN_PHRASINGS)),))[0]
+        else:
+            text = row["caption"]
+            text = text.decode() if isinstance(text, bytes) else str(text)
         tokens, mask = encode_texts(tok, [text], max_len, bos=bos)
         return {
             "image": np.asarray(row["image"], np.uint8),
@@ -374,4 +387,5 @@ def scene_batches(
         ds = ds.shuffle(seed=seed)
     if repeat:
         ds = ds.repeat()
-    return ds.map(to_example).batch(batch_size, drop_remainder=drop_remainder)
+    ds = ds.random_map(to_example, seed=seed) if rephrase else ds.map(to_example)
+    return ds.batch(batch_size, drop_remainder=drop_remainder)

@@ -1,6 +1,7 @@
 """Composed scenes: held-out pairs/phrasings, captions from layouts, tfds + grain round trip."""
 
 import numpy as np
+import pytest
 
 from lm_jax.data import scenes
 from lm_jax.data.images import DIGIT_CLASSES, load_images, to_float
@@ -55,3 +56,21 @@ def test_tfds_builder_grain_round_trip(tmp_path):
     )
     x = to_float(batch["image"])
     assert x.dtype == np.float32 and -1.0 <= x.min() and x.max() <= 1.0
+
+
+def test_rephrase_recaptions_each_read_in_training_phrasings_only(tmp_path):
+    b = scenes.build_scenes(str(tmp_path), "digits", num_train=16, num_test=4)
+    tok = scenes.WordTokenizer.for_classes(scenes.class_names_of(b))
+    it = iter(scenes.scene_batches(b, "train", 16, tok, 40, shuffle=False, rephrase=True))
+    first, second = next(it), next(it)  # two epochs of the same 16 scenes, in order
+    assert (first["image"] == second["image"]).all()
+    assert (first["tokens"] != second["tokens"]).any()  # new phrasings in the 2nd epoch
+    rows = [b.as_data_source("train")[i] for i in range(16)]
+    for batch in (first, second):
+        for row, toks, mask in zip(rows, batch["tokens"], batch["mask"]):
+            text = tok.decode(toks[: mask.sum() - 1])  # drop EOS
+            assert text in scenes.layout_captions(row, DIGIT_CLASSES)  # a training phrasing
+    again = next(iter(scenes.scene_batches(b, "train", 16, tok, 40, shuffle=False, rephrase=True)))
+    assert (again["tokens"] == first["tokens"]).all()  # seeded: reproducible
+    with pytest.raises(scenes.SceneError, match="training augmentation"):
+        scenes.scene_batches(b, "test", 4, tok, 40, rephrase=True)
