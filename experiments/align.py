@@ -59,10 +59,13 @@ def main(argv):
     histories = {}
     with jax.set_mesh(mesh):
         policy, _, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
-        target = estimate_target(policy, frozen, cons, key, F.moment_samples, F.batch_size)
+        *target, ref = estimate_target(
+            policy, frozen, cons, key, F.moment_samples, F.batch_size, return_samples=True
+        )
         summary = {"target": target[1], "methods": {}}
-        kw = dict(steps=F.steps, batch_size=F.batch_size, key=key, target=target, mesh=mesh)
+        kw = dict(steps=F.steps, batch_size=F.batch_size, key=key, target=tuple(target), mesh=mesh)
         kw.update(tokenizer=tok, eval_every=F.eval_every, eval_samples=F.eval_samples)
+        kw.update(reference=ref)
         for m in methods:
             policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
             writer = MetricWriter(os.path.join(F.workdir, m))

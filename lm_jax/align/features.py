@@ -104,6 +104,66 @@ def word_feature(tokenizer, word: str) -> Feature:
     return token_sequences_feature(f"word:{word}", sorted(pats))
 
 
+def _boundary_tables(tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """(starts [V], ends [V]) bool: token v's text starts / ends with a word character
+    (alphanumeric or apostrophe). Special tokens decode to '' and count as boundaries."""
+    V = int(tokenizer.vocab_size)
+    starts, ends = np.zeros(V, bool), np.zeros(V, bool)
+    for v in range(V):
+        try:
+            s = tokenizer.decode([v])
+        except Exception:  # noqa: BLE001 - ids a tokenizer cannot decode are boundaries
+            continue
+        if s:
+            starts[v] = s[0].isalnum() or s[0] == "'"
+            ends[v] = s[-1].isalnum() or s[-1] == "'"
+    return starts, ends
+
+
+def wholeword_feature(tokenizer, word: str) -> Feature:
+    """Presence of `word` as a whole word (what `\\bword\\b` means on the text) in jnp: a token
+    match of `word_feature` whose neighbours are not word characters: the token before
+    (if generated) must not end with a letter/digit when the word starts with one, and the token
+    after must not start with one ("love" matches "my love," but not "lovely" or "glove")."""
+    word_feature(tokenizer, word)  # validates: empty or unencodable word -> FeatureError
+    starts, ends = _boundary_tables(tokenizer)
+    pats = []
+    for prefix in ("", " ", "\n"):  # the same tokenisations word_feature matches
+        try:
+            ids = [int(i) for i in tokenizer.encode(prefix + word)]
+            pre = [int(i) for i in tokenizer.encode(prefix)] if prefix else []
+        except Exception:  # noqa: BLE001
+            continue
+        if pre and ids[: len(pre)] == pre:
+            ids = ids[len(pre) :]
+        if ids and tuple(ids) not in pats:
+            pats.append(tuple(ids))
+    starts_j, ends_j = jnp.asarray(starts), jnp.asarray(ends)
+
+    def one(tokens, mask, pat):
+        m, T = len(pat), tokens.shape[1]
+        if m > T:
+            return jnp.zeros(tokens.shape[:1], jnp.float32)
+        n = T - m + 1
+        hit = jnp.ones((tokens.shape[0], n), bool)  # [B, n] match starting at j
+        for j, t in enumerate(pat):
+            hit = hit & (tokens[:, j : j + n] == t) & (mask[:, j : j + n] > 0)
+        live = mask > 0  # [B, T]
+        if starts[pat[0]]:  # the token before must not end inside a word
+            prev_word = ends_j[tokens[:, : n - 1]] & live[:, : n - 1]  # [B, n-1]
+            prev_word = jnp.pad(prev_word, ((0, 0), (1, 0)))  # position 0: nothing before
+            hit = hit & ~prev_word
+        if ends[pat[-1]]:  # the token after must not start a word character
+            nxt = starts_j[tokens[:, m:]] & live[:, m:]  # [B, n-1]
+            hit = hit & ~jnp.pad(nxt, ((0, 0), (0, 1)))  # last start: nothing after
+        return jnp.any(hit, axis=1).astype(jnp.float32)
+
+    def fn(tokens, mask):
+        return jnp.max(jnp.stack([one(tokens, mask, p) for p in pats]), axis=0)
+
+    return Feature(f"wholeword:{word}", fn, binary=True)
+
+
 def regex_feature(tokenizer, pattern: str) -> Feature:
     """re.search(pattern, decode(tokens[mask])) on the host (jax.pure_callback)."""
     try:
@@ -137,7 +197,8 @@ def score_feature(name: str, score_fn: FeatureFn, binary: bool = False) -> Featu
 
 
 def parse_constraint(spec: str, tokenizer) -> Constraint:
-    """'word:amazing' (pointwise), 'word:she=0.5' / 'regex:\\bshe\\b=0.5' (moment target)."""
+    """'word:amazing' (token subsequence, pointwise), 'wholeword:love' (whole word, in jnp),
+    'word:she=0.5' / 'regex:\\bshe\\b=0.5' (moment target)."""
     kind, sep, rest = spec.partition(":")
     if not sep or not rest:
         raise FeatureError(
@@ -154,10 +215,14 @@ def parse_constraint(spec: str, tokenizer) -> Constraint:
             rest = body
     if kind == "word":
         feat = word_feature(tokenizer, rest)
+    elif kind == "wholeword":
+        feat = wholeword_feature(tokenizer, rest)
     elif kind == "regex":
         feat = regex_feature(tokenizer, rest)
     else:
-        raise FeatureError(f"unknown constraint kind {kind!r} in {spec!r}: use word: or regex:")
+        raise FeatureError(
+            f"unknown constraint kind {kind!r} in {spec!r}: use word:, wholeword: or regex:"
+        )
     return Constraint(feat, target)
 
 

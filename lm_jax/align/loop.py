@@ -31,8 +31,12 @@ def sample_many(sample_fn: Callable[[jax.Array, int], Samples], key, n: int, bat
     return jax.tree.map(lambda *x: np.concatenate(x)[:n], *outs)
 
 
-def estimate_target(policy, frozen, constraints, key, n: int, batch: int, score=None):
-    """(EBM with fitted lambda, info): SNIS moment matching and log Z^ on n samples of a."""
+def estimate_target(
+    policy, frozen, constraints, key, n: int, batch: int, score=None, return_samples=False
+):
+    """(EBM with fitted lambda, info): SNIS moment matching and log Z^ on n samples of a.
+    With `return_samples`, also the base samples as a `reference` for `train` (dict of
+    tokens, mask, log_a, phi)."""
     check_targets(constraints)
     score = scorer(policy, constraints) if score is None else score
     s = sample_many(lambda k, b: policy.sample_base(frozen, k, b), key, n, batch)
@@ -50,7 +54,22 @@ def estimate_target(policy, frozen, constraints, key, n: int, batch: int, score=
         "fit_iterations": fit["iterations"],
         "samples": n,
     }
+    if return_samples:
+        ref = {"tokens": s.tokens, "mask": s.mask, "log_a": np.asarray(log_a), "phi": phi}
+        return ebm, info, ref
     return ebm, info
+
+
+def reference_metrics(ebm: EBM, ref: dict, log_pi) -> dict:
+    """KL(p||pi)^ and TVD(p, pi)^ with the base samples as the proposal (q = a). Unlike the
+    on-policy estimates, these stay meaningful when pi has collapsed onto part of p's support
+    (for a pointwise constraint the base samples with phi = 1 are exact samples of p)."""
+    log_a = np.asarray(ref["log_a"])
+    log_p = ebm.log_score(log_a, ref["phi"])
+    return {
+        "eval/kl_p_pi": float(est.kl_p_pi(log_p, log_a, log_pi)),
+        "eval/tvd_p_pi": float(est.tvd_p_pi(log_p, log_a, log_pi)),
+    }
 
 
 def diversity(texts: Sequence[str], self_bleu_n: int = 64) -> dict:
@@ -90,9 +109,12 @@ def train(
     tokenizer=None,
     eval_every: int = 0,
     eval_samples: int = 256,
+    reference: dict | None = None,
     log: Callable[[str], None] = print,
 ):
-    """Align `trainable` towards the EBM of `constraints`; returns (state, history rows)."""
+    """Align `trainable` towards the EBM of `constraints`; returns (state, history rows).
+    `reference` (base samples from `estimate_target(..., return_samples=True)`) adds KL(p||pi)
+    and TVD(p, pi) estimated on them to every evaluation."""
     score = scorer(policy, constraints)
     k_target, k_train, k_eval = jax.random.split(key, 3)
     if target is None:
@@ -104,6 +126,7 @@ def train(
     state = init_state(trainable, tx, tcfg, log_z=info["log_z"], z_count=info["samples"])
     step = jit_align_step(tcfg, tx, policy.logprob_fn, mesh)
     history = []
+    ref_logprob = jax.jit(policy.logprob_fn)
 
     def evaluate(i):
         s = sample_many(
@@ -117,6 +140,22 @@ def train(
             "eval/kl_pi_a": float(est.kl_pi_a(s.log_q, log_a)),
             "eval/phi_pi": np.asarray(phi.mean(0)).tolist(),
         }
+        if reference is not None:
+            n = len(reference["log_a"])
+            log_pi = np.concatenate(
+                [
+                    np.asarray(
+                        ref_logprob(
+                            state.params,
+                            frozen,
+                            reference["tokens"][j : j + batch_size],
+                            reference["mask"][j : j + batch_size],
+                        )
+                    )
+                    for j in range(0, n, batch_size)
+                ]
+            )
+            row.update(reference_metrics(ebm, reference, log_pi))
         if tokenizer is not None:
             row.update({f"eval/{k}": v for k, v in diversity(decode_samples(tokenizer, s)).items()})
         return row
@@ -159,6 +198,7 @@ def train(
                             "kl_p_pi",
                             "eval/kl_pi_a",
                             "eval/phi_pi",
+                            "eval/kl_p_pi",
                             "eval/distinct_2",
                         )
                     ]
