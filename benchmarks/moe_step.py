@@ -5,7 +5,8 @@
 Dense: SwiGLU MLP with F = top_k * F_expert. MoE: E experts of F_expert, top-k token choice, so
 the active expert FLOPs per token equal the dense MLP's (the router adds D * E). Both run the
 full train step (`jit_train_step`: forward, backward, AdamW) on one device; variants alternate
-order per round and the median step time is reported with the ratio to dense.
+order per round and the median step time is reported with tokens/s and the ratio to dense.
+Dropless runs with both grouped matmuls (`MoEConfig.grouped_matmul`: ragged_dot, block_padded).
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ def make_cfg(variant: str):
     kw.update(scan_unroll=L)
     if variant == "dense":
         return llama_style(mlp_dim=FLAGS.top_k * F_EXPERT, **kw)
-    moe = MoEConfig(num_experts=FLAGS.experts, top_k=FLAGS.top_k, dispatch=variant)
+    dispatch, _, gmm = variant.partition(":")  # e.g. dropless:block_padded
+    moe = MoEConfig(
+        num_experts=FLAGS.experts,
+        top_k=FLAGS.top_k,
+        dispatch=dispatch,
+        grouped_matmul=gmm or "auto",
+    )
     return llama_style(mlp_dim=F_EXPERT, moe=moe, **kw)
 
 
@@ -72,7 +79,7 @@ def runner(variant: str):
 
 
 def main(_):
-    variants = ["dense", "dropless", "capacity"]
+    variants = ["dense", "dropless:ragged_dot", "dropless:block_padded", "capacity"]
     runs = {v: runner(v) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(FLAGS.rounds):
@@ -82,7 +89,10 @@ def main(_):
     dense = median(times["dense"])
     for v in variants:
         t = median(times[v])
-        print(f"{v:9s} step {t * 1e3:8.1f} ms  ratio to dense {t / dense:5.2f}x")
+        tok_s = FLAGS.batch * FLAGS.seq / t
+        print(
+            f"{v:22s} step {t * 1e3:8.1f} ms  {tok_s:8.0f} tokens/s  ratio to dense {t / dense:5.2f}x"
+        )
 
 
 if __name__ == "__main__":

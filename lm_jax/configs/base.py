@@ -43,6 +43,11 @@ class MoEConfig:
     router: Literal["softmax_topk", "topk_softmax", "expert_choice"] = "softmax_topk"
     renormalize: bool = True  # softmax_topk: top-k weights sum to 1 (Mixtral); False = Switch
     dispatch: Literal["dropless", "capacity"] = "dropless"
+    # dropless grouped matmul: ragged_dot (a grouped GEMM on GPU/TPU; a dense loop on XLA:CPU),
+    # block_padded (groups padded to `grouped_matmul_block` rows, one batched matmul), or auto
+    # (block_padded on CPU, ragged_dot elsewhere). Both are exact; see `lm_jax.nn.moe`.
+    grouped_matmul: Literal["auto", "ragged_dot", "block_padded"] = "auto"
+    grouped_matmul_block: int = 64
     capacity_factor_train: float = 1.25  # capacity = factor * tokens * top_k / E
     capacity_factor_eval: float = 2.0
     num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active
@@ -70,6 +75,15 @@ class MoEConfig:
         _check(
             self.dispatch in ("dropless", "capacity"),
             f"moe.dispatch must be 'dropless' or 'capacity', got {self.dispatch!r}.",
+        )
+        _check(
+            self.grouped_matmul in ("auto", "ragged_dot", "block_padded"),
+            "moe.grouped_matmul must be 'auto', 'ragged_dot' or 'block_padded', got "
+            f"{self.grouped_matmul!r}.",
+        )
+        _check(
+            self.grouped_matmul_block >= 1,
+            f"moe.grouped_matmul_block must be >= 1, got {self.grouped_matmul_block}.",
         )
         _check(
             self.router != "expert_choice" or self.dispatch == "capacity",

@@ -105,21 +105,79 @@ def expert_ffn(x, kernels: dict, act, group_sizes=None):
     return mm(h, kernels["down"])
 
 
-def sorted_ffn(x, ids, num_experts: int, kernels: dict, act):
+def grouped_matmul_impl(impl: str) -> str:
+    """Resolve MoEConfig.grouped_matmul: auto -> block_padded on CPU, ragged_dot elsewhere."""
+    if impl == "auto":
+        return "block_padded" if jax.default_backend() == "cpu" else "ragged_dot"
+    return impl
+
+
+def block_layout(ids, num_experts: int, block: int):
+    """Block-padded layout of rows with expert ids [M] (id == num_experts: skip).
+
+    Each expert's rows are placed contiguously (in row order) from a block-aligned start, its
+    group padded up to a multiple of `block` rows. The buffer holds the worst case, M + E *
+    (block - 1) rows rounded up to whole blocks, so nothing is ever dropped and shapes are static.
+    Returns (dest [M]: row in the buffer, R for skipped rows; block_expert [NB]; R = NB * block).
+    """
+    M, E = ids.shape[0], num_experts
+    NB = -(-(M + E * (block - 1)) // block)
+    R = NB * block
+    sizes = jnp.bincount(ids, length=E).astype(jnp.int32)  # [E]
+    padded = (sizes + block - 1) // block * block  # [E]
+    pend = jnp.cumsum(padded)  # [E] padded group ends
+    pstart, gstart = pend - padded, jnp.cumsum(sizes) - sizes  # [E], [E]
+    order = jnp.argsort(ids, stable=True)  # [M]
+    rank = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))  # [M]
+    e = jnp.minimum(ids, E - 1)  # [M]
+    dest = jnp.where(ids < E, pstart[e] + rank - gstart[e], R)  # [M]
+    starts = jnp.arange(NB, dtype=jnp.int32) * block  # [NB]
+    block_expert = jnp.minimum(jnp.searchsorted(pend, starts, side="right"), E - 1)  # [NB]
+    return dest, block_expert.astype(jnp.int32), R
+
+
+def block_padded_ffn(x, ids, num_experts: int, kernels: dict, act, block: int = 64):
+    """Dropless grouped matmul as one batched matmul (fast on XLA:CPU, where `ragged_dot` is a
+    dense loop over experts). x [M, D] rows with expert ids [M] (id == E: skip, output 0) -> [M, D].
+
+    Rows go to `block_layout`'s buffer [NB, bs, D]; each block is multiplied by its expert's
+    kernel gathered per block [NB, D, F]; rows are read back. Padding rows are zeros and their
+    outputs are never read, so the result equals `ragged_dot`'s. The block size is `block`, or
+    the next power of two >= M / E when that is smaller (little padding for short inputs).
+    """
+    M, D = x.shape
+    bs = max(1, min(block, 1 << max(0, math.ceil(math.log2(max(1, -(-M // num_experts)))))))
+    dest, block_expert, R = block_layout(ids, num_experts, bs)
+    xb = jnp.zeros((R, D), x.dtype).at[dest].set(x, mode="drop").reshape(R // bs, bs, D)
+
+    def mm(a, w):
+        return jnp.einsum("nbd,ndf->nbf", a, w.astype(a.dtype)[block_expert])  # [NB, bs, F]
+
+    h = mm(xb, kernels["up"])
+    h = act(mm(xb, kernels["gate"])) * h if "gate" in kernels else act(h)
+    yb = mm(h, kernels["down"]).reshape(R, D)  # [R, D]
+    return yb.at[dest].get(mode="fill", fill_value=0)  # [M, D]
+
+
+def sorted_ffn(x, ids, num_experts: int, kernels: dict, act, impl="ragged_dot", block=64):
     """Dropless: x [M, D] rows with expert ids [M] (id == num_experts: skip, output 0) -> [M, D].
 
-    Rows are sorted by expert, run through one grouped matmul per projection, and unsorted.
+    ragged_dot: rows are sorted by expert, run through one grouped matmul per projection, and
+    unsorted. block_padded: `block_padded_ffn`.
     """
+    if grouped_matmul_impl(impl) == "block_padded":
+        return block_padded_ffn(x, ids, num_experts, kernels, act, block)
     order = jnp.argsort(ids, stable=True)  # [M]
     group_sizes = jnp.bincount(ids, length=num_experts).astype(jnp.int32)  # [E]
     y = expert_ffn(x[order], kernels, act, group_sizes)  # [M, D] in expert order
     return jnp.zeros_like(y).at[order].set(y)  # [M, D]
 
 
-def dropless_ffn(x, ids, weights, kernels: dict, act, num_experts: int):
-    """x [N, D], ids/weights [N, K] -> sum_k weights * expert_ids(x) [N, D]."""
+def dropless_ffn(x, ids, weights, kernels: dict, act, num_experts: int, **gmm):
+    """x [N, D], ids/weights [N, K] -> sum_k weights * expert_ids(x) [N, D]. `gmm`: impl, block
+    of `sorted_ffn`."""
     N, K = ids.shape
-    y = sorted_ffn(jnp.repeat(x, K, axis=0), ids.reshape(-1), num_experts, kernels, act)
+    y = sorted_ffn(jnp.repeat(x, K, axis=0), ids.reshape(-1), num_experts, kernels, act, **gmm)
     return jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y.reshape(N, K, -1))  # [N, D]
 
 
@@ -230,7 +288,7 @@ def ep_capacity_ffn(x, dispatch, combine, kernels: dict, act, mesh):
     )(x, dispatch, combine, kernels)
 
 
-def ep_dropless_ffn(x, ids, weights, kernels: dict, act, mesh):
+def ep_dropless_ffn(x, ids, weights, kernels: dict, act, mesh, **gmm):
     """Dropless with experts sharded over `expert`. x [B, T, D], ids/weights [B, T, K].
 
     Exchanged case: each shard sorts its token copies by expert and sends shard j the rows for
@@ -260,7 +318,8 @@ def ep_dropless_ffn(x, ids, weights, kernels: dict, act, mesh):
             send_ids = jnp.full((ep * A,), E_loc, jnp.int32).at[slot].set(sid % E_loc)
             recv = jax.lax.all_to_all(send.reshape(ep, A, D), "expert", 0, 0)  # [ep, A, D]
             recv_ids = jax.lax.all_to_all(send_ids.reshape(ep, A), "expert", 0, 0)  # [ep, A]
-            out = sorted_ffn(recv.reshape(ep * A, D), recv_ids.reshape(-1), E_loc, kernels, act)
+            recv, recv_ids = recv.reshape(ep * A, D), recv_ids.reshape(-1)  # [ep*A, D], [ep*A]
+            out = sorted_ffn(recv, recv_ids, E_loc, kernels, act, **gmm)  # [ep*A, D]
             back = jax.lax.all_to_all(out.reshape(ep, A, D), "expert", 0, 0).reshape(ep * A, D)
             y = jnp.zeros((A, D), back.dtype).at[order].set(back[slot])  # [A, D] token order
             y = jnp.einsum("nk,nkd->nd", wf.astype(y.dtype), y.reshape(B * T, K, D))
@@ -268,7 +327,7 @@ def ep_dropless_ffn(x, ids, weights, kernels: dict, act, mesh):
             e0 = jax.lax.axis_index("expert") * E_loc
             local = (idf >= e0) & (idf < e0 + E_loc)
             lid = jnp.where(local, idf - e0, E_loc).reshape(B * T, K)  # E_loc = not here
-            y = dropless_ffn(xf, lid, wf, kernels, act, E_loc)  # [N, D]
+            y = dropless_ffn(xf, lid, wf, kernels, act, E_loc, **gmm)  # [N, D]
         y = y.reshape(B, T, D)
         axes = (() if exchange else ("expert",)) + ((t,) if t else ())
         return jax.lax.psum(y, axes) if axes else y
@@ -334,7 +393,8 @@ class MoE(nn.Module):
     1. router logits [B, T, E] = x @ router/kernel in float32 (x jittered by U(1-eps, 1+eps)
        in training when `jitter_noise` > 0, from the 'dropout' stream);
     2. routing: top-k token choice (softmax_topk, Mixtral; topk_softmax) or expert choice;
-    3. dispatch: dropless (copies sorted by expert, grouped matmul `ragged_dot`) or capacity
+    3. dispatch: dropless (copies sorted by expert, grouped matmul: `ragged_dot`, or
+       `block_padded_ffn` on CPU, per `grouped_matmul`) or capacity
        (GShard [G, S, E, C] dispatch/combine; train/eval capacity factors; 1st choices before
        2nd choices, then by position); expert choice always uses its fixed capacity;
     4. experts: SwiGLU or GELU MLPs with stacked kernels; sharded over the `expert` mesh axis
@@ -397,11 +457,12 @@ class MoE(nn.Module):
             weights, ids = token_choice(logits, K, m.router, m.renormalize)  # [B, T, K]
             load = jnp.bincount(ids.reshape(-1), length=E) / ids.size  # [E]
             dropped = jnp.zeros((), jnp.float32)
+            gmm = {"impl": grouped_matmul_impl(m.grouped_matmul), "block": m.grouped_matmul_block}
             if mesh is None:
                 flat = (xc.reshape(B * T, D), ids.reshape(B * T, K), weights.reshape(B * T, K))
-                y = dropless_ffn(*flat, kernels, act, E).reshape(B, T, D)
+                y = dropless_ffn(*flat, kernels, act, E, **gmm).reshape(B, T, D)
             else:
-                y = ep_dropless_ffn(xc, ids, weights, kernels, act, mesh)
+                y = ep_dropless_ffn(xc, ids, weights, kernels, act, mesh, **gmm)
         if m.num_shared_experts:
             y = y + MLP(cfg, F * m.num_shared_experts, name="shared_experts")(x)
         nan_token = jnp.isnan(logits).any(axis=-1, keepdims=True)  # [B, T, 1]

@@ -10,14 +10,17 @@ import pytest
 from lm_jax.configs import ConfigError, MoEConfig, llama_style
 from lm_jax.convert import from_hf
 from lm_jax.nn import Transformer, init_cache
-from lm_jax.nn.mlp import MLP
+from lm_jax.nn.mlp import ACTIVATIONS, MLP
 from lm_jax.nn.moe import (
     MoE,
+    block_layout,
     capacity,
     capacity_masks,
     check_moe_mesh,
     expert_choice_masks,
+    grouped_matmul_impl,
     load_balance_loss,
+    sorted_ffn,
     token_choice,
 )
 from lm_jax.sharding import make_mesh
@@ -103,6 +106,71 @@ def test_capacity_without_drops_equals_dropless(router):
     y_cap, aux = _apply(cap_cfg, params, x)
     assert float(aux["aux"]["moe_metrics"][0]["dropped_fraction"]) == 0.0
     assert _max_diff(y_cap, y_drop) <= 1e-5
+
+
+def test_auto_grouped_matmul_is_block_padded_on_cpu():
+    assert jax.default_backend() == "cpu"
+    assert grouped_matmul_impl("auto") == "block_padded"
+    assert grouped_matmul_impl("ragged_dot") == "ragged_dot"
+
+
+def test_block_layout_pads_each_expert_to_whole_blocks():
+    # experts 0..3, block 4: sizes [5, 0, 2, 1] -> padded [8, 0, 4, 4]; id 4 = skip
+    ids = jnp.array([2, 0, 0, 4, 3, 0, 0, 2, 0])
+    dest, block_expert, R = block_layout(ids, 4, 4)
+    assert R == 4 * -(-(9 + 4 * 3) // 4)  # worst case M + E * (block - 1), whole blocks
+    assert dest.tolist() == [8, 0, 1, R, 12, 2, 3, 9, 4]  # each group in row order; skip -> R
+    assert block_expert.tolist()[:4] == [0, 0, 2, 3]  # blocks past the last group: unused
+
+
+@pytest.mark.parametrize("block", [1, 4, 64])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_block_padded_equals_ragged_dot(block, activation):
+    """Forward and gradients, skewed routing (one expert gets a third of the rows, one none)
+    and skipped rows (id == E, as the expert-parallel path sends)."""
+    M, E, D, F = 61, 8, 16, 24
+    k = jax.random.split(jax.random.key(block), 5)
+    x = jax.random.normal(k[0], (M, D))
+    ids = jax.random.randint(k[1], (M,), 0, E + 1)  # E = skip
+    ids = jnp.where(ids == 5, 6, ids).at[: M // 3].set(1)  # expert 5 empty, expert 1 heavy
+    names = ("gate", "up", "down") if activation == "silu" else ("up", "down")
+    kernels = {
+        n: jax.random.normal(kk, (E, F, D) if n == "down" else (E, D, F)) / 4
+        for n, kk in zip(names, k[2:])
+    }
+    act = ACTIVATIONS[activation]
+
+    def loss(impl):
+        def f(x, kernels):
+            y = sorted_ffn(x, ids, E, kernels, act, impl=impl, block=block)
+            return jnp.sum(y * jnp.cos(x)), y
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, kernels)
+
+    (l1, y1), g1 = loss("ragged_dot")
+    (l2, y2), g2 = loss("block_padded")
+    assert float(jnp.abs(y1).max()) > 0.5
+    assert bool((y2[ids == E] == 0).all())
+    assert _max_diff(y1, y2) <= 1e-5
+    assert _max_diff(g1, g2) <= 1e-5
+
+
+def test_moe_block_padded_equals_ragged_dot_with_grads():
+    cfg_r = _cfg(grouped_matmul="ragged_dot")
+    cfg_b = _cfg(grouped_matmul="block_padded", grouped_matmul_block=4)
+    params, x = _init(cfg_r)
+
+    def loss(cfg):
+        def f(p, x):
+            y, aux = _apply(cfg, p, x)
+            return jnp.sum(y * jnp.cos(x)) + aux["aux"]["moe_loss"][0], y
+
+        return jax.value_and_grad(f, argnums=(0, 1), has_aux=True)(params, x)
+
+    (l1, y1), g1 = loss(cfg_r)
+    (l2, y2), g2 = loss(cfg_b)
+    assert _max_diff(y1, y2) <= 1e-5
+    assert _max_diff(g1, g2) <= 1e-5
 
 
 def test_capacity_drop_counts_hand_computed():
@@ -224,6 +292,10 @@ def test_bad_configs_raise_before_compiling():
         MoEConfig(router="expert_choice")
     with pytest.raises(ConfigError, match="every"):
         llama_style(num_layers=3, moe=MoEConfig(every=2))
+    with pytest.raises(ConfigError, match="grouped_matmul"):
+        MoEConfig(grouped_matmul="cutlass")
+    with pytest.raises(ConfigError, match="grouped_matmul_block"):
+        MoEConfig(grouped_matmul_block=0)
     cfg = llama_style(d_model=16, num_layers=2, moe=MoEConfig(num_experts=6))
     mesh = make_mesh("expert:4,data:2")
     with pytest.raises(ConfigError, match="divisible by the mesh's expert axis"):
@@ -238,10 +310,13 @@ def test_bad_configs_raise_before_compiling():
 # --------------------------------------------------------------------------- expert parallelism
 
 
-@pytest.mark.parametrize("dispatch", ["dropless", "capacity"])
+@pytest.mark.parametrize("dispatch", ["dropless:ragged_dot", "dropless:block_padded", "capacity"])
 @pytest.mark.parametrize("spec", ["expert:4,data:2", "expert:8", "expert:2,fsdp:2,tensor:2"])
 def test_expert_parallel_equals_single_device(spec, dispatch):
-    cfg = _cfg(dispatch=dispatch, capacity_factor_eval=1.0)  # capacity: some tokens dropped
+    dispatch, _, gmm = dispatch.partition(":")
+    cfg = _cfg(  # capacity: some tokens dropped
+        dispatch=dispatch, capacity_factor_eval=1.0, grouped_matmul=gmm or "auto"
+    )
     params, x = _init(cfg, shape=(8, 6))
 
     def loss(p, x):

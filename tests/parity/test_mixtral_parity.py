@@ -2,6 +2,7 @@
 <= 1e-4); export round trip is bitwise and loads in transformers with equal logits; saved folders
 (per-expert layout) load; unrepresentable MoE configs and bad checkpoints fail clearly."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -77,7 +78,8 @@ def case(request):
     return request.param, model, tokens, _hf_logits(model, tokens)
 
 
-def test_logits_match_hf(case):
+@pytest.mark.parametrize("grouped_matmul", ["ragged_dot", "block_padded"])
+def test_logits_match_hf(case, grouped_matmul):
     name, model, tokens, ref = case
     cfg, params = from_hf(model)
     assert cfg.moe == MoEConfig(
@@ -98,9 +100,12 @@ def test_logits_match_hf(case):
     assert params["layers"]["mlp"]["router"]["kernel"].shape == (2, 32, 4)  # [L, D, E]
     assert experts["gate_proj"]["kernel"].shape == (2, 4, 32, 48)  # [L, E, D, F]
     assert experts["down_proj"]["kernel"].shape == (2, 4, 48, 32)  # [L, E, F, D]
+    cfg = cfg.replace(moe=dataclasses.replace(cfg.moe, grouped_matmul=grouped_matmul))
     out = _ours(cfg, params, tokens)
     diff = float(np.max(np.abs(out - ref)))
-    print(f"mixtral {name}: max |logit diff| {diff:.2e} (max |logit| {np.max(np.abs(ref)):.2f})")
+    print(
+        f"mixtral {name} {grouped_matmul}: max |logit diff| {diff:.2e} (max |logit| {np.max(np.abs(ref)):.2f})"
+    )
     assert np.max(np.abs(ref)) > 1.0  # not a vacuous comparison of near-zero logits
     assert diff <= TOL, diff
 
