@@ -22,6 +22,9 @@ flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-
 flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host runs).")
 flags.DEFINE_integer("process_id", None, "This process's index (multi-host runs).")
 flags.DEFINE_integer("debug_nonfinite_step", -1, "Fault injection: NaN loss at this step.")
+flags.DEFINE_integer(
+    "debug_nonfinite_count", 1, "Fault injection: this many bad steps from debug_nonfinite_step."
+)
 
 
 def _define():
@@ -54,6 +57,7 @@ def main(argv):
         train=apply_config_flags("train", train_cfg),
         vocab_from_tokenizer=not F["model.vocab_size"].present,
         debug_nonfinite_step=F.debug_nonfinite_step,
+        debug_nonfinite_count=F.debug_nonfinite_count,
     )
     if F.eval_only:
         print(evaluate_checkpoint(exp))

@@ -8,12 +8,12 @@ saved once in `workdir/tokenizer/` (it never changes during a run).
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import json
 import logging
 import os
 import shutil
-import time
 from typing import Any
 
 import jax
@@ -30,6 +30,15 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be restored; the message says which and what to do."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint was saved for a different model (a leaf's shape or presence differs):
+    no older step can help, so restore_latest raises it at once."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """A save failed (disk full, no permission); earlier checkpoints are untouched."""
+
+
 def _jsonable(cfg) -> dict:
     return dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else dict(cfg)
 
@@ -38,9 +47,15 @@ class Checkpointer:
     """Periodic (async) saves with max_to_keep, and resume from the newest restorable step."""
 
     def __init__(self, workdir: str, keep: int = 2, async_save: bool = True, read_only=False):
+        from lm_jax import faults
+
+        self._faults = faults.install()
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         if not read_only:
+            check_writable(self.directory)
             sweep_incomplete(self.directory)
+        self._pending: int | None = None  # step of a save that may still be in flight
+        self._save_error: BaseException | None = None
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             enable_async_checkpointing=async_save,
@@ -49,6 +64,17 @@ class Checkpointer:
             create=not read_only,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+        # Orbax logs a failed async write and goes on (orbax #605); keep the error to raise it.
+        orig_check = self.manager.check_for_errors
+
+        def check_for_errors():
+            try:
+                orig_check()
+            except BaseException as e:
+                self._save_error = e
+                raise
+
+        self.manager.check_for_errors = check_for_errors
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -60,8 +86,12 @@ class Checkpointer:
         train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
         if not force and not self.manager.should_save(step):
             return False
-        manifest = {"params": leaf_hashes(state.params), "train": leaf_hashes(train)}
-        return self.manager.save(
+        self.wait()  # raises if the previous (async) save failed, before anything is pruned
+        manifest = {
+            "params": leaf_hashes(state.params, check_finite=f"step {step} params"),
+            "train": leaf_hashes(train, check_finite=f"step {step} optimizer state"),
+        }
+        saved = self.manager.save(
             step,
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(state.params),
@@ -72,9 +102,38 @@ class Checkpointer:
             ),
             force=force,
         )
+        if saved:
+            self._pending = step
+            if self._faults:
+                from lm_jax.faults import mark
+
+                mark("save_begin", step)
+        return saved
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Block until the in-flight save is committed; CheckpointWriteError if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - reported below with the step
+            self._save_error = self._save_error or e
+        step, self._pending = self._pending, None
+        if step is None and self._save_error is None:
+            return
+        committed = step is None or os.path.isfile(
+            os.path.join(self.directory, str(step), "_CHECKPOINT_METADATA")
+        )
+        if committed and self._save_error is None:
+            return
+        e, self._save_error = self._save_error, None
+        cause = f"{type(e).__name__}: {e}" if e is not None else "the step folder is missing"
+        full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise CheckpointWriteError(
+            f"saving checkpoint step {step} in {self.directory} failed"
+            + (" - disk full (no space left on device)" if full else "")
+            + f" ({cause}). Earlier checkpoints are intact; "
+            + ("free disk space" if full else "fix the cause")
+            + " and rerun the same command to resume from the newest one."
+        ) from e
 
     def close(self) -> None:
         self.manager.close()
@@ -86,6 +145,7 @@ class Checkpointer:
             abstract_state,
             shardings,
         )
+        check_shapes(step, abstract_state, self.directory)
         train_target = {
             "opt_state": target.opt_state,
             "step": target.step,
@@ -117,6 +177,8 @@ class Checkpointer:
         for step in reversed(self.all_steps()):
             try:
                 return step, *self.restore(step, abstract_state, shardings)
+            except CheckpointMismatch:
+                raise
             except Exception as e:  # noqa: BLE001 - any failure means: try an older step
                 logging.warning(
                     "checkpoint step %d in %s cannot be restored (%s: %s); trying an older one",
@@ -136,13 +198,79 @@ class Checkpointer:
         return None
 
 
-def leaf_hashes(tree) -> dict[str, str] | None:
-    """sha256 of every leaf's bytes, by path (None on multi-process runs: not addressable)."""
+def check_writable(directory: str) -> None:
+    """CheckpointError unless `directory` can be created and written to (read-only mounts too)."""
+    try:
+        os.makedirs(directory, exist_ok=True)
+        probe = os.path.join(directory, f".write_probe.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(
+            f"checkpoint folder {directory} is not writable ({e.strerror or e}); make it "
+            "writable or choose another --train.workdir"
+        ) from None
+
+
+def check_shapes(step: int, abstract_state, directory: str) -> None:
+    """CheckpointMismatch naming the first leaf whose saved shape differs from the model's."""
+    try:
+        from etils import epath
+
+        meta = ocp.StandardCheckpointHandler().metadata(
+            epath.Path(directory) / str(step) / "params"
+        )
+        saved = {
+            jax.tree_util.keystr(p): tuple(m.shape)
+            for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]
+        }
+    except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself reports it
+        return
+    if not saved:
+        return
+    want = {
+        jax.tree_util.keystr(p): tuple(a.shape)
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+    }
+    fix = (
+        "resume with the model config the checkpoint was saved with (see its meta item), "
+        "or start a new --train.workdir"
+    )
+    for k, shape in want.items():
+        if k not in saved:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {directory} has no parameter params{k} "
+                f"(the model now has one of shape {shape}); {fix}"
+            )
+        if saved[k] != shape:
+            raise CheckpointMismatch(
+                f"checkpoint step {step} in {directory}: parameter params{k} has shape "
+                f"{saved[k]} but the model config gives {shape}; {fix}"
+            )
+    extra = sorted(set(saved) - set(want))
+    if extra:
+        raise CheckpointMismatch(
+            f"checkpoint step {step} in {directory} has parameter params{extra[0]} that the "
+            f"model does not have; {fix}"
+        )
+
+
+def leaf_hashes(tree, check_finite: str | None = None) -> dict[str, str] | None:
+    """sha256 of every leaf's bytes, by path (None on multi-process runs: not addressable).
+
+    `check_finite`: a description of the tree; a NaN/Inf leaf is then a CheckpointError
+    (nothing non-finite is ever committed)."""
     if jax.process_count() > 1:
         return None
     out = {}
     for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
         a = np.asarray(jax.device_get(leaf))
+        if check_finite and a.dtype.kind in "fc" and not np.isfinite(a).all():
+            raise CheckpointError(
+                f"refusing to save {check_finite}: {jax.tree_util.keystr(path)} holds "
+                "non-finite values; the last good checkpoint is kept"
+            )
         out[jax.tree_util.keystr(path)] = hashlib.sha256(
             a.tobytes() + str(a.dtype).encode() + str(a.shape).encode()
         ).hexdigest()[:32]
@@ -169,25 +297,24 @@ def verify(manifest: dict | None, restored: dict, step: int) -> None:
 
 
 def sweep_incomplete(directory: str) -> list[str]:
-    """Move aside leftovers of interrupted saves/prunes (Orbax temp folders, step folders
-    without their commit metadata) into `directory/_incomplete/`, so restores never see them."""
+    """Delete leftovers of interrupted saves/prunes (Orbax temp folders, step folders without
+    their commit metadata, e.g. the empty folder a kill during pruning leaves), so restores
+    never see them and a failed save's space comes back. Returns the names removed."""
     if not os.path.isdir(directory):
         return []
-    moved = []
+    removed = []
     for name in sorted(os.listdir(directory)):
         path = os.path.join(directory, name)
-        if not os.path.isdir(path) or name.startswith("_"):
+        if not os.path.isdir(path):
             continue
-        is_tmp = TMP_MARK in name
+        is_tmp = TMP_MARK in name or name == "_incomplete"  # (older lm_jax moved them there)
         is_step = name.isdigit()
         complete = is_step and os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA"))
         if is_tmp or (is_step and not complete):
-            dest = os.path.join(directory, "_incomplete", f"{name}.{int(time.time() * 1e3)}")
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            shutil.move(path, dest)
-            logging.warning("moved incomplete checkpoint folder %s to %s", path, dest)
-            moved.append(name)
-    return moved
+            shutil.rmtree(path, ignore_errors=True)
+            logging.warning("removed incomplete checkpoint folder %s", path)
+            removed.append(name)
+    return removed
 
 
 def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:

@@ -102,10 +102,32 @@ def token_stream(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> TokenStre
     key = (cfg.source, split, cfg.val_fraction)
     per_tok = _CACHE.setdefault(tokenizer, {})
     if key not in per_tok:
-        per_tok[key] = tokenize_documents(
+        stream = tokenize_documents(
             load_texts(cfg.source, split, val_fraction=cfg.val_fraction), tokenizer
         )
+        check_token_range(stream, tokenizer)
+        per_tok[key] = stream
     return per_tok[key]
+
+
+def check_token_range(stream: TokenStream, tokenizer: Tokenizer) -> None:
+    """TokenizerError unless every token id and the pad id are in [0, vocab_size)."""
+    from lm_jax.data.tokenizer import TokenizerError
+
+    V = tokenizer.vocab_size
+    if not 0 <= int(tokenizer.pad_id) < V:
+        raise TokenizerError(
+            f"pad id {tokenizer.pad_id} is outside the vocabulary [0, {V}); padding would index "
+            "outside the embedding. Fix the tokenizer's pad_id."
+        )
+    bad = np.flatnonzero((stream.tokens < 0) | (stream.tokens >= V))
+    if bad.size:
+        i = int(bad[0])
+        raise TokenizerError(
+            f"the tokenizer produced token id {int(stream.tokens[i])} (example id "
+            f"{int(stream.owner[i])}), outside its vocabulary [0, {V}); {bad.size} tokens in all. "
+            "The tokenizer is inconsistent: rebuild it (or fix its vocab_size)."
+        )
 
 
 def epoch_offset(seed: int, epoch: int, seq_len: int, enabled: bool = True) -> int:

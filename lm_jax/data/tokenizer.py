@@ -126,6 +126,13 @@ def load_tokenizer(directory: str) -> Tokenizer:
             f"{sorted(_REGISTRY)}); is the module that registers it installed?"
         )
     tok = _REGISTRY[kind].from_dir(directory, manifest)
+    for name in ("pad_id", "bos_id", "eos_id"):
+        v = manifest.get(name)
+        if v is not None and not (isinstance(v, int) and 0 <= v < tok.vocab_size):
+            raise TokenizerError(
+                f"corrupt tokenizer in {directory!r}: {name} {v!r} is outside the vocabulary "
+                f"[0, {tok.vocab_size}) (token id >= vocab or negative); rebuild the tokenizer"
+            )
     if manifest.get("vocab_size") not in (None, tok.vocab_size):
         raise TokenizerError(
             f"corrupt tokenizer in {directory!r}: manifest says vocab_size "

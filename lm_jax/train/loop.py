@@ -38,6 +38,7 @@ class Experiment:
     train: TrainConfig
     vocab_from_tokenizer: bool = True  # set model.vocab_size to the tokenizer's
     debug_nonfinite_step: int = -1  # inject a NaN loss/gradient at this step (fault tests)
+    debug_nonfinite_count: int = 1  # ... and at the steps after it: this many bad steps in all
 
 
 def data_axes_size(mesh) -> int:
@@ -189,6 +190,12 @@ def train(exp: Experiment, log=print) -> dict:
         log(f"resumed from step {step0} in {ckpt.directory}")
     else:
         state, _ = init_train_state(model_cfg, tx, mesh, tcfg.seed)
+    st = train_it.stats
+    log(
+        f"data: {st['documents']} documents, {st['tokens']} tokens, {st['rows']} rows of "
+        f"{exp.data.seq_len} per epoch; {st['split_documents']} documents longer than the rest "
+        "of their row continue in the next row (packing: nothing truncated or dropped)"
+    )
     meta = meta_dict(model_cfg, tcfg, exp.data)
 
     bsh = batch_sharding(mesh, 2, exp.data.batch_size)
@@ -242,7 +249,8 @@ def train(exp: Experiment, log=print) -> dict:
             if tcfg.profile_steps and step == tcfg.profile_start + tcfg.profile_steps:
                 jax.profiler.stop_trace()
             batch = next(train_it)
-            fn = bad_fn if step == exp.debug_nonfinite_step else step_fn
+            bad = 0 <= step - exp.debug_nonfinite_step < exp.debug_nonfinite_count
+            fn = bad_fn if bad else step_fn
             state, m = fn(state, to_global(batch), rng)
             step += 1
             finite = bool(m["finite"])
@@ -288,7 +296,8 @@ def train(exp: Experiment, log=print) -> dict:
             if tcfg.save_every and step % tcfg.save_every == 0:
                 save(step)
             if preempt.requested:
-                save(step, force=True)
+                if ckpt.latest_step() != step:
+                    save(step, force=True)
                 ckpt.wait()
                 log(f"SIGTERM: saved step {step} and stopped; rerun the same command to resume")
                 break
@@ -349,13 +358,15 @@ def _step_record(step: int, m: dict, batch: dict, state) -> str:
     import json
 
     loss = float(m["loss"])
-    ids = np.unique(batch.get("example_ids", np.zeros((0,), np.int32)))
+    ids, counts = np.unique(batch.get("example_ids", np.zeros((0,), np.int32)), return_counts=True)
+    keep = ids >= 0
     return json.dumps(
         {
             "step": step,
             "loss_hex": loss.hex(),
             "finite": bool(m["finite"]),
-            "example_ids": [int(i) for i in ids if i >= 0],
+            "example_ids": [int(i) for i in ids[keep]],
+            "example_tokens": [int(c) for c in counts[keep]],  # input tokens of each id
             "params_hash": params_hash(state.params),
         }
     )
