@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.layers import Dense
 from lm_jax.nn.rope import apply_rope, rope_inv_freq
+from lm_jax.nn.splash import resolve_impl, splash_attention
 from lm_jax.sharding import constrain
 
 
@@ -55,7 +56,8 @@ class Attention(nn.Module):
     1. project x to q [B,T,N,H], k/v [B,T,K,H] (K divides N: MHA, GQA or MQA);
     2. rotate q, k by RoPE at `positions` (Llama family);
     3. with a cache, write k/v at `positions` and attend over the whole cache [B,S,K,H];
-    4. softmax(q k^T / sqrt(H)) v through `jax.nn.dot_product_attention` (f32 softmax);
+    4. softmax(q k^T / sqrt(H)) v through `jax.nn.dot_product_attention` (f32 softmax), or the
+       kernel `cfg.attention_impl` selects (`lm_jax.nn.splash`: xla / cudnn / splash / auto);
     5. project back with o_proj.
     """
 
@@ -84,7 +86,8 @@ class Attention(nn.Module):
             q = apply_rope(q, positions, inv_freq)
             k = apply_rope(k, positions, inv_freq)
 
-        impl = None if cfg.attention_impl in ("xla", "auto") else cfg.attention_impl
+        kernel = resolve_impl(cfg.attention_impl, cfg.compute_dtype)  # xla / cudnn / splash
+        impl = "cudnn" if kernel == "cudnn" else None
         if not self.causal:
             if cache is not None:
                 raise ValueError("a bidirectional (causal=False) Attention has no KV cache.")
@@ -106,6 +109,8 @@ class Attention(nn.Module):
                 mask=mask,
                 implementation=impl,
             )
+        elif kernel == "splash":
+            out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)
         elif segment_ids is None and impl is None:
             mask = make_attention_mask(positions, positions, window=cfg.sliding_window)
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
