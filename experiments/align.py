@@ -29,6 +29,9 @@ flags.DEFINE_string("prompt", "\n", "Text every sample continues.")
 flags.DEFINE_integer("moment_samples", 2048, "Base samples for lambda and Z.")
 flags.DEFINE_integer("eval_every", 25, "Steps between evaluations (0 = never).")
 flags.DEFINE_integer("eval_samples", 256, "Policy samples per evaluation.")
+flags.DEFINE_integer(
+    "kl_adaptive_every", 10, "kl_dpg: steps between proposal checks (huge = fixed proposal a)."
+)
 flags.DEFINE_string("mesh", "", "e.g. data:8 (default: all devices on data).")
 flags.DEFINE_string("workdir", "/tmp/align", "Output folder.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -49,7 +52,8 @@ def main(argv):
     F = flags.FLAGS
     if len(argv) > 1 or not F.constraint:
         raise app.UsageError("give at least one --constraint (and no positional arguments)")
-    methods = [TunerConfig(m).method for m in F.method]  # validates names before any work
+    tuner = lambda m: TunerConfig(m, kl_adaptive_every=F.kl_adaptive_every)  # noqa: E731
+    methods = [tuner(m).method for m in F.method]  # validates names before any work
     cfg, params, tok = load_base(F.base)
     cons = [parse_constraint(s, tok) for s in F.constraint]
     stop = () if tok.eos_id is None else (tok.eos_id,)
@@ -70,9 +74,7 @@ def main(argv):
             policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
             writer = MetricWriter(os.path.join(F.workdir, m))
             tx = optax.adam(F.lr)
-            _, hist = train(
-                policy, trainable, frozen, cons, TunerConfig(m), tx, **kw, writer=writer
-            )
+            _, hist = train(policy, trainable, frozen, cons, tuner(m), tx, **kw, writer=writer)
             writer.close()
             histories[m] = hist
             ev = [h for h in hist if "eval/kl_pi_a" in h]

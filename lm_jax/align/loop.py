@@ -3,6 +3,7 @@ with any tuner, logging alignment metrics and diversity (Distinct-n, Self-BLEU).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 
 import jax
@@ -160,6 +161,7 @@ def train(
             row.update({f"eval/{k}": v for k, v in diversity(decode_samples(tokenizer, s)).items()})
         return row
 
+    t0 = time.perf_counter()
     for i in range(steps + 1):
         row = {}
         if eval_every and (i % eval_every == 0 or i == steps):
@@ -181,6 +183,7 @@ def train(
                 for k in ("kl_p_pi", "tvd_p_pi", "log_z", "kl_p_q"):
                     m.pop(k, None)
             row.update(m)
+        row["wall_s"] = time.perf_counter() - t0  # since the loop began (compiles included)
         if writer is not None:
             writer.write(i, row)
         history.append({"step": i, **row})
@@ -200,6 +203,7 @@ def train(
                             "eval/phi_pi",
                             "eval/kl_p_pi",
                             "eval/distinct_2",
+                            "wall_s",
                         )
                     ]
                 )
