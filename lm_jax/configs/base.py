@@ -131,7 +131,8 @@ class ModelConfig:
     # Numerics and execution.
     dtype: str = "float32"  # compute dtype of matmuls (softmax, norms, loss stay float32)
     param_dtype: str = "float32"
-    attention_impl: Literal["xla", "cudnn", "auto"] = "xla"  # jax.nn.dot_product_attention
+    # attention kernel: xla | cudnn (NVIDIA) | splash (Pallas, TPU) | auto; see lm_jax.nn.splash
+    attention_impl: Literal["xla", "cudnn", "splash", "auto"] = "xla"
     remat: Literal["none", "dots", "full"] = "none"  # rematerialisation policy per layer
     scan_unroll: int = 1  # layers unrolled per scan step; num_layers = no loop (faster on CPU)
     dropout: float = 0.0  # residual/attention-output dropout (training only)
@@ -169,6 +170,11 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}.")
         _check(self.max_len > 0, f"max_len must be > 0, got {self.max_len}.")
         _check(self.scan_unroll >= 1, f"scan_unroll must be >= 1, got {self.scan_unroll}.")
+        _check(
+            self.attention_impl in ("xla", "cudnn", "splash", "auto"),
+            "attention_impl must be 'xla', 'cudnn', 'splash' or 'auto', got "
+            f"{self.attention_impl!r}.",
+        )
         if self.moe is not None:
             m = self.moe
             _check(

@@ -91,6 +91,8 @@ def test_cudnn_matches_xla_bf16():
 def test_bad_attention_impl_and_lengths_raise_clear_errors():
     with pytest.raises(ConfigError, match="attention_impl must be one of"):
         resolve_impl("flash", jnp.float32)
+    with pytest.raises(ConfigError, match="attention_impl must be"):
+        llama_style(attention_impl="flash")
     assert resolve_impl("auto", jnp.float32) == "xla"  # CPU
     q, k, v = [x[:, :100] for x in _qkv()]
     with pytest.raises(ConfigError, match="multiple of 128"):
