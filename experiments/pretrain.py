@@ -79,8 +79,12 @@ if __name__ == "__main__":
         app.run(main)
     except Exception as e:  # a clear one-line error for bad input, not only a traceback
         from lm_jax.errors import USER_ERRORS
+        from lm_jax.train.loop import TrainingHalted
 
         if isinstance(e, USER_ERRORS):
             print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
             sys.exit(2)
+        if isinstance(e, TrainingHalted):  # the non-finite policy stopped the run (exit 3)
+            print(f"halted: {e}", file=sys.stderr)
+            sys.exit(3)
         raise
