@@ -33,6 +33,9 @@ flags.DEFINE_integer("width", 64, "model width of all towers")
 flags.DEFINE_integer("layers", 3, "blocks per tower")
 flags.DEFINE_integer("patch", 8, "ViT patch side in pixels (must divide the 48-pixel canvas)")
 flags.DEFINE_bool("rephrase", True, "re-caption each training scene per read in a random phrasing")
+flags.DEFINE_float(
+    "class_only_fraction", None, "with --rephrase: share of classes-only captions (default 1/5)"
+)
 flags.DEFINE_float("lr", 2e-3, "peak learning rate (cosine, 5% warm-up)")
 flags.DEFINE_string("out", "/tmp/lm_jax_image_text", "results JSON / caption grid folder")
 flags.DEFINE_string("grid", "", "caption grid PNG path (caption mode)")
@@ -50,7 +53,14 @@ def main(_):
     max_len = 40 if not caption_mode else cfg.decoder.max_len - cfg.num_prefix
     batches = iter(
         scenes.scene_batches(
-            builder, "train", F.batch, tok, max_len, bos=caption_mode, rephrase=F.rephrase
+            builder,
+            "train",
+            F.batch,
+            tok,
+            max_len,
+            bos=caption_mode,
+            rephrase=F.rephrase,
+            class_only_fraction=F.class_only_fraction,
         )
     )
     state, last = it.fit(cfg, tx, batches, F.steps, make_mesh(), log_every=100)

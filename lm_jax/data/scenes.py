@@ -45,6 +45,7 @@ PHRASINGS = (
     ("a photo of a {cls}", "a {cls}", " and "),  # classes only: no layout to match on
 )
 HELDOUT_PHRASING = 4
+CLASS_ONLY_PHRASING = len(PHRASINGS) - 1
 TRAIN_PHRASINGS = tuple(i for i in range(len(PHRASINGS)) if i != HELDOUT_PHRASING)
 PROMPT_TEMPLATES = ("a photo of a {cls}", "a {cls}", "an image of a {cls}", "a picture of a {cls}")
 
@@ -350,7 +351,7 @@ def class_names_of(builder) -> tuple[str, ...]:
 def scene_batches(
     builder, split: str, batch_size: int, tok: WordTokenizer, max_len: int, *, seed: int = 0,
     shuffle: bool = True, repeat: bool = True, bos: bool = False, drop_remainder: bool = True,
-    rephrase: bool = False,
+    rephrase: bool = False, class_only_fraction: float | None = None,
 ):  # fmt: skip
     """grain pipeline over the stored scenes: batches of images uint8 [B, H, W, 1], tokens /
     mask [B, max_len] (the stored caption, EOS-terminated; BOS first with bos=True), labels,
@@ -358,19 +359,30 @@ def scene_batches(
 
     rephrase=True (training-split augmentation) re-captions every scene, each time it is read,
     in a training phrasing drawn at random (seeded by `seed` and the element's position in the
-    repeated stream), instead of the one phrasing stored with it."""
+    repeated stream), instead of the one phrasing stored with it. class_only_fraction sets the
+    probability of the classes-only phrasing ("a photo of a {cls} and a {cls}") among those draws
+    (default: uniform over the training phrasings)."""
     import grain  # noqa: PLC0415
 
     if rephrase and split != "train":
         raise SceneError(
             f"rephrase=True is a training augmentation; split {split!r} keeps its own captions."
         )
+    if class_only_fraction is not None and not (rephrase and 0.0 <= class_only_fraction <= 1.0):
+        raise SceneError(
+            f"class_only_fraction={class_only_fraction} needs rephrase=True and a value in [0, 1]."
+        )
     src = builder.as_data_source(split=split)
     names = class_names_of(builder)
+    phrasings = np.asarray(TRAIN_PHRASINGS)
+    weights = None
+    if class_only_fraction is not None:
+        only = phrasings == CLASS_ONLY_PHRASING
+        weights = np.where(only, class_only_fraction, (1 - class_only_fraction) / (~only).sum())
 
     def to_example(row, rng=None):
         if rng is not None:
-            text = layout_captions(row, names, (int(rng.choice(TRAIN_PHRASINGS)),))[0]
+            text = layout_captions(row, names, (int(rng.choice(phrasings, p=weights)),))[0]
         else:
             text = row["caption"]
             text = text.decode() if isinstance(text, bytes) else str(text)

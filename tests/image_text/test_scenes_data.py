@@ -74,3 +74,12 @@ def test_rephrase_recaptions_each_read_in_training_phrasings_only(tmp_path):
     assert (again["tokens"] == first["tokens"]).all()  # seeded: reproducible
     with pytest.raises(scenes.SceneError, match="training augmentation"):
         scenes.scene_batches(b, "test", 4, tok, 40, rephrase=True)
+    only = scenes.scene_batches(
+        b, "train", 16, tok, 40, shuffle=False, rephrase=True, class_only_fraction=1.0
+    )
+    batch = next(iter(only))
+    for row, toks, mask in zip(rows, batch["tokens"], batch["mask"]):
+        (want,) = scenes.layout_captions(row, DIGIT_CLASSES, (scenes.CLASS_ONLY_PHRASING,))
+        assert tok.decode(toks[: mask.sum() - 1]) == want
+    with pytest.raises(scenes.SceneError, match="class_only_fraction"):
+        scenes.scene_batches(b, "train", 4, tok, 40, class_only_fraction=0.5)
