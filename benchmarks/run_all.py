@@ -329,7 +329,8 @@ def summarize(rounds: list[dict], probes: list[tuple[float, float]]) -> str:
     lora = [k for k in metrics if k.startswith("sst2 lora")]
     if lora and "sst2 full s/step" in moe:
         lines += [
-            f"LoRA / full fine-tuning step time: {moe[lora[0]] / moe['sst2 full s/step']:.2f}x."
+            "",
+            f"LoRA / full fine-tuning step time: {moe[lora[0]] / moe['sst2 full s/step']:.2f}x.",
         ]
     return "\n".join(lines) + "\n"
 
