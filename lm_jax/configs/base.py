@@ -47,7 +47,7 @@ class MoEConfig:
     # block_padded (groups padded to `grouped_matmul_block` rows, one batched matmul), or auto
     # (block_padded on CPU, ragged_dot elsewhere). Both are exact; see `lm_jax.nn.moe`.
     grouped_matmul: Literal["auto", "ragged_dot", "block_padded"] = "auto"
-    grouped_matmul_block: int = 64
+    grouped_matmul_block: int = 128  # CPU step: 128 rows beat 32, 64 and 256 (RESULTS.md)
     capacity_factor_train: float = 1.25  # capacity = factor * tokens * top_k / E
     capacity_factor_eval: float = 2.0
     num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active

@@ -136,7 +136,7 @@ def block_layout(ids, num_experts: int, block: int):
     return dest, block_expert.astype(jnp.int32), R
 
 
-def block_padded_ffn(x, ids, num_experts: int, kernels: dict, act, block: int = 64):
+def block_padded_ffn(x, ids, num_experts: int, kernels: dict, act, block: int = 128):
     """Dropless grouped matmul as one batched matmul (fast on XLA:CPU, where `ragged_dot` is a
     dense loop over experts). x [M, D] rows with expert ids [M] (id == E: skip, output 0) -> [M, D].
 
@@ -159,7 +159,7 @@ def block_padded_ffn(x, ids, num_experts: int, kernels: dict, act, block: int = 
     return yb.at[dest].get(mode="fill", fill_value=0)  # [M, D]
 
 
-def sorted_ffn(x, ids, num_experts: int, kernels: dict, act, impl="ragged_dot", block=64):
+def sorted_ffn(x, ids, num_experts: int, kernels: dict, act, impl="ragged_dot", block=128):
     """Dropless: x [M, D] rows with expert ids [M] (id == num_experts: skip, output 0) -> [M, D].
 
     ragged_dot: rows are sorted by expert, run through one grouped matmul per projection, and
