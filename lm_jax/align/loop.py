@@ -238,6 +238,12 @@ def plot_histories(histories: dict[str, list[dict]], floor: float, path: str) ->
         axes[0].plot(steps, [h["eval/phi_pi"][0] for h in ev], marker=".", label=name)
         axes[1].plot(steps, [h["eval/kl_pi_a"] for h in ev], marker=".", label=name)
     axes[1].axhline(floor, ls="--", c="k", label="KL(p||a)")
+    top = max(
+        (h["eval/kl_pi_a"] for hist in histories.values() for h in hist if "eval/kl_pi_a" in h),
+        default=0.0,
+    )
+    if top > 10 * max(floor, 1.0):  # a collapsed policy (REINFORCE) would flatten the rest
+        axes[1].set_yscale("symlog", linthresh=1.0)
     for ax, title in zip(axes, ("E_pi[phi_1]", "KL(pi||a)")):
         ax.set(xlabel="step", title=title)
         ax.legend()

@@ -1,0 +1,73 @@
+r"""Tables (markdown) and a combined plot from experiments/align.py workdirs.
+
+  python -m benchmarks.align_lm_summary --runs=/tmp/align_thou --plot=benchmarks/align_lm.png
+  python -m benchmarks.align_lm_summary --runs=fixed=/tmp/a/kl_dpg,adaptive=/tmp/b/kl_dpg
+
+--runs: workdirs (every method folder in them) or NAME=METHOD_DIR pairs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from absl import app, flags
+
+flags.DEFINE_list("runs", [], "Workdirs or name=method_dir.")
+flags.DEFINE_string("plot", "", "Write E_pi[phi] / KL(pi||a) curves here.")
+
+
+def _rows(path):
+    with open(os.path.join(path, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def _collect(specs):
+    runs = {}
+    for spec in specs:
+        name, eq, path = spec.partition("=")
+        if eq:
+            runs[name] = (path, os.path.dirname(path.rstrip("/")))
+            continue
+        for m in sorted(os.listdir(spec)):
+            if os.path.isfile(os.path.join(spec, m, "metrics.jsonl")):
+                runs[m] = (os.path.join(spec, m), spec)
+    return runs
+
+
+def main(_):
+    from lm_jax.align.loop import plot_histories
+
+    F = flags.FLAGS
+    runs, hists, floor = _collect(F.runs), {}, None
+    print(
+        "| method | steps x batch | E_pi[phi] | KL(pi‖a) | / -log Z^ | KL(p‖pi) | TVD(p, pi) "
+        "| Distinct-2 (base -> final) | Self-BLEU (base -> final) | wall min |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, (path, workdir) in runs.items():
+        rows = _rows(path)
+        summ = json.load(open(os.path.join(workdir, "summary.json")))["target"]
+        floor = summ["kl_p_a"]
+        ev = [r for r in rows if "eval/kl_pi_a" in r]
+        a, z = ev[0], ev[-1]
+        steps = max(r["step"] for r in rows)
+        print(
+            f"| {name} | {steps} | {z['eval/phi_pi'][0]:.3f} | {z['eval/kl_pi_a']:.2f} "
+            f"| {z['eval/kl_pi_a'] / floor:.2f} | {z.get('eval/kl_p_pi', float('nan')):.2f} "
+            f"| {z.get('eval/tvd_p_pi', float('nan')):.3f} "
+            f"| {a['eval/distinct_2']:.3f} -> {z['eval/distinct_2']:.3f} "
+            f"| {a.get('eval/self_bleu', 0):.1f} -> {z.get('eval/self_bleu', 0):.1f} "
+            f"| {rows[-1]['wall_s'] / 60:.1f} |"
+        )
+        print(
+            f"  target {summ}; eval rows:",
+            [(r["step"], round(r["eval/phi_pi"][0], 3), round(r["eval/kl_pi_a"], 2)) for r in ev],
+        )
+        hists[name] = rows
+    if F.plot and hists:
+        plot_histories(hists, floor, F.plot)
+
+
+if __name__ == "__main__":
+    app.run(main)
