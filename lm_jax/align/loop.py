@@ -244,6 +244,7 @@ def plot_histories(histories: dict[str, list[dict]], floor: float, path: str) ->
     )
     if top > 10 * max(floor, 1.0):  # a collapsed policy (REINFORCE) would flatten the rest
         axes[1].set_yscale("symlog", linthresh=1.0)
+        axes[1].set_ylim(bottom=0.0)
     for ax, title in zip(axes, ("E_pi[phi_1]", "KL(pi||a)")):
         ax.set(xlabel="step", title=title)
         ax.legend()
