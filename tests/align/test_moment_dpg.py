@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+
 from lm_jax.align import Constraint, feature_matrix, make_ebm, token_sequences_feature
 from lm_jax.align import toy as tb
 from lm_jax.align.moments import fit_ebm
