@@ -47,3 +47,18 @@ def matmul_peak_flops(n: int = 1024, repeat: int = 5) -> float:
 
 def median(xs):
     return statistics.median(xs)
+
+
+def random_lm_batch(batch: int, seq_len: int, vocab: int, seed: int = 0) -> dict:
+    """A training batch of uniform random token ids, one unpacked row each: inputs / targets /
+    positions / segment_ids int32 [B, T], loss_mask f32 [B, T]."""
+    import jax.numpy as jnp  # noqa: PLC0415
+
+    toks = np.random.default_rng(seed).integers(0, vocab, (batch, seq_len + 1)).astype(np.int32)
+    return {
+        "inputs": jnp.asarray(toks[:, :-1]),
+        "targets": jnp.asarray(toks[:, 1:]),
+        "positions": jnp.broadcast_to(jnp.arange(seq_len, dtype=jnp.int32), (batch, seq_len)),
+        "segment_ids": jnp.ones((batch, seq_len), jnp.int32),
+        "loss_mask": jnp.ones((batch, seq_len), jnp.float32),
+    }

@@ -12,11 +12,9 @@ Dropless runs with both grouped matmuls (`MoEConfig.grouped_matmul`: ragged_dot,
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import app, flags
 
-from benchmarks.common import machine, median, timeit
+from benchmarks.common import machine, median, random_lm_batch, timeit
 from lm_jax.configs import MoEConfig, llama_style
 from lm_jax.configs.train import TrainConfig
 from lm_jax.optim import make_optimizer
@@ -57,14 +55,7 @@ def runner(variant: str):
     tx = make_optimizer(tcfg)
     state, sh = init_train_state(cfg, tx, mesh)
     step = jit_train_step(cfg, tcfg, tx, sh, batch_sharding(mesh, 2, B))
-    toks = np.random.default_rng(0).integers(0, V, (B, T + 1)).astype(np.int32)
-    batch = {
-        "inputs": jnp.asarray(toks[:, :-1]),
-        "targets": jnp.asarray(toks[:, 1:]),
-        "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-        "segment_ids": jnp.ones((B, T), jnp.int32),
-        "loss_mask": jnp.ones((B, T), jnp.float32),
-    }
+    batch = random_lm_batch(B, T, V)
     box = {"state": state}
 
     def run():

@@ -29,7 +29,7 @@ import time
 
 from absl import app, flags
 
-from benchmarks.common import machine, matmul_peak_flops, median
+from benchmarks.common import machine, matmul_peak_flops, median, random_lm_batch
 
 flags.DEFINE_integer("rounds", 3, "Suite rounds (job order reversed on odd rounds).")
 flags.DEFINE_list("only", [], "Run only these benchmarks: train, decode, eval, moe, sst2, mfu.")
@@ -207,8 +207,6 @@ def mfu_config(name: str, smoke: bool):
 
 def mfu_worker(name: str) -> dict:
     import jax
-    import jax.numpy as jnp
-    import numpy as np
 
     from lm_jax.configs.train import TrainConfig
     from lm_jax.flops import device_peak_flops
@@ -229,14 +227,7 @@ def mfu_worker(name: str) -> dict:
     state, sh = init_train_state(cfg, tx, mesh)
     bsh = batch_sharding(mesh, 2, B)
     step = jit_train_step(cfg, tcfg, tx, sh, bsh)
-    toks = np.random.default_rng(0).integers(0, cfg.vocab_size, (B, T + 1)).astype(np.int32)
-    batch = {
-        "inputs": jnp.asarray(toks[:, :-1]),
-        "targets": jnp.asarray(toks[:, 1:]),
-        "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-        "segment_ids": jnp.ones((B, T), jnp.int32),
-        "loss_mask": jnp.ones((B, T), jnp.float32),
-    }
+    batch = random_lm_batch(B, T, cfg.vocab_size)
     batch = jax.device_put(batch, bsh)
     for _ in range(2):  # compile + warm
         state, m = step(state, batch, jax.random.key(0))

@@ -14,12 +14,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import torch
 from absl import app, flags
 
-from benchmarks.common import machine, matmul_peak_flops, median
+from benchmarks.common import machine, matmul_peak_flops, median, random_lm_batch
 from lm_jax.configs import gpt2_style
 from lm_jax.configs.train import TrainConfig
 from lm_jax.optim import make_optimizer
@@ -51,15 +49,7 @@ def lm_jax_runner(B, T):
     state, sh = init_train_state(cfg, tx, mesh)
     bsh = batch_sharding(mesh, 2, B)
     step = jit_train_step(cfg, tcfg, tx, sh, bsh)
-    rng = np.random.default_rng(0)
-    toks = rng.integers(0, V, (B, T + 1)).astype(np.int32)
-    batch = {
-        "inputs": jnp.asarray(toks[:, :-1]),
-        "targets": jnp.asarray(toks[:, 1:]),
-        "positions": jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)),
-        "segment_ids": jnp.ones((B, T), jnp.int32),
-        "loss_mask": jnp.ones((B, T), jnp.float32),
-    }
+    batch = random_lm_batch(B, T, V)
     box = {"state": state}
 
     def run(n):
