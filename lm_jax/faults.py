@@ -34,12 +34,29 @@ MARK = "LM_JAX_FAULT"
 _installed = False
 
 
+KNOWN = ("slow_save", "slow_prune", "disk_full_at")
+
+
+class FaultSpecError(ValueError):
+    """`LM_JAX_FAULTS` names an unknown fault or gives a value that is not a number."""
+
+
 def settings() -> dict[str, float]:
+    """{fault: value} from `LM_JAX_FAULTS`, e.g. "slow_save=2,disk_full_at=15"."""
     out = {}
     for part in os.environ.get(ENV, "").split(","):
-        if part.strip():
-            k, _, v = part.partition("=")
-            out[k.strip()] = float(v or 0)
+        if not part.strip():
+            continue
+        k, _, v = (x.strip() for x in part.partition("="))
+        if k not in KNOWN:
+            raise FaultSpecError(f"{ENV}: unknown fault {k!r} in {part!r}; known: {KNOWN}.")
+        try:
+            out[k] = float(v)
+        except ValueError:
+            raise FaultSpecError(
+                f"{ENV}: {k} needs a number, got {part!r} (e.g. {k}=2); unset {ENV} to train "
+                "without faults."
+            ) from None
     return out
 
 

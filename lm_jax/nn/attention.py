@@ -106,8 +106,7 @@ class Attention(nn.Module):
                 q,
                 cache.k.astype(q.dtype),
                 cache.v.astype(q.dtype),
-                mask=mask,
-                implementation=impl,
+                mask=mask,  # any positions: the XLA path (fused kernels index causality)
             )
         elif kernel == "splash":
             out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)

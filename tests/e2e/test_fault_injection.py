@@ -782,3 +782,16 @@ def test_f7_disk_full_fails_within_one_save_interval_and_the_next_start_cleans_u
     assert checkpoint_debris(wd) == []
     assert_same_trajectory(reference, wd, STEPS)
     report("F7", failed_at_step=max(log), debris=debris, seconds=round(time.time() - t, 1))
+
+
+def test_bad_fault_spec_is_a_clear_error(monkeypatch):
+    from lm_jax import faults
+
+    monkeypatch.setenv(faults.ENV, "slow_save=abc")
+    with pytest.raises(faults.FaultSpecError, match="slow_save needs a number"):
+        faults.settings()
+    monkeypatch.setenv(faults.ENV, "slow_sav=1")
+    with pytest.raises(faults.FaultSpecError, match="unknown fault 'slow_sav'"):
+        faults.settings()
+    monkeypatch.setenv(faults.ENV, " slow_save = 2 , disk_full_at=15")
+    assert faults.settings() == {"slow_save": 2.0, "disk_full_at": 15.0}
