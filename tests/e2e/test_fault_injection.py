@@ -493,10 +493,10 @@ def _data_files(step_dir):
 
 
 F4_DAMAGE = {
-    "deleted_file": lambda d: _data_files(d / "params")[0].unlink(),
+    "deleted_file": lambda d: [f.unlink() for f in _data_files(d / "params")],
     "missing_step_metadata": lambda d: (d / "_CHECKPOINT_METADATA").unlink(),
     "missing_item_metadata": lambda d: (d / "params" / "_METADATA").unlink(),
-    "flipped_bytes_in_optimizer_state": lambda d: _flip(_data_files(d / "train")[0]),
+    "flipped_bytes_in_optimizer_state": lambda d: [_flip(f) for f in _data_files(d / "train")],
 }
 # Orbax restores params without their tree _METADATA (the given target names every array);
 # the values are then checked against the manifest's hashes, so the step is usable as it is.
@@ -539,9 +539,11 @@ def test_f4_every_step_damaged_is_one_clear_error_not_a_crash_loop(tmp_path):
     from lm_jax.checkpoint import Checkpointer, CheckpointError
 
     abstract, sh, _ = _two_steps(tmp_path)
-    _data_files(tmp_path / "checkpoints" / "5" / "params")[0].unlink()
-    f = _data_files(tmp_path / "checkpoints" / "10" / "params")[0]
-    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    # damage every data file: a save can leave data files no key points to any more
+    for f in _data_files(tmp_path / "checkpoints" / "5" / "params"):
+        f.unlink()
+    for f in _data_files(tmp_path / "checkpoints" / "10" / "params"):
+        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     for _ in range(2):  # the same answer on every restart; nothing is deleted
         with pytest.raises(CheckpointError, match=r"no checkpoint in .* can be restored"):
             Checkpointer(str(tmp_path)).restore_latest(abstract, sh)

@@ -128,9 +128,10 @@ def _save_two(tmp_path):
     return tx, mesh
 
 
-def _largest_file(folder):
-    files = [p for p in folder.rglob("*") if p.is_file() and "ocdbt" in str(p) and "/d/" in str(p)]
-    return max(files, key=lambda p: p.stat().st_size)
+def _data_files(folder):
+    """Every OCDBT data file of a checkpoint item. Damage them all: a save can leave data files
+    that no key points to any more, and damage to one of those changes nothing."""
+    return [p for p in folder.rglob("*") if p.is_file() and "/d/" in str(p)]
 
 
 @pytest.mark.parametrize("damage", ["flip_bytes", "truncate", "empty_step", "tmp_folder"])
@@ -138,14 +139,14 @@ def test_damaged_latest_checkpoint_falls_back_to_intact_step(tmp_path, damage):
     tx, mesh = _save_two(tmp_path)
     step_dir = tmp_path / "checkpoints" / "10"
     if damage == "flip_bytes":
-        f = _largest_file(step_dir / "params")
-        data = bytearray(f.read_bytes())
-        for i in range(len(data) // 4, 3 * len(data) // 4, 97):  # damage the middle half,
-            data[i] ^= 0xFF  # not one byte that may fall on padding
-        f.write_bytes(bytes(data))
+        for f in _data_files(step_dir / "params"):
+            data = bytearray(f.read_bytes())
+            for i in range(len(data) // 4, 3 * len(data) // 4, 97):  # damage the middle half,
+                data[i] ^= 0xFF  # not one byte that may fall on padding
+            f.write_bytes(bytes(data))
     elif damage == "truncate":
-        f = _largest_file(step_dir / "params")
-        f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+        for f in _data_files(step_dir / "params"):
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
     elif damage == "empty_step":
         import shutil
 
