@@ -28,6 +28,7 @@ flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("seq", 128, "Sequence length.")
 flags.DEFINE_integer("experts", 8, "Number of experts E.")
 flags.DEFINE_integer("top_k", 2, "Experts per token.")
+flags.DEFINE_list("blocks", ["128"], "Row-block sizes timed for the block_padded grouped matmul.")
 FLAGS = flags.FLAGS
 
 L, D, N, V, F_EXPERT = 4, 256, 4, 4096, 256
@@ -38,12 +39,14 @@ def make_cfg(variant: str):
     kw.update(scan_unroll=L)
     if variant == "dense":
         return llama_style(mlp_dim=FLAGS.top_k * F_EXPERT, **kw)
-    dispatch, _, gmm = variant.partition(":")  # e.g. dropless:block_padded
+    dispatch, _, gmm = variant.partition(":")  # e.g. dropless:block_padded@64
+    gmm, _, block = gmm.partition("@")
     moe = MoEConfig(
         num_experts=FLAGS.experts,
         top_k=FLAGS.top_k,
         dispatch=dispatch,
         grouped_matmul=gmm or "auto",
+        grouped_matmul_block=int(block or 128),
     )
     return llama_style(mlp_dim=F_EXPERT, moe=moe, **kw)
 
@@ -70,7 +73,8 @@ def runner(variant: str):
 
 
 def main(_):
-    variants = ["dense", "dropless:ragged_dot", "dropless:block_padded", "capacity"]
+    padded = [f"dropless:block_padded@{b}" for b in FLAGS.blocks]
+    variants = ["dense", "dropless:ragged_dot", *padded, "capacity"]
     runs = {v: runner(v) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
     for r in range(FLAGS.rounds):
@@ -81,7 +85,7 @@ def main(_):
     for v in variants:
         t = median(times[v])
         tok_s = FLAGS.batch * FLAGS.seq / t
-        print(f"{v:22s} step {t * 1e3:8.1f} ms  {tok_s:8.0f} tokens/s", end="")
+        print(f"{v:28s} step {t * 1e3:8.1f} ms  {tok_s:8.0f} tokens/s", end="")
         print(f"  ratio to dense {t / dense:5.2f}x")
 
 

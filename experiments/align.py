@@ -23,6 +23,8 @@ flags.DEFINE_list("method", ["dpg"], "dpg, kl_dpg, fdpg_{fkl,rkl,tv,js,chi2}, re
 flags.DEFINE_integer("steps", 100, "Gradient steps per method.")
 flags.DEFINE_integer("batch_size", 64, "Samples per step.")
 flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
+flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "cosine: to lr*min_lr_ratio.")
+flags.DEFINE_float("min_lr_ratio", 0.1, "Final lr / lr for --lr_schedule=cosine.")
 flags.DEFINE_integer("lora_rank", 8, "LoRA rank; 0 = full-parameter policy.")
 flags.DEFINE_integer("max_new_tokens", 40, "Sampled continuation length.")
 flags.DEFINE_string("prompt", "\n", "Text every sample continues.")
@@ -73,7 +75,10 @@ def main(argv):
         for m in methods:
             policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
             writer = MetricWriter(os.path.join(F.workdir, m))
-            tx = optax.adam(F.lr)
+            lr = F.lr
+            if F.lr_schedule == "cosine":
+                lr = optax.cosine_decay_schedule(F.lr, F.steps, alpha=F.min_lr_ratio)
+            tx = optax.adam(lr)
             _, hist = train(policy, trainable, frozen, cons, tuner(m), tx, **kw, writer=writer)
             writer.close()
             histories[m] = hist

@@ -49,6 +49,37 @@ def capacity(factor: float, group_size: int, top_k: int, num_experts: int) -> in
     return int(min(group_size, max(1, math.ceil(factor * group_size * top_k / num_experts))))
 
 
+def capacity_slots(ids, num_experts: int):
+    """ids [G, S, K] -> each choice's slot index within its expert's queue [G, S, K]: slots go
+    to every token's 1st choice (by position), then every 2nd choice, ... (priority order)."""
+    G, S, K = ids.shape
+    onehot = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32)  # [G, S, K, E]
+    by_priority = onehot.transpose(0, 2, 1, 3).reshape(G, K * S, num_experts)  # [G, K*S, E]
+    pos = jnp.cumsum(by_priority, axis=1) - 1  # [G, K*S, E] slot index within its expert
+    pos = pos.reshape(G, K, S, num_experts).transpose(0, 2, 1, 3)  # [G, S, K, E]
+    return jnp.sum(pos * onehot, axis=-1)  # [G, S, K]
+
+
+def capacity_ffn(x, ids, weights, kernels: dict, act, num_experts: int, cap: int):
+    """Capacity dispatch by index (no [G, S, E, C] one-hot einsums): x [G, S, D], ids/weights
+    [G, S, K] -> (y [G, S, D], kept [G, S, K]). Equals combine_tokens(expert_ffn(
+    dispatch_tokens(x, dispatch)), combine) with `capacity_masks`' tensors, at O(G S K D) cost
+    for the dispatch and combine instead of O(G S E C D)."""
+    G, S, D = x.shape
+    K = ids.shape[-1]
+    pos = capacity_slots(ids, num_experts)  # [G, S, K]
+    kept = pos < cap
+    g = jnp.broadcast_to(jnp.arange(G)[:, None, None], ids.shape)  # [G, S, K]
+    # flat slot of each choice in the [E, G, C] buffer; dropped choices point past its end
+    flat = jnp.where(kept, (ids * G + g) * cap + pos, num_experts * G * cap).reshape(-1)
+    rows = jnp.broadcast_to(x[:, :, None, :], (G, S, K, D)).reshape(-1, D)  # [G*S*K, D]
+    xe = jnp.zeros((num_experts * G * cap, D), x.dtype).at[flat].set(rows, mode="drop")
+    h = expert_ffn(xe.reshape(num_experts, G * cap, D), kernels, act)  # [E, G*C, D]
+    out = h.reshape(-1, D).at[flat].get(mode="fill", fill_value=0).reshape(G, S, K, D)
+    w = jnp.where(kept, weights, 0.0).astype(out.dtype)  # [G, S, K]
+    return jnp.einsum("gsk,gskd->gsd", w, out), kept
+
+
 def capacity_masks(ids, weights, num_experts: int, cap: int):
     """GShard/Switch dispatch and combine tensors with priority-ordered dropping.
 
@@ -56,14 +87,9 @@ def capacity_masks(ids, weights, num_experts: int, cap: int):
     handed out to every token's 1st choice (by position), then every 2nd choice, ...; a choice
     whose expert is already full (C slots) is dropped.
     """
-    G, S, K = ids.shape
-    onehot = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32)  # [G, S, K, E]
-    by_priority = onehot.transpose(0, 2, 1, 3).reshape(G, K * S, num_experts)  # [G, K*S, E]
-    pos = jnp.cumsum(by_priority, axis=1) - 1  # [G, K*S, E] slot index within its expert
-    pos = pos.reshape(G, K, S, num_experts).transpose(0, 2, 1, 3)  # [G, S, K, E]
-    pos = jnp.sum(pos * onehot, axis=-1)  # [G, S, K]
+    pos = capacity_slots(ids, num_experts)  # [G, S, K]
+    onehot = jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)  # [G, S, K, E]
     slot = jax.nn.one_hot(jnp.where(pos < cap, pos, cap), cap, dtype=jnp.float32)  # [G, S, K, C]
-    onehot = onehot.astype(jnp.float32)
     dispatch = jnp.einsum("gske,gskc->gsec", onehot, slot)  # [G, S, E, C]
     combine = jnp.einsum("gske,gskc->gsec", onehot * weights[..., None], slot)  # [G, S, E, C]
     return dispatch, combine
@@ -395,8 +421,9 @@ class MoE(nn.Module):
     2. routing: top-k token choice (softmax_topk, Mixtral; topk_softmax) or expert choice;
     3. dispatch: dropless (copies sorted by expert, grouped matmul: `ragged_dot`, or
        `block_padded_ffn` on CPU, per `grouped_matmul`) or capacity
-       (GShard [G, S, E, C] dispatch/combine; train/eval capacity factors; 1st choices before
-       2nd choices, then by position); expert choice always uses its fixed capacity;
+       (train/eval capacity factors; 1st choices before 2nd choices, then by position; by index
+       into an [E, G, C, D] buffer on one device, GShard [G, S, E, C] dispatch/combine tensors
+       under expert parallelism); expert choice always uses its fixed capacity;
     4. experts: SwiGLU or GELU MLPs with stacked kernels; sharded over the `expert` mesh axis
        and exchanged by all-to-all when the context mesh has one (`ep_*_ffn`);
     5. combine with the gate weights, plus DeepSeekMoE shared experts (a dense MLP);
@@ -436,22 +463,26 @@ class MoE(nn.Module):
         # 2-5. route, dispatch, experts, combine
         factor = m.capacity_factor_eval if self.deterministic else m.capacity_factor_train
         xc = x.astype(cfg.compute_dtype)
-        if m.router == "expert_choice" or m.dispatch == "capacity":
-            if m.router == "expert_choice":
-                cap = capacity(factor, T, K, E)
-                dispatch, combine = expert_choice_masks(probs, cap)  # [G, S, E, C]
-                load = jnp.sum(dispatch, axis=(0, 1, 3)) / jnp.sum(dispatch)  # [E]
-                dropped = jnp.mean(jnp.sum(dispatch, axis=(2, 3)) == 0)
-            else:
-                weights, ids = token_choice(logits, K, m.router, m.renormalize)  # [B, T, K]
-                load = jnp.bincount(ids.reshape(-1), length=E) / ids.size  # [E]
-                dispatch, combine = capacity_masks(ids, weights, E, capacity(factor, T, K, E))
-                dropped = 1.0 - jnp.sum(dispatch) / ids.size
+        if m.router == "expert_choice":
+            dispatch, combine = expert_choice_masks(probs, capacity(factor, T, K, E))
+            load = jnp.sum(dispatch, axis=(0, 1, 3)) / jnp.sum(dispatch)  # [E]
+            dropped = jnp.mean(jnp.sum(dispatch, axis=(2, 3)) == 0)
             if mesh is None:
                 h = dispatch_tokens(xc, dispatch)  # [E, G, C, D]
                 h = expert_ffn(h.reshape(E, -1, D), kernels, act).reshape(h.shape)
                 y = combine_tokens(h, combine)  # [G, S, D]
             else:
+                y = ep_capacity_ffn(xc, dispatch, combine, kernels, act, mesh)
+        elif m.dispatch == "capacity":
+            weights, ids = token_choice(logits, K, m.router, m.renormalize)  # [B, T, K]
+            load = jnp.bincount(ids.reshape(-1), length=E) / ids.size  # [E]
+            cap = capacity(factor, T, K, E)
+            if mesh is None:  # by index: no one-hot dispatch/combine tensors
+                y, kept = capacity_ffn(xc, ids, weights, kernels, act, E, cap)
+                dropped = 1.0 - jnp.mean(kept)
+            else:
+                dispatch, combine = capacity_masks(ids, weights, E, cap)
+                dropped = 1.0 - jnp.sum(dispatch) / ids.size
                 y = ep_capacity_ffn(xc, dispatch, combine, kernels, act, mesh)
         else:
             weights, ids = token_choice(logits, K, m.router, m.renormalize)  # [B, T, K]

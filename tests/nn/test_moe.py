@@ -15,9 +15,13 @@ from lm_jax.nn.moe import (
     MoE,
     block_layout,
     capacity,
+    capacity_ffn,
     capacity_masks,
     check_moe_mesh,
+    combine_tokens,
+    dispatch_tokens,
     expert_choice_masks,
+    expert_ffn,
     grouped_matmul_impl,
     load_balance_loss,
     sorted_ffn,
@@ -192,6 +196,33 @@ def test_capacity_drop_counts_hand_computed():
     assert float(aux["aux"]["moe_metrics"][0]["dropped_fraction"]) == pytest.approx(54 / 64)
     _, aux = _apply(cfg, params, x)  # eval factor 2.0: C = 16
     assert float(aux["aux"]["moe_metrics"][0]["dropped_fraction"]) == pytest.approx(48 / 64)
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.0, 4.0])  # heavy drops, some drops, none
+def test_capacity_by_index_equals_one_hot_dispatch_and_combine(factor):
+    cfg = _cfg(dispatch="capacity")
+    params, x = _init(cfg)
+    logits = jnp.einsum("btd,de->bte", x, params["router"]["kernel"])
+    weights, ids = token_choice(logits, 2, "softmax_topk")
+    kernels = {k.split("_")[0]: v["kernel"] for k, v in params["experts"].items()}
+    act, cap = ACTIVATIONS[cfg.activation], capacity(factor, 8, 2, 8)
+
+    def by_index(x, kernels):
+        return capacity_ffn(x, ids, weights, kernels, act, 8, cap)[0]
+
+    def by_one_hot(x, kernels):
+        dispatch, combine = capacity_masks(ids, weights, 8, cap)
+        h = dispatch_tokens(x, dispatch)  # [E, G, C, D]
+        h = expert_ffn(h.reshape(8, -1, x.shape[-1]), kernels, act).reshape(h.shape)
+        return combine_tokens(h, combine)
+
+    np.testing.assert_allclose(by_index(x, kernels), by_one_hot(x, kernels), atol=1e-5)
+    grad = lambda f: jax.grad(lambda x, k: jnp.sum(jnp.sin(f(x, k))), (0, 1))(x, kernels)  # noqa: E731
+    got, want = jax.tree.leaves(grad(by_index)), jax.tree.leaves(grad(by_one_hot))
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    kept = capacity_ffn(x, ids, weights, kernels, act, 8, cap)[1]
+    assert int(kept.sum()) == int(capacity_masks(ids, weights, 8, cap)[0].sum())
 
 
 def test_top1_choices_have_priority_over_top2():
