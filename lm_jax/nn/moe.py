@@ -169,41 +169,19 @@ def block_padded_ffn(x, ids, num_experts: int, kernels: dict, act, block: int = 
     Rows go to `block_layout`'s buffer [NB, bs, D]; each block is multiplied by its expert's
     kernel gathered per block [NB, D, F]; rows are read back. Padding rows are zeros and their
     outputs are never read, so the result equals `ragged_dot`'s. The block size is `block`, or
-    the next power of two >= M / E when that is smaller (little padding for short inputs). The
-    first M // bs blocks run as one batched matmul; each later block (room for the worst-case
-    padding) runs under `lax.cond` only when rows reach it, so on average about half the
-    padding is never computed.
+    the next power of two >= M / E when that is smaller (little padding for short inputs).
     """
     M, D = x.shape
     bs = max(1, min(block, 1 << max(0, math.ceil(math.log2(max(1, -(-M // num_experts)))))))
     dest, block_expert, R = block_layout(ids, num_experts, bs)
-    NB = R // bs
-    xb = jnp.zeros((R, D), x.dtype).at[dest].set(x, mode="drop").reshape(NB, bs, D)
+    xb = jnp.zeros((R, D), x.dtype).at[dest].set(x, mode="drop").reshape(R // bs, bs, D)
 
-    def ffn(xb, experts):  # [n, bs, D], [n] -> [n, bs, D]
-        def mm(a, w):
-            return jnp.einsum("nbd,ndf->nbf", a, w.astype(a.dtype)[experts])  # [n, bs, F]
+    def mm(a, w):
+        return jnp.einsum("nbd,ndf->nbf", a, w.astype(a.dtype)[block_expert])  # [NB, bs, F]
 
-        h = mm(xb, kernels["up"])
-        h = act(mm(xb, kernels["gate"])) * h if "gate" in kernels else act(h)
-        return mm(h, kernels["down"])
-
-    # The first M // bs blocks are (nearly) always filled; the tail blocks hold the padding of
-    # the worst case and are mostly empty: each runs only when some expert's rows reach it.
-    head = min(NB, M // bs)
-    used = jnp.max(jnp.where(dest < R, dest // bs + 1, 0))  # blocks holding rows (a prefix)
-    parts = [ffn(xb[:head], block_expert[:head])] if head else []
-    for i in range(head, NB):
-        parts.append(
-            jax.lax.cond(
-                i < used,
-                lambda a, e: ffn(a, e),
-                lambda a, e: jnp.zeros_like(a),
-                xb[i : i + 1],
-                block_expert[i : i + 1],
-            )
-        )
-    yb = jnp.concatenate(parts).reshape(R, D)  # [R, D]
+    h = mm(xb, kernels["up"])
+    h = act(mm(xb, kernels["gate"])) * h if "gate" in kernels else act(h)
+    yb = mm(h, kernels["down"]).reshape(R, D)  # [R, D]
     return yb.at[dest].get(mode="fill", fill_value=0)  # [M, D]
 
 
