@@ -29,6 +29,9 @@ flags.DEFINE_integer("seq", 128, "Sequence length.")
 flags.DEFINE_integer("experts", 8, "Number of experts E.")
 flags.DEFINE_integer("top_k", 2, "Experts per token.")
 flags.DEFINE_list("blocks", ["128"], "Row-block sizes timed for the block_padded grouped matmul.")
+flags.register_validator(
+    "blocks", lambda v: all(b.isdigit() and int(b) > 0 for b in v), "--blocks: positive integers."
+)
 FLAGS = flags.FLAGS
 
 L, D, N, V, F_EXPERT = 4, 256, 4, 4096, 256

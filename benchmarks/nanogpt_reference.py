@@ -29,6 +29,7 @@ flags.DEFINE_string("data", "../shared/data/tinyshakespeare/input.txt", "nanoGPT
 flags.DEFINE_list("seeds", ["0"], "Seeds (torch.manual_seed(1337 + seed), as nanoGPT's offset).")
 flags.DEFINE_integer("iters", 2000, "max_iters = lr_decay_iters.")
 flags.DEFINE_integer("threads", 2, "torch CPU threads.")
+flags.register_validator("iters", lambda n: n > 100, "--iters must exceed the 100 warm-up steps.")
 FLAGS = flags.FLAGS
 
 N_LAYER, N_HEAD, N_EMBD, BLOCK, BATCH = 4, 4, 128, 64, 12

@@ -48,6 +48,7 @@ def main(argv):
     from lm_jax.align.policies import make_lm_policy
     from lm_jax.align.samplers import SamplerConfig
     from lm_jax.nn.lora import LoraConfig
+    from lm_jax.optim import policy_lr_schedule
     from lm_jax.sharding import make_mesh
     from lm_jax.train.metrics import MetricWriter
 
@@ -56,6 +57,7 @@ def main(argv):
         raise app.UsageError("give at least one --constraint (and no positional arguments)")
     tuner = lambda m: TunerConfig(m, kl_adaptive_every=F.kl_adaptive_every)  # noqa: E731
     methods = [tuner(m).method for m in F.method]  # validates names before any work
+    policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio)  # and the schedule
     cfg, params, tok = load_base(F.base)
     cons = [parse_constraint(s, tok) for s in F.constraint]
     stop = () if tok.eos_id is None else (tok.eos_id,)
@@ -75,10 +77,7 @@ def main(argv):
         for m in methods:
             policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
             writer = MetricWriter(os.path.join(F.workdir, m))
-            lr = F.lr
-            if F.lr_schedule == "cosine":
-                lr = optax.cosine_decay_schedule(F.lr, F.steps, alpha=F.min_lr_ratio)
-            tx = optax.adam(lr)
+            tx = optax.adam(policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio))
             _, hist = train(policy, trainable, frozen, cons, tuner(m), tx, **kw, writer=writer)
             writer.close()
             histories[m] = hist

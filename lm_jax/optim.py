@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lm_jax.configs.base import ConfigError
 from lm_jax.configs.train import TrainConfig
 
 
@@ -25,6 +26,20 @@ def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
         return jnp.where(step < warmup, warm, cos)
 
     return schedule
+
+
+def policy_lr_schedule(lr: float, steps: int, kind: str = "constant", min_lr_ratio: float = 0.1):
+    """Learning rate of a policy tuner (experiments/align.py): `lr` throughout, or cosine from
+    `lr` to `lr * min_lr_ratio` at `steps` (optax.cosine_decay_schedule)."""
+    if lr <= 0 or steps < 1:
+        raise ConfigError(f"need lr > 0 and steps >= 1, got lr={lr}, steps={steps}.")
+    if kind == "constant":
+        return lr
+    if kind != "cosine":
+        raise ConfigError(f"unknown lr schedule {kind!r}; use constant or cosine.")
+    if not 0.0 <= min_lr_ratio <= 1.0:
+        raise ConfigError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio} (e.g. 0.1).")
+    return optax.cosine_decay_schedule(lr, steps, alpha=min_lr_ratio)
 
 
 def decay_mask(params):

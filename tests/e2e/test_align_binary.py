@@ -54,8 +54,15 @@ def test_dpg_steps_with_cosine_schedule_write_summary(tiny_base, tmp_path):
     assert (tmp_path / "dpg" / "metrics.jsonl").is_file()
 
 
-def test_unknown_constraint_kind_is_one_clear_line(tiny_base, tmp_path):
-    r = run(align(tiny_base, tmp_path, "--constraint=colour:blue", "--steps=1"))
+@pytest.mark.parametrize(
+    "flags, names",
+    [
+        (["--constraint=colour:blue"], "colour"),
+        (["--constraint=word:e", "--lr_schedule=cosine", "--min_lr_ratio=-1"], "min_lr_ratio"),
+    ],
+)
+def test_bad_input_is_one_clear_line(tiny_base, tmp_path, flags, names):
+    r = run(align(tiny_base, tmp_path, *flags, "--steps=1"))
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert last.startswith("error:") and "colour" in last
+    assert last.startswith("error:") and names in last
