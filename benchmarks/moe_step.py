@@ -32,6 +32,7 @@ flags.DEFINE_list("blocks", ["128"], "Row-block sizes timed for the block_padded
 flags.register_validator(
     "blocks", lambda v: all(b.isdigit() and int(b) > 0 for b in v), "--blocks: positive integers."
 )
+flags.DEFINE_bool("no_fast", True, "Also time block_padded with its fixed-layout fast path off.")
 FLAGS = flags.FLAGS
 
 L, D, N, V, F_EXPERT = 4, 256, 4, 4096, 256
@@ -42,14 +43,16 @@ def make_cfg(variant: str):
     kw.update(scan_unroll=L)
     if variant == "dense":
         return llama_style(mlp_dim=FLAGS.top_k * F_EXPERT, **kw)
-    dispatch, _, gmm = variant.partition(":")  # e.g. dropless:block_padded@64
+    dispatch, _, gmm = variant.partition(":")  # e.g. dropless:block_padded@64, ...@64/nofast
     gmm, _, block = gmm.partition("@")
+    block, _, nofast = block.partition("/")
     moe = MoEConfig(
         num_experts=FLAGS.experts,
         top_k=FLAGS.top_k,
         dispatch=dispatch,
         grouped_matmul=gmm or "auto",
         grouped_matmul_block=int(block or 128),
+        dropless_fast_path=not nofast,
     )
     return llama_style(mlp_dim=F_EXPERT, moe=moe, **kw)
 
@@ -62,7 +65,7 @@ def runner(variant: str):
     state, sh = init_train_state(cfg, tx, mesh)
     step = jit_train_step(cfg, tcfg, tx, sh, batch_sharding(mesh, 2, B))
     batch = random_lm_batch(B, T, V)
-    box = {"state": state}
+    box = {"state": state, "fast": []}
 
     def run():
         s = box["state"]
@@ -70,13 +73,18 @@ def runner(variant: str):
             s, m = step(s, batch, jax.random.key(0))
         jax.block_until_ready(m["loss"])
         box["state"] = s
+        if "moe/dropless_fast_path" in m:
+            box["fast"].append(float(m["moe/dropless_fast_path"]))
 
     run()  # compile + warm
+    run.fast = box["fast"]
     return run
 
 
 def main(_):
     padded = [f"dropless:block_padded@{b}" for b in FLAGS.blocks]
+    if FLAGS.no_fast:
+        padded += [f"dropless:block_padded@{b}/nofast" for b in FLAGS.blocks]
     variants = ["dense", "dropless:ragged_dot", *padded, "capacity"]
     runs = {v: runner(v) for v in variants}
     times: dict[str, list[float]] = {v: [] for v in variants}
@@ -88,8 +96,10 @@ def main(_):
     for v in variants:
         t = median(times[v])
         tok_s = FLAGS.batch * FLAGS.seq / t
-        print(f"{v:28s} step {t * 1e3:8.1f} ms  {tok_s:8.0f} tokens/s", end="")
-        print(f"  ratio to dense {t / dense:5.2f}x")
+        print(f"{v:34s} step {t * 1e3:8.1f} ms  {tok_s:8.0f} tokens/s", end="")
+        print(f"  ratio to dense {t / dense:5.2f}x", end="")
+        fast = runs[v].fast
+        print(f"  fast path in {sum(fast) / len(fast):.0%} of layer-steps" if fast else "")
 
 
 if __name__ == "__main__":

@@ -48,6 +48,10 @@ class MoEConfig:
     # (block_padded on CPU, ragged_dot elsewhere). Both are exact; see `lm_jax.nn.moe`.
     grouped_matmul: Literal["auto", "ragged_dot", "block_padded"] = "auto"
     grouped_matmul_block: int = 128  # CPU step: 128 rows beat 32, 64 and 256 (RESULTS.md)
+    # block_padded: when every expert's rows fit R / E of the worst-case buffer of R rows, give
+    # expert e the fixed rows [e R/E, (e+1) R/E) and multiply by the kernels as stored (no
+    # per-block gathers); exact either way, chosen per layer and step under lax.cond.
+    dropless_fast_path: bool = True
     capacity_factor_train: float = 1.25  # capacity = factor * tokens * top_k / E
     capacity_factor_eval: float = 2.0
     num_shared_experts: int = 0  # DeepSeekMoE shared experts, always active

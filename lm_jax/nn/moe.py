@@ -13,6 +13,7 @@ dispatch or a capacity that drops nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -138,16 +139,22 @@ def grouped_matmul_impl(impl: str) -> str:
     return impl
 
 
-def block_layout(ids, num_experts: int, block: int):
+def block_layout(ids, num_experts: int, block: int, fast_path: bool = False):
     """Block-padded layout of rows with expert ids [M] (id == num_experts: skip).
 
     Each expert's rows are placed contiguously (in row order) from a block-aligned start, its
     group padded up to a multiple of `block` rows. The buffer holds the worst case, M + E *
-    (block - 1) rows rounded up to whole blocks, so nothing is ever dropped and shapes are static.
-    Returns (dest [M]: row in the buffer, R for skipped rows; block_expert [NB]; R = NB * block).
+    (block - 1) rows rounded up to whole blocks (with `fast_path`, to a multiple of E blocks), so
+    nothing is ever dropped and shapes are static. With `fast_path`, when every expert has at
+    most R / E rows, the layout is instead the fixed one: expert e owns rows [e R/E, (e+1) R/E)
+    (blocks e NB/E ... ), so the blocks can be multiplied by the kernels as stored, no gather.
+    Returns (dest [M]: row in the buffer, R for skipped rows; block_expert [NB]; R = NB * block;
+    fast: bool scalar, the fixed layout is in use).
     """
     M, E = ids.shape[0], num_experts
     NB = -(-(M + E * (block - 1)) // block)
+    if fast_path:
+        NB = -(-NB // E) * E
     R = NB * block
     sizes = jnp.bincount(ids, length=E).astype(jnp.int32)  # [E]
     padded = (sizes + block - 1) // block * block  # [E]
@@ -156,43 +163,144 @@ def block_layout(ids, num_experts: int, block: int):
     order = jnp.argsort(ids, stable=True)  # [M]
     rank = jnp.zeros((M,), jnp.int32).at[order].set(jnp.arange(M, dtype=jnp.int32))  # [M]
     e = jnp.minimum(ids, E - 1)  # [M]
-    dest = jnp.where(ids < E, pstart[e] + rank - gstart[e], R)  # [M]
+    within = rank - gstart[e]  # [M] rank among the expert's rows
+    dest = jnp.where(ids < E, pstart[e] + within, R)  # [M]
     starts = jnp.arange(NB, dtype=jnp.int32) * block  # [NB]
     block_expert = jnp.minimum(jnp.searchsorted(pend, starts, side="right"), E - 1)  # [NB]
-    return dest, block_expert.astype(jnp.int32), R
+    block_expert = block_expert.astype(jnp.int32)
+    fast = jnp.array(False)
+    if fast_path:
+        fast = jnp.max(sizes) <= R // E
+        dest = jnp.where(fast, jnp.where(ids < E, e * (R // E) + within, R), dest)
+        block_expert = jnp.where(fast, jnp.arange(NB, dtype=jnp.int32) // (NB // E), block_expert)
+    return dest, block_expert, R, fast
 
 
-def block_padded_ffn(x, ids, num_experts: int, kernels: dict, act, block: int = 128):
+def _block_mm(a, w, block_expert, fixed: bool):
+    """a [NB, bs, I] @ w [E, I, O] per block -> [NB, bs, O]. fixed: block b belongs to expert
+    b // (NB / E), so an expert's blocks are one [NB/E * bs, I] matrix and w is not gathered."""
+    if fixed:
+        E, (NB, bs, _) = w.shape[0], a.shape
+        out = jnp.einsum("emi,eio->emo", a.reshape(E, NB // E * bs, -1), w)
+        return out.reshape(NB, bs, -1)
+    return jnp.einsum("nbi,nio->nbo", a, w[block_expert])
+
+
+def _block_mm_t(g, w, block_expert, fixed: bool):
+    """g [NB, bs, O] @ w[e]^T per block -> [NB, bs, I] (the input gradient of `_block_mm`)."""
+    if fixed:
+        E, (NB, bs, _) = w.shape[0], g.shape
+        out = jnp.einsum("emo,eio->emi", g.reshape(E, NB // E * bs, -1), w)
+        return out.reshape(NB, bs, -1)
+    return jnp.einsum("nbo,nio->nbi", g, w[block_expert])
+
+
+def _block_wgrad(a, g, block_expert, num_experts: int, fixed: bool):
+    """Kernel gradient of `_block_mm`: sum over each expert's blocks of a^T g -> [E, I, O]."""
+    if fixed:
+        NB, bs, _ = a.shape
+        m = NB // num_experts * bs
+        return jnp.einsum(
+            "emi,emo->eio", a.reshape(num_experts, m, -1), g.reshape(num_experts, m, -1)
+        )
+    per_block = jnp.einsum("nbi,nbo->nio", a, g)  # [NB, I, O]
+    return jax.ops.segment_sum(per_block, block_expert, num_segments=num_experts)
+
+
+def _blocked_ffn_fwd_impl(act, xb, kernels, block_expert, fixed: bool):
+    mm = functools.partial(_block_mm, block_expert=block_expert, fixed=fixed)
+    u = mm(xb, kernels["up"])  # [NB, bs, F]
+    g = mm(xb, kernels["gate"]) if "gate" in kernels else u
+    h = act(g) * u if "gate" in kernels else act(u)
+    return mm(h, kernels["down"]), g, u
+
+
+def _blocked_ffn_bwd_impl(act, xb, kernels, block_expert, g, u, dy, fixed: bool):
+    E = kernels["up"].shape[0]
+    mm_t = functools.partial(_block_mm_t, block_expert=block_expert, fixed=fixed)
+    wgrad = functools.partial(_block_wgrad, block_expert=block_expert, num_experts=E, fixed=fixed)
+    a, act_vjp = jax.vjp(act, g)  # act(g) and its vjp
+    h = a * u if "gate" in kernels else a
+    dh = mm_t(dy, kernels["down"])  # [NB, bs, F]
+    grads = {"down": wgrad(h, dy)}
+    if "gate" in kernels:
+        du, (dg,) = dh * a, act_vjp(dh * u)
+        grads["gate"] = wgrad(xb, dg)
+        dx = mm_t(dg, kernels["gate"]) + mm_t(du, kernels["up"])
+    else:
+        (du,) = act_vjp(dh)
+        dx = mm_t(du, kernels["up"])
+    grads["up"] = wgrad(xb, du)
+    return dx, grads
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def blocked_ffn(act, xb, kernels: dict, block_expert, fast):
+    """Expert MLP over row blocks: xb [NB, bs, D] -> [NB, bs, D], block b through expert
+    block_expert[b]. With `fast` (a bool scalar; None = never) the layout must be the fixed one of
+    `block_layout(fast_path=True)` and the kernels are used as stored; otherwise they are gathered
+    per block. Both run under one `lax.cond` in the forward and one in the backward (a custom
+    VJP, so the residuals, xb and the pre-activations [NB, bs, F], are the same for both)."""
+    return _blocked_ffn_fwd(act, xb, kernels, block_expert, fast)[0]
+
+
+def _blocked_ffn_fwd(act, xb, kernels, block_expert, fast):
+    branch = lambda fixed: lambda *a: _blocked_ffn_fwd_impl(act, *a, fixed=fixed)  # noqa: E731
+    args = (xb, kernels, block_expert)
+    y, g, u = (
+        branch(False)(*args) if fast is None else jax.lax.cond(fast, *map(branch, (1, 0)), *args)
+    )
+    return y, (xb, kernels, block_expert, fast, g, u)
+
+
+def _blocked_ffn_bwd(act, res, dy):
+    xb, kernels, block_expert, fast, g, u = res
+    branch = lambda fixed: lambda *a: _blocked_ffn_bwd_impl(act, *a, fixed=fixed)  # noqa: E731
+    args = (xb, kernels, block_expert, g, u, dy)
+    dx, dk = (
+        branch(False)(*args) if fast is None else jax.lax.cond(fast, *map(branch, (1, 0)), *args)
+    )
+    return dx, dk, None, None
+
+
+blocked_ffn.defvjp(_blocked_ffn_fwd, _blocked_ffn_bwd)
+
+
+def block_size(rows: int, num_experts: int, block: int) -> int:
+    """`block`, or the next power of two >= rows / E when that is smaller."""
+    return max(1, min(block, 1 << max(0, math.ceil(math.log2(max(1, -(-rows // num_experts)))))))
+
+
+def block_padded_ffn(x, ids, num_experts: int, kernels: dict, act, block=128, fast_path=True):
     """Dropless grouped matmul as one batched matmul (fast on XLA:CPU, where `ragged_dot` is a
     dense loop over experts). x [M, D] rows with expert ids [M] (id == E: skip, output 0) -> [M, D].
 
     Rows go to `block_layout`'s buffer [NB, bs, D]; each block is multiplied by its expert's
-    kernel gathered per block [NB, D, F]; rows are read back. Padding rows are zeros and their
-    outputs are never read, so the result equals `ragged_dot`'s. The block size is `block`, or
-    the next power of two >= M / E when that is smaller (little padding for short inputs).
+    kernels (`blocked_ffn`: gathered per block, or as stored when `fast_path` and the loads fit
+    the fixed layout); rows are read back. Padding rows are zeros and their outputs are never
+    read, so the result equals `ragged_dot`'s. The block size is `block_size(M, E, block)`.
     """
     M, D = x.shape
-    bs = max(1, min(block, 1 << max(0, math.ceil(math.log2(max(1, -(-M // num_experts)))))))
-    dest, block_expert, R = block_layout(ids, num_experts, bs)
+    bs = block_size(M, num_experts, block)
+    dest, block_expert, R, fast = block_layout(ids, num_experts, bs, fast_path)
     xb = jnp.zeros((R, D), x.dtype).at[dest].set(x, mode="drop").reshape(R // bs, bs, D)
-
-    def mm(a, w):
-        return jnp.einsum("nbd,ndf->nbf", a, w.astype(a.dtype)[block_expert])  # [NB, bs, F]
-
-    h = mm(xb, kernels["up"])
-    h = act(mm(xb, kernels["gate"])) * h if "gate" in kernels else act(h)
-    yb = mm(h, kernels["down"]).reshape(R, D)  # [R, D]
+    kernels = {k: w.astype(x.dtype) for k, w in kernels.items()}
+    yb = blocked_ffn(act, xb, kernels, block_expert, fast if fast_path else None)  # [NB, bs, D]
+    yb = yb.reshape(R, D)
     return yb.at[dest].get(mode="fill", fill_value=0)  # [M, D]
 
 
-def sorted_ffn(x, ids, num_experts: int, kernels: dict, act, impl="ragged_dot", block=128):
+def sorted_ffn(
+    x, ids, num_experts: int, kernels: dict, act, impl="ragged_dot", block=128, fast_path=True
+):
     """Dropless: x [M, D] rows with expert ids [M] (id == num_experts: skip, output 0) -> [M, D].
 
     ragged_dot: rows are sorted by expert, run through one grouped matmul per projection, and
-    unsorted. block_padded: `block_padded_ffn`.
+    unsorted. block_padded: `block_padded_ffn` (with its fixed-layout fast path unless
+    `fast_path` is False).
     """
     if grouped_matmul_impl(impl) == "block_padded":
-        return block_padded_ffn(x, ids, num_experts, kernels, act, block)
+        return block_padded_ffn(x, ids, num_experts, kernels, act, block, fast_path)
     order = jnp.argsort(ids, stable=True)  # [M]
     group_sizes = jnp.bincount(ids, length=num_experts).astype(jnp.int32)  # [E]
     y = expert_ffn(x[order], kernels, act, group_sizes)  # [M, D] in expert order
@@ -200,11 +308,17 @@ def sorted_ffn(x, ids, num_experts: int, kernels: dict, act, impl="ragged_dot", 
 
 
 def dropless_ffn(x, ids, weights, kernels: dict, act, num_experts: int, **gmm):
-    """x [N, D], ids/weights [N, K] -> sum_k weights * expert_ids(x) [N, D]. `gmm`: impl, block
-    of `sorted_ffn`."""
+    """x [N, D], ids/weights [N, K] -> sum_k weights * expert_ids(x) [N, D]. `gmm`: impl, block,
+    fast_path of `sorted_ffn`."""
     N, K = ids.shape
     y = sorted_ffn(jnp.repeat(x, K, axis=0), ids.reshape(-1), num_experts, kernels, act, **gmm)
     return jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y.reshape(N, K, -1))  # [N, D]
+
+
+def uses_fast_layout(ids, num_experts: int, block: int) -> jax.Array:
+    """Whether `block_padded_ffn` takes its fixed-layout fast path for expert ids [M]."""
+    bs = block_size(ids.shape[0], num_experts, block)
+    return block_layout(ids, num_experts, bs, fast_path=True)[3]
 
 
 # --------------------------------------------------------------------------- losses (pure)
@@ -420,7 +534,9 @@ class MoE(nn.Module):
        in training when `jitter_noise` > 0, from the 'dropout' stream);
     2. routing: top-k token choice (softmax_topk, Mixtral; topk_softmax) or expert choice;
     3. dispatch: dropless (copies sorted by expert, grouped matmul: `ragged_dot`, or
-       `block_padded_ffn` on CPU, per `grouped_matmul`) or capacity
+       `block_padded_ffn` on CPU, per `grouped_matmul`; block_padded multiplies by the kernels
+       as stored when every expert fits R / E rows of its worst-case buffer, reported on one
+       device as `dropless_fast_path`, the fraction of MoE layers that did) or capacity
        (train/eval capacity factors; 1st choices before 2nd choices, then by position; by index
        into an [E, G, C, D] buffer on one device, GShard [G, S, E, C] dispatch/combine tensors
        under expert parallelism); expert choice always uses its fixed capacity;
@@ -462,6 +578,7 @@ class MoE(nn.Module):
 
         # 2-5. route, dispatch, experts, combine
         factor = m.capacity_factor_eval if self.deterministic else m.capacity_factor_train
+        metrics_extra = {}
         xc = x.astype(cfg.compute_dtype)
         if m.router == "expert_choice":
             dispatch, combine = expert_choice_masks(probs, capacity(factor, T, K, E))
@@ -488,10 +605,17 @@ class MoE(nn.Module):
             weights, ids = token_choice(logits, K, m.router, m.renormalize)  # [B, T, K]
             load = jnp.bincount(ids.reshape(-1), length=E) / ids.size  # [E]
             dropped = jnp.zeros((), jnp.float32)
-            gmm = {"impl": grouped_matmul_impl(m.grouped_matmul), "block": m.grouped_matmul_block}
+            gmm = {
+                "impl": grouped_matmul_impl(m.grouped_matmul),
+                "block": m.grouped_matmul_block,
+                "fast_path": m.dropless_fast_path,
+            }
             if mesh is None:
                 flat = (xc.reshape(B * T, D), ids.reshape(B * T, K), weights.reshape(B * T, K))
                 y = dropless_ffn(*flat, kernels, act, E, **gmm).reshape(B, T, D)
+                if gmm["impl"] == "block_padded" and m.dropless_fast_path:
+                    fast = uses_fast_layout(ids.reshape(-1), E, m.grouped_matmul_block)
+                    metrics_extra["dropless_fast_path"] = fast.astype(jnp.float32)
             else:
                 y = ep_dropless_ffn(xc, ids, weights, kernels, act, mesh, **gmm)
         if m.num_shared_experts:
@@ -508,6 +632,7 @@ class MoE(nn.Module):
             "router_entropy": router_entropy(probs),
             "load_balance_loss": lb,
             "router_z_loss": z,
+            **metrics_extra,
         }
         self.sow("aux", "moe_metrics", metrics)
         return y

@@ -26,6 +26,7 @@ from lm_jax.nn.moe import (
     load_balance_loss,
     sorted_ffn,
     token_choice,
+    uses_fast_layout,
 )
 from lm_jax.sharding import make_mesh
 
@@ -121,10 +122,23 @@ def test_auto_grouped_matmul_is_block_padded_on_cpu():
 def test_block_layout_pads_each_expert_to_whole_blocks():
     # experts 0..3, block 4: sizes [5, 0, 2, 1] -> padded [8, 0, 4, 4]; id 4 = skip
     ids = jnp.array([2, 0, 0, 4, 3, 0, 0, 2, 0])
-    dest, block_expert, R = block_layout(ids, 4, 4)
+    dest, block_expert, R, fast = block_layout(ids, 4, 4)
     assert R == 4 * -(-(9 + 4 * 3) // 4)  # worst case M + E * (block - 1), whole blocks
     assert dest.tolist() == [8, 0, 1, R, 12, 2, 3, 9, 4]  # each group in row order; skip -> R
     assert block_expert.tolist()[:4] == [0, 0, 2, 3]  # blocks past the last group: unused
+    assert not bool(fast)
+    # fast path: 6 blocks rounded up to 8 (a multiple of E), R = 32; every expert fits R / E = 8
+    # rows, so expert e owns rows [8e, 8e + 8) and blocks 2e, 2e + 1
+    dest, block_expert, R, fast = block_layout(ids, 4, 4, fast_path=True)
+    assert R == 32 and bool(fast)
+    assert dest.tolist() == [16, 0, 1, R, 24, 2, 3, 17, 4]
+    assert block_expert.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    # 9 rows of expert 0 do not fit 8 slots: the padded layout, as without the fast path
+    heavy = jnp.zeros((9,), jnp.int32)
+    dest, block_expert, R, fast = block_layout(heavy, 4, 4, fast_path=True)
+    assert (
+        not bool(fast) and dest.tolist() == list(range(9)) and block_expert.tolist()[:3] == [0] * 3
+    )
 
 
 @pytest.mark.parametrize("block", [1, 4, 64])
@@ -413,3 +427,56 @@ def test_transformer_with_moe(every):
     (val, moe), grads = jax.value_and_grad(loss, has_aux=True)(params)
     assert float(moe) > 0 and bool(jnp.isfinite(val))
     assert all(bool(jnp.isfinite(g).all()) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_block_padded_fast_path_equals_ragged_dot_both_branches(skewed, activation):
+    """block_padded with its fixed-layout fast path (custom VJP, lax.cond) equals ragged_dot in
+    forward and gradients, both when the loads fit R / E rows (balanced: the fixed layout runs)
+    and when they do not (one expert gets half the rows: the gathered layout runs); skipped rows
+    (id == E) output 0; the fast path off gives the same."""
+    M, E, D, F = 96, 8, 16, 24
+    k = jax.random.split(jax.random.key(7), 5)
+    x = jax.random.normal(k[0], (M, D))
+    ids = jnp.arange(M) % (E + 1)  # balanced, ~M/(E+1) rows per expert and skips
+    if skewed:
+        ids = ids.at[: M // 2].set(3)
+    assert bool(uses_fast_layout(ids, E, 4)) is (not skewed)
+    names = ("gate", "up", "down") if activation == "silu" else ("up", "down")
+    kernels = {
+        n: jax.random.normal(kk, (E, F, D) if n == "down" else (E, D, F)) / 4
+        for n, kk in zip(names, k[2:])
+    }
+    act = ACTIVATIONS[activation]
+
+    def run(**gmm):
+        def f(x, kernels):
+            y = sorted_ffn(x, ids, E, kernels, act, **gmm)
+            return jnp.sum(y * jnp.cos(x)), y
+
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1), has_aux=True))(x, kernels)
+
+    (_, y1), g1 = run(impl="ragged_dot")
+    (_, y2), g2 = run(impl="block_padded", block=4)
+    (_, y3), g3 = run(impl="block_padded", block=4, fast_path=False)
+    assert float(jnp.abs(y1).max()) > 0.5
+    assert bool((y2[ids == E] == 0).all())
+    assert _max_diff(y1, y2) <= 1e-5 and _max_diff(g1, g2) <= 1e-5
+    assert _max_diff(y1, y3) <= 1e-5 and _max_diff(g1, g3) <= 1e-5
+
+
+def test_moe_reports_dropless_fast_path():
+    """Balanced routing (a zero router: every token ties, top-k takes experts 0..K-1, so K of E
+    experts get every token: too many for R / E rows) -> 0; random O(1) routing -> a fraction."""
+    cfg = _cfg(grouped_matmul="block_padded", grouped_matmul_block=4)
+    params, x = _init(cfg)
+    _, aux = _apply(cfg, params, x)
+    frac = float(aux["aux"]["moe_metrics"][0]["dropless_fast_path"])
+    assert frac in (0.0, 1.0)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    _, aux = _apply(cfg, zero, x)
+    assert float(aux["aux"]["moe_metrics"][0]["dropless_fast_path"]) == 0.0
+    off = _cfg(grouped_matmul="block_padded", dropless_fast_path=False)
+    _, aux = _apply(off, params, x)
+    assert "dropless_fast_path" not in aux["aux"]["moe_metrics"][0]
