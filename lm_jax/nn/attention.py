@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.layers import Dense
 from lm_jax.nn.rope import apply_rope, rope_inv_freq
+from lm_jax.nn.softmax_attention import softmax_attention
 from lm_jax.nn.splash import resolve_impl, splash_attention
 from lm_jax.sharding import constrain
 
@@ -50,14 +51,23 @@ def write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.A
     return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
 
 
+def attend(q, k, v, mask, impl: str | None):
+    """Training/prefill attention: cuDNN through `jax.nn.dot_product_attention` when `impl` is
+    "cudnn", else `softmax_attention` (XLA, hand-written backward)."""
+    if impl is None:
+        return softmax_attention(q, k, v, mask)
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
 class Attention(nn.Module):
     """Causal self-attention.
 
     1. project x to q [B,T,N,H], k/v [B,T,K,H] (K divides N: MHA, GQA or MQA);
     2. rotate q, k by RoPE at `positions` (Llama family);
     3. with a cache, write k/v at `positions` and attend over the whole cache [B,S,K,H];
-    4. softmax(q k^T / sqrt(H)) v through `jax.nn.dot_product_attention` (f32 softmax), or the
-       kernel `cfg.attention_impl` selects (`lm_jax.nn.splash`: xla / cudnn / splash / auto);
+    4. softmax(q k^T / sqrt(H)) v, f32 softmax: `lm_jax.nn.softmax_attention` (XLA, hand-written
+       backward), `jax.nn.dot_product_attention` over a KV cache, or the kernel
+       `cfg.attention_impl` selects (`lm_jax.nn.splash`: xla / cudnn / splash / auto);
     5. project back with o_proj.
     """
 
@@ -94,7 +104,7 @@ class Attention(nn.Module):
             mask = None
             if segment_ids is not None:  # [B, 1, T, T]: same segment (0 = padding) only
                 mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+            out = attend(q, k, v, mask, impl)
         elif cache is not None:
             cache = LayerCache(
                 write_cache(cache.k, k, positions), write_cache(cache.v, v, positions)
@@ -112,7 +122,7 @@ class Attention(nn.Module):
             out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)
         elif segment_ids is None and impl is None:
             mask = make_attention_mask(positions, positions, window=cfg.sliding_window)
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+            out = softmax_attention(q, k, v, mask)
         elif segment_ids is None:
             window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
             out = jax.nn.dot_product_attention(
@@ -122,7 +132,7 @@ class Attention(nn.Module):
             mask = make_attention_mask(
                 positions, positions, segment_ids, segment_ids, window=cfg.sliding_window
             )
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+            out = attend(q, k, v, mask, impl)
         out = constrain(out, ("batch", "length", "act_heads", None))
         out = out.reshape(B, T, N * H)
         o_std = cfg.initializer_range / (2 * cfg.num_layers) ** 0.5

@@ -1,0 +1,71 @@
+"""Softmax attention in XLA with a hand-written backward pass (training off the GPU/TPU kernels).
+
+    out = softmax(mask(q k^T / sqrt(H))) v        q [B, T, N, H], k/v [B, S, K, H], K divides N
+
+Equal to `jax.nn.dot_product_attention(q, k, v, mask=mask)` (its XLA implementation), with two
+changes that matter on XLA:CPU, where the `[B, N, T, S]` score tensors dominate the non-matmul time:
+- the scale multiplies q (T x H numbers) instead of the scores (T x S);
+- the backward pass uses the flash-attention identity dS = P * (dP - rowsum(dO * O)), one
+  elementwise pass over the scores instead of the softmax VJP's several; the residuals are q, k,
+  v, the output and the probabilities P.
+Scores, softmax and P are float32; grouped-query heads (G = N / K query heads per KV head) share
+K/V without copies.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_NEG = float(jnp.finfo(jnp.float32).min)  # masked scores, as jax.nn.dot_product_attention
+
+
+def _grouped(q, num_kv: int):
+    B, T, N, H = q.shape
+    return q.reshape(B, T, num_kv, N // num_kv, H)  # [B, T, K, G, H]
+
+
+def _forward(q, k, v, mask):
+    B, T, N, H = q.shape
+    qg = _grouped(q * jnp.asarray(H**-0.5, q.dtype), k.shape[2])  # [B, T, K, G, H]
+    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    if mask is not None:  # [B, 1 or N, T, S] -> [B, 1 or K, 1 or G, T, S]
+        Bm, M, Tm, Sm = mask.shape
+        K = k.shape[2]
+        grouped = (Bm, 1, 1, Tm, Sm) if M == 1 else (Bm, K, N // K, Tm, Sm)
+        s = jnp.where(mask.reshape(grouped), s, _NEG)
+    p = jax.nn.softmax(s, axis=-1)  # [B, K, G, T, S] f32
+    o = jnp.einsum("bkgts,bskh->btkgh", p.astype(v.dtype), v).reshape(B, T, N, H)
+    return o, p
+
+
+@jax.custom_vjp
+def softmax_attention(q, k, v, mask=None):
+    """q [B, T, N, H], k/v [B, S, K, H], mask bool [B, 1 or N, T, S] (True = attend) or None
+    -> [B, T, N, H]."""
+    return _forward(q, k, v, mask)[0]
+
+
+def _fwd(q, k, v, mask):
+    o, p = _forward(q, k, v, mask)
+    return o, (q, k, v, o, p, mask)
+
+
+def _bwd(res, do):
+    q, k, v, o, p, mask = res
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    scale = H**-0.5
+    dog = _grouped(do, K)  # [B, T, K, G, H]
+    rowsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, T, N]
+    rowsum = rowsum.reshape(B, T, K, -1).transpose(0, 2, 3, 1)[..., None]  # [B, K, G, T, 1]
+    # dv and dk contract over t; this operand order ([T, H] first) ran faster on XLA:CPU
+    dv = jnp.einsum("btkgh,bkgts->bskh", dog, p.astype(do.dtype))  # [B, S, K, H]
+    dp = jnp.einsum("btkgh,bskh->bkgts", dog, v, preferred_element_type=jnp.float32)
+    ds = (p * (dp - rowsum)).astype(q.dtype)  # [B, K, G, T, S]; masked entries have p = 0
+    dq = jnp.einsum("bkgts,bskh->btkgh", ds, k * jnp.asarray(scale, k.dtype)).reshape(q.shape)
+    dk = jnp.einsum("btkgh,bkgts->bskh", _grouped(q * jnp.asarray(scale, q.dtype), K), ds)
+    return dq, dk, dv, None
+
+
+softmax_attention.defvjp(_fwd, _bwd)
