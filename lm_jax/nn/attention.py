@@ -120,15 +120,12 @@ class Attention(nn.Module):
             )
         elif kernel == "splash":
             out = splash_attention(q, k, v, segment_ids, cfg.sliding_window)
-        elif segment_ids is None and impl is None:
-            mask = make_attention_mask(positions, positions, window=cfg.sliding_window)
-            out = softmax_attention(q, k, v, mask)
-        elif segment_ids is None:
+        elif segment_ids is None and impl is not None:
             window = None if cfg.sliding_window is None else (cfg.sliding_window - 1, 0)
             out = jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, local_window_size=window, implementation=impl
             )
-        else:
+        else:  # causal by position (and same segment when given)
             mask = make_attention_mask(
                 positions, positions, segment_ids, segment_ids, window=cfg.sliding_window
             )

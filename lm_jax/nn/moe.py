@@ -176,23 +176,16 @@ def block_layout(ids, num_experts: int, block: int, fast_path: bool = False):
     return dest, block_expert, R, fast
 
 
-def _block_mm(a, w, block_expert, fixed: bool):
-    """a [NB, bs, I] @ w [E, I, O] per block -> [NB, bs, O]. fixed: block b belongs to expert
-    b // (NB / E), so an expert's blocks are one [NB/E * bs, I] matrix and w is not gathered."""
+def _block_mm(a, w, block_expert, fixed: bool, transpose_w: bool = False):
+    """a [NB, bs, I] @ w[e] per block -> [NB, bs, O], w [E, I, O] (or w[e]^T with `transpose_w`,
+    w [E, O, I]: the input gradient). fixed: block b belongs to expert b // (NB / E), so an
+    expert's blocks are one [NB/E * bs, I] matrix and w is not gathered."""
+    w_spec = "oi" if transpose_w else "io"
     if fixed:
         E, (NB, bs, _) = w.shape[0], a.shape
-        out = jnp.einsum("emi,eio->emo", a.reshape(E, NB // E * bs, -1), w)
+        out = jnp.einsum(f"emi,e{w_spec}->emo", a.reshape(E, NB // E * bs, -1), w)
         return out.reshape(NB, bs, -1)
-    return jnp.einsum("nbi,nio->nbo", a, w[block_expert])
-
-
-def _block_mm_t(g, w, block_expert, fixed: bool):
-    """g [NB, bs, O] @ w[e]^T per block -> [NB, bs, I] (the input gradient of `_block_mm`)."""
-    if fixed:
-        E, (NB, bs, _) = w.shape[0], g.shape
-        out = jnp.einsum("emo,eio->emi", g.reshape(E, NB // E * bs, -1), w)
-        return out.reshape(NB, bs, -1)
-    return jnp.einsum("nbo,nio->nbi", g, w[block_expert])
+    return jnp.einsum(f"nbi,n{w_spec}->nbo", a, w[block_expert])
 
 
 def _block_wgrad(a, g, block_expert, num_experts: int, fixed: bool):
@@ -217,7 +210,7 @@ def _blocked_ffn_fwd_impl(act, xb, kernels, block_expert, fixed: bool):
 
 def _blocked_ffn_bwd_impl(act, xb, kernels, block_expert, g, u, dy, fixed: bool):
     E = kernels["up"].shape[0]
-    mm_t = functools.partial(_block_mm_t, block_expert=block_expert, fixed=fixed)
+    mm_t = functools.partial(_block_mm, block_expert=block_expert, fixed=fixed, transpose_w=True)
     wgrad = functools.partial(_block_wgrad, block_expert=block_expert, num_experts=E, fixed=fixed)
     a, act_vjp = jax.vjp(act, g)  # act(g) and its vjp
     h = a * u if "gate" in kernels else a
@@ -245,21 +238,17 @@ def blocked_ffn(act, xb, kernels: dict, block_expert, fast):
 
 
 def _blocked_ffn_fwd(act, xb, kernels, block_expert, fast):
-    branch = lambda fixed: lambda *a: _blocked_ffn_fwd_impl(act, *a, fixed=fixed)  # noqa: E731
+    fixed, packed = (functools.partial(_blocked_ffn_fwd_impl, act, fixed=f) for f in (True, False))
     args = (xb, kernels, block_expert)
-    y, g, u = (
-        branch(False)(*args) if fast is None else jax.lax.cond(fast, *map(branch, (1, 0)), *args)
-    )
+    y, g, u = packed(*args) if fast is None else jax.lax.cond(fast, fixed, packed, *args)
     return y, (xb, kernels, block_expert, fast, g, u)
 
 
 def _blocked_ffn_bwd(act, res, dy):
     xb, kernels, block_expert, fast, g, u = res
-    branch = lambda fixed: lambda *a: _blocked_ffn_bwd_impl(act, *a, fixed=fixed)  # noqa: E731
+    fixed, packed = (functools.partial(_blocked_ffn_bwd_impl, act, fixed=f) for f in (True, False))
     args = (xb, kernels, block_expert, g, u, dy)
-    dx, dk = (
-        branch(False)(*args) if fast is None else jax.lax.cond(fast, *map(branch, (1, 0)), *args)
-    )
+    dx, dk = packed(*args) if fast is None else jax.lax.cond(fast, fixed, packed, *args)
     return dx, dk, None, None
 
 

@@ -25,7 +25,25 @@ def _grouped(q, num_kv: int):
     return q.reshape(B, T, num_kv, N // num_kv, H)  # [B, T, K, G, H]
 
 
+def _check_shapes(q, k, v, mask) -> None:
+    if q.ndim != 4 or k.shape != v.shape or k.ndim != 4:
+        raise ValueError(
+            f"need q [B, T, N, H], k = v [B, S, K, H]; got {q.shape}, {k.shape}, {v.shape}."
+        )
+    (B, T, N, H), (Bk, S, K, Hk) = q.shape, k.shape
+    if Bk != B or Hk != H or N % K:
+        raise ValueError(
+            f"q {q.shape} and k/v {k.shape} must share batch and head size, and the KV heads "
+            f"({K}) must divide the query heads ({N})."
+        )
+    if mask is not None and (
+        mask.ndim != 4 or mask.shape[1] not in (1, N) or mask.shape[2:] != (T, S)
+    ):
+        raise ValueError(f"mask must be [B, 1 or {N}, {T}, {S}], got {mask.shape}.")
+
+
 def _forward(q, k, v, mask):
+    _check_shapes(q, k, v, mask)
     B, T, N, H = q.shape
     qg = _grouped(q * jnp.asarray(H**-0.5, q.dtype), k.shape[2])  # [B, T, K, G, H]
     s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
@@ -59,7 +77,6 @@ def _bwd(res, do):
     dog = _grouped(do, K)  # [B, T, K, G, H]
     rowsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, T, N]
     rowsum = rowsum.reshape(B, T, K, -1).transpose(0, 2, 3, 1)[..., None]  # [B, K, G, T, 1]
-    # dv and dk contract over t; this operand order ([T, H] first) ran faster on XLA:CPU
     dv = jnp.einsum("btkgh,bkgts->bskh", dog, p.astype(do.dtype))  # [B, S, K, H]
     dp = jnp.einsum("btkgh,bskh->bkgts", dog, v, preferred_element_type=jnp.float32)
     ds = (p * (dp - rowsum)).astype(q.dtype)  # [B, K, G, T, S]; masked entries have p = 0

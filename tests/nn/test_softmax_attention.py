@@ -71,3 +71,12 @@ def test_transformer_training_path_uses_it(monkeypatch):
     tokens = jnp.zeros((1, 8), jnp.int32)
     Transformer(cfg).init(jax.random.key(0), tokens)
     assert calls
+
+
+def test_bad_shapes_are_clear_errors():
+    q, k, v, _, mask = _inputs(6, 4, "causal_segments")  # 4 KV heads do not divide 6
+    with pytest.raises(ValueError, match="must divide the query heads"):
+        softmax_attention(q, k, v, mask)
+    q, k, v, _, mask = _inputs(4, 2, "causal_segments")
+    with pytest.raises(ValueError, match="mask must be"):
+        softmax_attention(q, k, v, mask[:, :, :5])
