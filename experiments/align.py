@@ -34,6 +34,9 @@ flags.DEFINE_integer("eval_samples", 256, "Policy samples per evaluation.")
 flags.DEFINE_integer(
     "kl_adaptive_every", 10, "kl_dpg: steps between proposal checks (huge = fixed proposal a)."
 )
+flags.DEFINE_float(
+    "moment_feedback", 0.0, "Moment targets: lambda += rate (mu_bar - E_pi[phi]) each step (0 = off)."
+)
 flags.DEFINE_string("mesh", "", "e.g. data:8 (default: all devices on data).")
 flags.DEFINE_string("workdir", "/tmp/align", "Output folder.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -73,7 +76,7 @@ def main(argv):
         summary = {"target": target[1], "methods": {}}
         kw = dict(steps=F.steps, batch_size=F.batch_size, key=key, target=tuple(target), mesh=mesh)
         kw.update(tokenizer=tok, eval_every=F.eval_every, eval_samples=F.eval_samples)
-        kw.update(reference=ref)
+        kw.update(reference=ref, moment_feedback=F.moment_feedback)
         for m in methods:
             policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
             writer = MetricWriter(os.path.join(F.workdir, m))

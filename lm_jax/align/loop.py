@@ -13,7 +13,7 @@ import optax
 from lm_jax.align import estimators as est
 from lm_jax.align.ebm import EBM, make_ebm
 from lm_jax.align.features import Constraint, feature_matrix
-from lm_jax.align.moments import check_targets, fit_ebm
+from lm_jax.align.moments import check_targets, dual_ascent, fit_ebm, log_z_on_base
 from lm_jax.align.policies import LMPolicy
 from lm_jax.align.samplers import Samples, shard_batch
 from lm_jax.align.tuners import TunerConfig, init_state, jit_align_step
@@ -111,11 +111,14 @@ def train(
     eval_every: int = 0,
     eval_samples: int = 256,
     reference: dict | None = None,
+    moment_feedback: float = 0.0,
     log: Callable[[str], None] = print,
 ):
     """Align `trainable` towards the EBM of `constraints`; returns (state, history rows).
     `reference` (base samples from `estimate_target(..., return_samples=True)`) adds KL(p||pi)
-    and TVD(p, pi) estimated on them to every evaluation."""
+    and TVD(p, pi) estimated on them to every evaluation (always against the fitted target p).
+    `moment_feedback` > 0 adapts lambda after every step on the policy's batch moment
+    (`moments.dual_ascent`) and re-estimates log Z on the reference samples (needs `reference`)."""
     score = scorer(policy, constraints)
     k_target, k_train, k_eval = jax.random.split(key, 3)
     if target is None:
@@ -123,7 +126,10 @@ def train(
             policy, frozen, constraints, k_target, moment_samples, batch_size, score
         )
     ebm, info = target
+    ebm_fit = ebm  # the I-projection p: evaluations measure KL(p||pi) against it
     log(f"target: {info}")
+    if moment_feedback and reference is None:
+        raise ValueError("moment_feedback needs `reference` base samples to re-estimate log Z.")
     state = init_state(trainable, tx, tcfg, log_z=info["log_z"], z_count=info["samples"])
     step = jit_align_step(tcfg, tx, policy.logprob_fn, mesh)
     history = []
@@ -156,7 +162,7 @@ def train(
                     for j in range(0, n, batch_size)
                 ]
             )
-            row.update(reference_metrics(ebm, reference, log_pi))
+            row.update(reference_metrics(ebm_fit, reference, log_pi))
         if tokenizer is not None:
             row.update({f"eval/{k}": v for k, v in diversity(decode_samples(tokenizer, s)).items()})
         return row
@@ -183,6 +189,13 @@ def train(
                 for k in ("kl_p_pi", "tvd_p_pi", "log_z", "kl_p_q"):
                     m.pop(k, None)
             row.update(m)
+            if moment_feedback and any(not c.pointwise for c in constraints):
+                ebm = dual_ascent(ebm, constraints, m["phi_pi"], moment_feedback)
+                log_z = log_z_on_base(ebm, reference["phi"], reference["log_a"])
+                z = est.ZState.create(log_z, len(reference["log_a"]))
+                state = state.replace(z=z.replace(skipped=state.z.skipped))
+                row["lambda"] = np.asarray(ebm.lam).tolist()
+                row["log_z_target"] = log_z
         row["wall_s"] = time.perf_counter() - t0  # since the loop began (compiles included)
         if writer is not None:
             writer.write(i, row)
@@ -203,6 +216,7 @@ def train(
                             "eval/phi_pi",
                             "eval/kl_p_pi",
                             "eval/distinct_2",
+                            "lambda",
                             "wall_s",
                         )
                     ]

@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax.align import estimators as est
 from lm_jax.align.features import Constraint
 from lm_jax.configs.base import ConfigError
 
@@ -178,3 +179,27 @@ def fit_ebm(ebm, constraints: Sequence[Constraint], phi, log_a, log_q=None, **kw
     lam_d, info = fit_lambda(jnp.asarray(phi)[:, idx], mu_bar, log_u, **kw)
     lam = jnp.zeros(len(constraints), jnp.float32).at[jnp.asarray(idx, jnp.int32)].set(lam_d)
     return ebm.replace_lam(lam), info
+
+
+def dual_ascent(ebm, constraints: Sequence[Constraint], policy_moment, rate: float):
+    """One step of moment feedback on the policy: lambda_d += rate (mu_bar_d - E_pi[phi_d]).
+
+    GDC fixes lambda so that the target p meets mu_bar; a policy class that cannot reach p exactly
+    (a low-rank adapter) converges to a near-projection whose moment can sit off mu_bar. Adapting
+    lambda on the policy's own moment (stochastic dual ascent on the constraint E_pi[phi] = mu_bar)
+    moves the target until the policy meets it, at the price of a target that is no longer the
+    I-projection of a. policy_moment [F] over all constraints; pointwise entries are ignored."""
+    idx = [i for i, c in enumerate(constraints) if not c.pointwise]
+    if not idx or rate == 0.0:
+        return ebm
+    mu_bar = jnp.asarray([constraints[i].target for i in idx], jnp.float32)
+    ii = jnp.asarray(idx, jnp.int32)
+    moment = jnp.asarray(policy_moment, jnp.float32)[ii]
+    return ebm.replace_lam(ebm.lam.at[ii].add(rate * (mu_bar - moment)))
+
+
+def log_z_on_base(ebm, phi, log_a) -> float:
+    """log Z^ of the EBM on samples of the base model a (w = P / a = b exp(lambda . phi)): the
+    normaliser to use after lambda changed. phi [N, F], log_a [N]."""
+    log_a = jnp.asarray(log_a, jnp.float32)
+    return float(est.log_z_hat(ebm.log_score(log_a, jnp.asarray(phi, jnp.float32)), log_a))
