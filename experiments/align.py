@@ -35,7 +35,7 @@ flags.DEFINE_integer(
     "kl_adaptive_every", 10, "kl_dpg: steps between proposal checks (huge = fixed proposal a)."
 )
 flags.DEFINE_float(
-    "moment_feedback", 0.0, "Moment targets: lambda += rate (mu_bar - E_pi[phi]) each step (0 = off)."
+    "moment_feedback", 0.0, "Moment targets: lambda += rate (mu_bar - E_pi[phi]) per step; 0 = off."
 )
 flags.DEFINE_string("mesh", "", "e.g. data:8 (default: all devices on data).")
 flags.DEFINE_string("workdir", "/tmp/align", "Output folder.")
