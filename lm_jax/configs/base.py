@@ -137,6 +137,9 @@ class ModelConfig:
     param_dtype: str = "float32"
     # attention kernel: xla | cudnn (NVIDIA) | splash (Pallas, TPU) | auto; see lm_jax.nn.splash
     attention_impl: Literal["xla", "cudnn", "splash", "auto"] = "xla"
+    # xla causal attention: query rows per block; key blocks above the diagonal are skipped
+    # (0 = one block, the full [T, T] scores)
+    attention_q_block: int = 64
     remat: Literal["none", "dots", "full"] = "none"  # rematerialisation policy per layer
     scan_unroll: int = 1  # layers unrolled per scan step; num_layers = no loop (faster on CPU)
     dropout: float = 0.0  # residual/attention-output dropout (training only)
@@ -174,6 +177,10 @@ class ModelConfig:
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}.")
         _check(self.max_len > 0, f"max_len must be > 0, got {self.max_len}.")
         _check(self.scan_unroll >= 1, f"scan_unroll must be >= 1, got {self.scan_unroll}.")
+        _check(
+            self.attention_q_block >= 0,
+            f"attention_q_block must be >= 0 (0 = no blocks), got {self.attention_q_block}.",
+        )
         _check(
             self.attention_impl in ("xla", "cudnn", "splash", "auto"),
             "attention_impl must be 'xla', 'cudnn', 'splash' or 'auto', got "

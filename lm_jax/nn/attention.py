@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.layers import Dense
 from lm_jax.nn.rope import apply_rope, rope_inv_freq
-from lm_jax.nn.softmax_attention import softmax_attention
+from lm_jax.nn.softmax_attention import causal_block_attention, softmax_attention
 from lm_jax.nn.splash import resolve_impl, splash_attention
 from lm_jax.sharding import constrain
 
@@ -66,7 +66,8 @@ class Attention(nn.Module):
     2. rotate q, k by RoPE at `positions` (Llama family);
     3. with a cache, write k/v at `positions` and attend over the whole cache [B,S,K,H];
     4. softmax(q k^T / sqrt(H)) v, f32 softmax: `lm_jax.nn.softmax_attention` (XLA, hand-written
-       backward), `jax.nn.dot_product_attention` over a KV cache, or the kernel
+       backward; causal rows in blocks of `cfg.attention_q_block` queries that skip the keys
+       above the diagonal), `jax.nn.dot_product_attention` over a KV cache, or the kernel
        `cfg.attention_impl` selects (`lm_jax.nn.splash`: xla / cudnn / splash / auto);
     5. project back with o_proj.
     """
@@ -125,11 +126,15 @@ class Attention(nn.Module):
             out = jax.nn.dot_product_attention(
                 q, k, v, is_causal=True, local_window_size=window, implementation=impl
             )
-        else:  # causal by position (and same segment when given)
+        else:  # causal by position (and same segment when given), and by index
             mask = make_attention_mask(
                 positions, positions, segment_ids, segment_ids, window=cfg.sliding_window
             )
-            out = attend(q, k, v, mask, impl)
+            mask &= jnp.tril(jnp.ones((T, T), bool))
+            if impl is None:  # XLA: key blocks above the diagonal are skipped
+                out = causal_block_attention(q, k, v, mask, cfg.attention_q_block)
+            else:
+                out = attend(q, k, v, mask, impl)
         out = constrain(out, ("batch", "length", "act_heads", None))
         out = out.reshape(B, T, N * H)
         o_std = cfg.initializer_range / (2 * cfg.num_layers) ** 0.5

@@ -86,3 +86,25 @@ def _bwd(res, do):
 
 
 softmax_attention.defvjp(_fwd, _bwd)
+
+
+def causal_block_attention(q, k, v, mask, block: int):
+    """`softmax_attention` for causal self-attention (S = T), skipping the key blocks above the
+    diagonal: query rows [s, e) attend keys [0, e) only, so about half of the [T, S] score work
+    (and its memory traffic) is never done. Exact when `mask` is index-causal (mask[..., i, j] is
+    False for j > i), as the causal `Attention` builds it. block <= 0 or >= T: one block.
+
+    q [B, T, N, H], k/v [B, T, K, H], mask bool [B, 1 or N, T, T] -> [B, T, N, H]."""
+    T = q.shape[1]
+    if block <= 0 or block >= T:
+        return softmax_attention(q, k, v, mask)
+    if k.shape[1] != T or mask is None or mask.shape[-2:] != (T, T):
+        raise ValueError(
+            f"causal_block_attention needs self-attention with a [.., {T}, {T}] mask; got k "
+            f"{k.shape} and mask {None if mask is None else mask.shape}."
+        )
+    outs = []
+    for s in range(0, T, block):
+        e = min(s + block, T)
+        outs.append(softmax_attention(q[:, s:e], k[:, :e], v[:, :e], mask[:, :, s:e, :e]))
+    return jnp.concatenate(outs, axis=1)

@@ -5,13 +5,16 @@ packed-segment mask [B, 1, T, S] and a per-head mask [B, N, T, S]; bf16 inputs w
 tolerance; and the Transformer's training path uses it.
 """
 
+import dataclasses
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from lm_jax.nn.attention import make_attention_mask
-from lm_jax.nn.softmax_attention import softmax_attention
+from lm_jax.nn.softmax_attention import causal_block_attention, softmax_attention
 
 B, T, H = 2, 24, 8
 
@@ -58,19 +61,65 @@ def test_bf16_within_bf16_tolerance_of_f32():
     assert all(g.dtype == jnp.bfloat16 and bool(jnp.isfinite(g).all()) for g in grads)
 
 
-def test_transformer_training_path_uses_it(monkeypatch):
-    """The Transformer's XLA training path goes through softmax_attention (counted calls)."""
+@pytest.mark.parametrize("q_block", [0, 4, 8])
+def test_transformer_training_path_uses_it(monkeypatch, q_block):
+    """The Transformer's XLA training path goes through softmax_attention (counted calls), once
+    per layer and query block."""
     from lm_jax.configs import llama_style
     from lm_jax.nn import Transformer
-    from lm_jax.nn import attention as attention_mod
 
+    sa_mod = importlib.import_module("lm_jax.nn.softmax_attention")
     calls = []
-    real = attention_mod.softmax_attention
-    monkeypatch.setattr(attention_mod, "softmax_attention", lambda *a: calls.append(1) or real(*a))
-    cfg = llama_style(vocab_size=32, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2)
+    real = sa_mod.softmax_attention
+    monkeypatch.setattr(sa_mod, "softmax_attention", lambda *a: calls.append(1) or real(*a))
+    cfg = llama_style(
+        vocab_size=32, d_model=16, num_layers=2, num_heads=4, num_kv_heads=2, scan_unroll=2
+    )
+    cfg = dataclasses.replace(cfg, attention_q_block=q_block)
     tokens = jnp.zeros((1, 8), jnp.int32)
     Transformer(cfg).init(jax.random.key(0), tokens)
-    assert calls
+    assert len(calls) == 2 * (1 if q_block in (0, 8) else 2)  # 2 unrolled layers x blocks
+
+
+@pytest.mark.parametrize("block", [8, 7, 1])  # 7: a ragged last block
+@pytest.mark.parametrize("mask_kind", ["causal_segments", "heads"])
+def test_causal_blocks_equal_one_block(block, mask_kind):
+    q, k, v, w, mask = _inputs(8, 2, mask_kind, seed=2)
+    mask = mask & jnp.tril(jnp.ones((T, T), bool))  # index-causal, as Attention builds it
+
+    def run(fn):
+        f = lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    ref_loss, ref_grads = run(lambda q, k, v: softmax_attention(q, k, v, mask))
+    loss, grads = run(lambda q, k, v: causal_block_attention(q, k, v, mask, block))
+    assert abs(float(loss - ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_transformer_blocked_equals_unblocked():
+    """Logits and parameter gradients with attention_q_block 8 (3 blocks) equal one block, on
+    packed rows of two documents."""
+    from lm_jax.configs import gpt2_style
+    from lm_jax.nn import Transformer
+
+    base = gpt2_style(vocab_size=32, d_model=16, num_layers=2, num_heads=4, max_len=T)
+    tokens = jnp.asarray(np.random.default_rng(3).integers(0, 32, (B, T)), jnp.int32)
+    pos = jnp.asarray(np.tile(np.r_[np.arange(9), np.arange(T - 9)], (B, 1)))
+    seg = jnp.asarray(np.tile(np.r_[np.ones(9), 2 * np.ones(T - 9)], (B, 1)), jnp.int32)
+    params = Transformer(base).init(jax.random.key(0), tokens)["params"]
+
+    def loss(cfg):
+        model = Transformer(cfg)
+        f = lambda p: jnp.mean(model.apply({"params": p}, tokens, pos, seg)[0] ** 2)  # noqa: E731
+        return jax.value_and_grad(f)(params)
+
+    ref = loss(dataclasses.replace(base, attention_q_block=0))
+    got = loss(dataclasses.replace(base, attention_q_block=8))
+    np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
+    for g, r in zip(jax.tree.leaves(got[1]), jax.tree.leaves(ref[1])):
+        np.testing.assert_allclose(g, r, atol=1e-6, rtol=1e-5)
 
 
 def test_bad_shapes_are_clear_errors():
@@ -80,3 +129,5 @@ def test_bad_shapes_are_clear_errors():
     q, k, v, _, mask = _inputs(4, 2, "causal_segments")
     with pytest.raises(ValueError, match="mask must be"):
         softmax_attention(q, k, v, mask[:, :, :5])
+    with pytest.raises(ValueError, match="self-attention"):
+        causal_block_attention(q, k, v, None, 8)
