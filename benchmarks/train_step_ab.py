@@ -1,7 +1,8 @@
 """A/B of lm_jax training-step variants in one process, interleaved (`train_throughput`'s config).
 
 Each variant is `;`-separated: `base` (the defaults), `field=value` ModelConfig overrides joined by
-`,`, or `autodiff_norms` (LayerNorm/RMSNorm through autodiff instead of their hand-written backward).
+`,`, or `autodiff_norms` (LayerNorm/RMSNorm by autodiff, not their hand-written backward passes).
+
 Rounds alternate the order; the report is each variant's median tokens/s and its median per-round
 ratio to the first variant.
 
