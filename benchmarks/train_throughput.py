@@ -1,14 +1,20 @@
-"""Training tokens/s: lm_jax vs HF transformers GPT2LMHeadModel + torch AdamW (CPU, eager).
+r"""Training tokens/s: lm_jax vs HF transformers GPT2LMHeadModel + torch AdamW (CPU, eager).
 
 Config (issue "Training stack"): 6 layers, d 384, 6 heads, seq 256, batch 8, vocab 8192, f32.
 Each framework runs in its own process (torch's OpenMP threads otherwise spin and steal the
 cores from XLA); rounds alternate the order; a matmul probe runs before and after each round.
 
-  .venv/bin/python benchmarks/train_throughput.py --rounds=5 --steps=5
+  .venv/bin/python -m benchmarks.train_throughput --rounds=7 --steps=4
+  .venv/bin/python -m benchmarks.train_throughput --rounds=7 --steps=4 \
+      --hf_flax_python=/tmp/hfflax/bin/python
+
+The second adds HF's own Flax GPT-2 (transformers < 5, in its own interpreter; set-up in
+`benchmarks/hf_flax_gpt2_worker.py`).
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -30,6 +36,12 @@ flags.DEFINE_integer("steps", 5, "Timed steps per round and framework.")
 flags.DEFINE_integer("batch", 8, "Batch size.")
 flags.DEFINE_integer("seq", 256, "Sequence length.")
 flags.DEFINE_enum("worker", None, ["lm_jax", "hf_torch"], "Internal: time one framework.")
+flags.DEFINE_string(
+    "hf_flax_python",
+    "",
+    "An interpreter with transformers < 5 and its Flax stack: adds HF's FlaxGPT2LMHeadModel "
+    "(benchmarks/hf_flax_gpt2_worker.py) to every round.",
+)
 FLAGS = flags.FLAGS
 
 L, D, N, V = 6, 384, 6, 8192
@@ -95,15 +107,12 @@ def hf_runner(B, T):
 
 def run_worker(name: str, B: int, T: int, n: int) -> float:
     """Time `n` steps of one framework in a fresh process; returns tokens/s."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "benchmarks.train_throughput",
-        f"--worker={name}",
-        f"--batch={B}",
-        f"--seq={T}",
-        f"--steps={n}",
-    ]
+    sizes = [f"--batch={B}", f"--seq={T}", f"--steps={n}"]
+    if name == "hf_flax":
+        worker = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_flax_gpt2_worker.py")
+        cmd = [FLAGS.hf_flax_python, worker, *sizes]
+    else:
+        cmd = [sys.executable, "-m", "benchmarks.train_throughput", f"--worker={name}", *sizes]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return float(out.strip().splitlines()[-1])
 
@@ -116,7 +125,7 @@ def main(_):
         runner(n)
         print(B * T * n / (time.perf_counter() - t))
         return
-    names = ["lm_jax", "hf_torch"]
+    names = ["lm_jax", "hf_torch"] + (["hf_flax"] if FLAGS.hf_flax_python else [])
     tps = {k: [] for k in names}
     probes = []
     for r in range(FLAGS.rounds):
@@ -134,10 +143,11 @@ def main(_):
             f"{k}: median {median(v):.0f} tokens/s ({', '.join(f'{x:.0f}' for x in v)}); "
             f"{median(v) * fpt / peak * 100:.1f}% of matmul peak"
         )
-    print(
-        f"ratio lm_jax / hf_torch (median of per-round ratios): "
-        f"{median([a / b for a, b in zip(tps['lm_jax'], tps['hf_torch'])]):.2f}x"
-    )
+    for other in names[1:]:
+        print(
+            f"ratio lm_jax / {other} (median of per-round ratios): "
+            f"{median([a / b for a, b in zip(tps['lm_jax'], tps[other])]):.2f}x"
+        )
 
 
 if __name__ == "__main__":
