@@ -88,11 +88,15 @@ def _bwd(res, do):
 softmax_attention.defvjp(_fwd, _bwd)
 
 
+MAX_QUERY_BLOCKS = 16  # bounds the unrolled calls (and compile time) at long T
+
+
 def causal_block_attention(q, k, v, mask, block: int):
     """`softmax_attention` for causal self-attention (S = T), skipping the key blocks above the
     diagonal: query rows [s, e) attend keys [0, e) only, so about half of the [T, S] score work
     (and its memory traffic) is never done. Exact when `mask` is index-causal (mask[..., i, j] is
-    False for j > i), as the causal `Attention` builds it. block <= 0 or >= T: one block.
+    False for j > i), as the causal `Attention` builds it. block <= 0 or >= T: one block; blocks
+    grow to ceil(T / MAX_QUERY_BLOCKS) rows when `block` would make more than that many.
 
     q [B, T, N, H], k/v [B, T, K, H], mask bool [B, 1 or N, T, T] -> [B, T, N, H]."""
     T = q.shape[1]
@@ -103,6 +107,7 @@ def causal_block_attention(q, k, v, mask, block: int):
             f"causal_block_attention needs self-attention with a [.., {T}, {T}] mask; got k "
             f"{k.shape} and mask {None if mask is None else mask.shape}."
         )
+    block = max(block, -(-T // MAX_QUERY_BLOCKS))
     outs = []
     for s in range(0, T, block):
         e = min(s + block, T)

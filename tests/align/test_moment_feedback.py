@@ -52,38 +52,17 @@ def test_loop_applies_feedback_each_step_and_renormalises():
         policy, frozen, cons, jax.random.key(2), 256, 64, return_samples=True
     )
     rate = 2.0
-    _, hist = train(
-        policy,
-        adapters,
-        frozen,
-        cons,
-        TunerConfig("dpg"),
-        optax.adam(1e-2),
-        steps=4,
-        batch_size=64,
-        key=jax.random.key(3),
-        target=(ebm, info),
-        reference=ref,
-        moment_feedback=rate,
-        log=lambda _: None,
-    )
+
+    def run(steps, **kw):
+        tx = optax.adam(1e-2)
+        kw.update(batch_size=64, key=jax.random.key(3), target=(ebm, info), log=lambda _: None)
+        return train(policy, adapters, frozen, cons, TunerConfig("dpg"), tx, steps=steps, **kw)
+
+    _, hist = run(4, reference=ref, moment_feedback=rate)
     lam = [float(ebm.lam[0])] + [h["lambda"][0] for h in hist[:-1]]
     for i, h in enumerate(hist[:-1]):
         np.testing.assert_allclose(lam[i + 1] - lam[i], rate * (0.5 - h["phi_pi"][0]), atol=1e-5)
         want = log_z_on_base(make_ebm(cons, [lam[i + 1]]), ref["phi"], ref["log_a"])
         np.testing.assert_allclose(h["log_z_target"], want, rtol=1e-6)
     with pytest.raises(ValueError, match="reference"):
-        train(
-            policy,
-            adapters,
-            frozen,
-            cons,
-            TunerConfig("dpg"),
-            optax.adam(1e-2),
-            steps=1,
-            batch_size=64,
-            key=jax.random.key(3),
-            target=(ebm, info),
-            moment_feedback=rate,
-            log=lambda _: None,
-        )
+        run(1, moment_feedback=rate)

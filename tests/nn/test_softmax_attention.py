@@ -81,7 +81,7 @@ def test_transformer_training_path_uses_it(monkeypatch, q_block):
     assert len(calls) == 2 * (1 if q_block in (0, 8) else 2)  # 2 unrolled layers x blocks
 
 
-@pytest.mark.parametrize("block", [8, 7, 1])  # 7: a ragged last block
+@pytest.mark.parametrize("block", [8, 7, 1])  # 7: a ragged last block; 1: capped at 12 blocks
 @pytest.mark.parametrize("mask_kind", ["causal_segments", "heads"])
 def test_causal_blocks_equal_one_block(block, mask_kind):
     q, k, v, w, mask = _inputs(8, 2, mask_kind, seed=2)
@@ -96,6 +96,16 @@ def test_causal_blocks_equal_one_block(block, mask_kind):
     assert abs(float(loss - ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
     for name, g, r in zip("qkv", grads, ref_grads):
         np.testing.assert_allclose(g, r, atol=1e-5, rtol=0, err_msg=name)
+
+
+def test_block_count_is_capped(monkeypatch):
+    sa_mod = importlib.import_module("lm_jax.nn.softmax_attention")
+    calls = []
+    real = sa_mod.softmax_attention
+    monkeypatch.setattr(sa_mod, "softmax_attention", lambda *a: calls.append(1) or real(*a))
+    q, k, v, _, mask = _inputs(4, 4, "causal_segments")
+    causal_block_attention(q, k, v, mask & jnp.tril(jnp.ones((T, T), bool)), 1)
+    assert sa_mod.MAX_QUERY_BLOCKS == 16 and len(calls) == 12  # T = 24: blocks of ceil(24 / 16)
 
 
 def test_transformer_blocked_equals_unblocked():
