@@ -109,6 +109,15 @@ def prepare(bench: set[str]) -> None:
         print("eval windows:", _py(["-c", code, *sizes()["eval"]]).strip(), flush=True)
 
 
+def parse_moe_step(out: str) -> dict:
+    """`benchmarks.moe_step` stdout -> {"moe <variant> ms/step": ms}; variant names carry `:`, `@`
+    and `/` (e.g. dropless:block_padded@128/nofast)."""
+    steps = re.findall(r"^([\w:@/]+)\s+step\s+([\d.]+) ms", out, re.M)
+    if not steps:
+        raise RuntimeError(f"moe_step output not understood:\n{out[-2000:]}")
+    return {f"moe {v} ms/step": float(ms) for v, ms in steps}
+
+
 def run_job(bench: str, worker: str) -> dict:
     """One job in its own process -> {metric: value} (tokens/s, or ms/step for moe/sst2)."""
     s = sizes()
@@ -124,11 +133,7 @@ def run_job(bench: str, worker: str) -> dict:
         r = json.loads(out.strip().splitlines()[-1])
         return {"eval tokens/s": r["tokens_per_s"]}
     if bench == "moe":
-        out = _py(["-m", "benchmarks.moe_step", *s["moe"]])
-        steps = re.findall(r"^([\w:]+)\s+step\s+([\d.]+) ms", out, re.M)
-        if not steps:
-            raise RuntimeError(f"moe_step output not understood:\n{out[-2000:]}")
-        return {f"moe {v} ms/step": float(ms) for v, ms in steps}
+        return parse_moe_step(_py(["-m", "benchmarks.moe_step", *s["moe"]]))
     if bench == "sst2":
         path = f"/tmp/lm_jax_suite_sst2_{os.getpid()}.json"
         _py(["-m", "benchmarks.sst2_lora_vs_full", *s["sst2"], f"--out={path}"])
