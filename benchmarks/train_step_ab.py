@@ -15,38 +15,20 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
 from benchmarks import train_throughput as tt
-from benchmarks.common import machine, random_lm_batch
-from lm_jax.configs import gpt2_style
-from lm_jax.configs.train import TrainConfig
+from benchmarks.common import machine
+from lm_jax.configs.base import ModelConfig
 from lm_jax.nn import layers
-from lm_jax.optim import make_optimizer
-from lm_jax.sharding import batch_sharding, make_mesh
-from lm_jax.train.state import init_train_state
-from lm_jax.train.step import jit_train_step
 
 flags.DEFINE_string(
     "variants", "base;attention_q_block=0;autodiff_norms", "See the docstring."
 )  # --rounds, --steps: train_throughput's
 FLAGS = flags.FLAGS
 B, T = 8, 256
-
-
-def _autodiff_layer_norm(x, scale, bias, eps):
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
-    return (xf - mean) * jax.lax.rsqrt(var + eps) * scale + bias
-
-
-def _autodiff_rms_norm(x, scale, eps):
-    xf = x.astype(jnp.float32)
-    return xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps) * scale
+FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
 def _parse(value: str):
@@ -58,41 +40,46 @@ def _parse(value: str):
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
+def parse_variant(spec: str) -> tuple[dict, bool]:
+    """'attention_q_block=0,autodiff_norms' -> ({'attention_q_block': 0}, True)."""
+    overrides, autodiff = {}, False
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        name, eq, value = item.partition("=")
+        if item == "autodiff_norms":
+            autodiff = True
+        elif eq and name in FIELDS:
+            overrides[name] = _parse(value)
+        elif item != "base":
+            raise app.UsageError(
+                f"variant item {item!r}: use base, autodiff_norms or FIELD=VALUE with a "
+                f"ModelConfig field ({', '.join(sorted(FIELDS))})."
+            )
+    return overrides, autodiff
+
+
 def make_runner(spec: str):
     """Compile and warm the step for one variant; returns run(n) -> seconds for n steps."""
-    cfg = gpt2_style(
-        vocab_size=tt.V, d_model=tt.D, num_layers=tt.L, num_heads=tt.N, max_len=T, scan_unroll=tt.L
-    )
+    overrides, autodiff = parse_variant(spec)
     norms = (layers.layer_norm, layers.rms_norm)
-    for item in filter(None, spec.split(",")):
-        if item == "autodiff_norms":
-            layers.layer_norm, layers.rms_norm = _autodiff_layer_norm, _autodiff_rms_norm
-        elif item != "base":
-            name, _, value = item.partition("=")
-            cfg = dataclasses.replace(cfg, **{name: _parse(value)})
-    tcfg = TrainConfig(steps=1000, grad_clip=1.0)
-    mesh = make_mesh("", devices=jax.devices()[:1])
-    tx = make_optimizer(tcfg)
-    state, sh = init_train_state(cfg, tx, mesh)
-    step = jit_train_step(cfg, tcfg, tx, sh, batch_sharding(mesh, 2, B))
-    batch = random_lm_batch(B, T, tt.V)
-    box = {"state": state}
+    if autodiff:  # patched while the step is traced (the runner compiles it), restored after
+        layers.layer_norm, layers.rms_norm = layers.layer_norm_autodiff, layers.rms_norm_autodiff
+    try:
+        run = tt.lm_jax_runner(B, T, **overrides)
+    finally:
+        layers.layer_norm, layers.rms_norm = norms
 
-    def run(n: int) -> float:
-        s, t0 = box["state"], time.perf_counter()
-        for _ in range(n):
-            s, m = step(s, batch, jax.random.key(0))
-        jax.block_until_ready(m["loss"])
-        box["state"] = s
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        run(n)
         return time.perf_counter() - t0
 
-    run(2)  # compile (tracing sees the patched norms) and warm up
-    layers.layer_norm, layers.rms_norm = norms
-    return run
+    return timed
 
 
 def main(_):
     specs = [s.strip() for s in FLAGS.variants.split(";") if s.strip()]
+    for s in specs:
+        parse_variant(s)  # bad variants fail before any compile
     runners = {s: make_runner(s) for s in specs}
     tps = {s: [] for s in specs}
     for r in range(FLAGS.rounds):

@@ -14,7 +14,9 @@ The second adds HF's own Flax GPT-2 (transformers < 5, in its own interpreter; s
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -53,8 +55,10 @@ def train_flops_per_token(T: int) -> float:
     return 6 * n_matmul + 12 * L * T * D
 
 
-def lm_jax_runner(B, T):
+def lm_jax_runner(B, T, **overrides):
+    """Compile and warm the lm_jax step; returns run(n). `overrides`: ModelConfig fields."""
     cfg = gpt2_style(vocab_size=V, d_model=D, num_layers=L, num_heads=N, max_len=T, scan_unroll=L)
+    cfg = dataclasses.replace(cfg, **overrides)
     tcfg = TrainConfig(steps=1000, grad_clip=1.0)
     mesh = make_mesh("", devices=jax.devices()[:1])
     tx = make_optimizer(tcfg)
@@ -125,6 +129,11 @@ def main(_):
         runner(n)
         print(B * T * n / (time.perf_counter() - t))
         return
+    if FLAGS.hf_flax_python and not shutil.which(FLAGS.hf_flax_python):
+        raise app.UsageError(
+            f"--hf_flax_python={FLAGS.hf_flax_python} is not an executable; create the venv as "
+            "in benchmarks/hf_flax_gpt2_worker.py, or drop the flag."
+        )
     names = ["lm_jax", "hf_torch"] + (["hf_flax"] if FLAGS.hf_flax_python else [])
     tps = {k: [] for k in names}
     probes = []

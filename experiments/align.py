@@ -48,6 +48,7 @@ def main(argv):
 
     from lm_jax.align import TunerConfig, parse_constraint
     from lm_jax.align.loop import estimate_target, load_base, plot_histories, train
+    from lm_jax.align.moments import check_moment_feedback
     from lm_jax.align.policies import make_lm_policy
     from lm_jax.align.samplers import SamplerConfig
     from lm_jax.nn.lora import LoraConfig
@@ -63,6 +64,8 @@ def main(argv):
     policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio)  # and the schedule
     cfg, params, tok = load_base(F.base)
     cons = [parse_constraint(s, tok) for s in F.constraint]
+    for m in methods:  # before any sampling
+        check_moment_feedback(F.moment_feedback, cons, tuner(m))
     stop = () if tok.eos_id is None else (tok.eos_id,)
     scfg = SamplerConfig(F.max_new_tokens, stop, tuple(tok.encode(F.prompt)))
     lora = LoraConfig(rank=F.lora_rank, alpha=2.0 * F.lora_rank) if F.lora_rank else None

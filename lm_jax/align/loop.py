@@ -13,7 +13,13 @@ import optax
 from lm_jax.align import estimators as est
 from lm_jax.align.ebm import EBM, make_ebm
 from lm_jax.align.features import Constraint, feature_matrix
-from lm_jax.align.moments import check_targets, dual_ascent, fit_ebm, log_z_on_base
+from lm_jax.align.moments import (
+    check_moment_feedback,
+    check_targets,
+    dual_ascent,
+    fit_ebm,
+    log_z_on_base,
+)
 from lm_jax.align.policies import LMPolicy
 from lm_jax.align.samplers import Samples, shard_batch
 from lm_jax.align.tuners import TunerConfig, init_state, jit_align_step
@@ -43,8 +49,7 @@ def estimate_target(
     s = sample_many(lambda k, b: policy.sample_base(frozen, k, b), key, n, batch)
     log_a, phi = score(frozen, s.tokens, s.mask)
     ebm, fit = fit_ebm(make_ebm(constraints), constraints, phi, log_a)
-    log_p = ebm.log_score(log_a, phi)
-    log_z = float(est.log_z_hat(log_p, log_a))
+    log_z = log_z_on_base(ebm, phi, log_a)
     idx = [i for i, c in enumerate(constraints) if not c.pointwise]
     lam_mu = float(sum(float(ebm.lam[i]) * constraints[i].target for i in idx))
     info = {
@@ -128,6 +133,7 @@ def train(
     ebm, info = target
     ebm_fit = ebm  # the I-projection p: evaluations measure KL(p||pi) against it
     log(f"target: {info}")
+    check_moment_feedback(moment_feedback, constraints, tcfg)
     if moment_feedback and reference is None:
         raise ValueError("moment_feedback needs `reference` base samples to re-estimate log Z.")
     state = init_state(trainable, tx, tcfg, log_z=info["log_z"], z_count=info["samples"])
@@ -189,7 +195,7 @@ def train(
                 for k in ("kl_p_pi", "tvd_p_pi", "log_z", "kl_p_q"):
                     m.pop(k, None)
             row.update(m)
-            if moment_feedback and any(not c.pointwise for c in constraints):
+            if moment_feedback:
                 ebm = dual_ascent(ebm, constraints, m["phi_pi"], moment_feedback)
                 log_z = log_z_on_base(ebm, reference["phi"], reference["log_a"])
                 z = est.ZState.create(log_z, len(reference["log_a"]))

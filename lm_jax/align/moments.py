@@ -181,6 +181,25 @@ def fit_ebm(ebm, constraints: Sequence[Constraint], phi, log_a, log_q=None, **kw
     return ebm.replace_lam(lam), info
 
 
+def check_moment_feedback(rate: float, constraints: Sequence[Constraint], tuner) -> None:
+    """Moment feedback needs a rate >= 0, a moment target to act on and a tuner that targets the
+    EBM (dpg, kl_dpg, fdpg_*): raise MomentError naming the fix otherwise."""
+    if rate < 0:
+        raise MomentError(f"moment_feedback must be >= 0 (0 = off), got {rate}.")
+    if not rate:
+        return
+    if all(c.pointwise for c in constraints):
+        raise MomentError(
+            "moment_feedback adapts the lambda of moment targets, but every constraint is "
+            "pointwise: add a target such as word:she=0.5, or drop --moment_feedback."
+        )
+    if not tuner.uses_z:
+        raise MomentError(
+            f"moment_feedback moves the EBM's lambda, which {tuner.method} ignores: use dpg, "
+            "kl_dpg or an fdpg_* method, or drop --moment_feedback."
+        )
+
+
 def dual_ascent(ebm, constraints: Sequence[Constraint], policy_moment, rate: float):
     """One step of moment feedback on the policy: lambda_d += rate (mu_bar_d - E_pi[phi_d]).
 

@@ -8,7 +8,7 @@ import pytest
 
 from lm_jax.align import Constraint, TunerConfig, make_ebm, token_sequences_feature
 from lm_jax.align.loop import estimate_target, train
-from lm_jax.align.moments import dual_ascent, log_z_on_base
+from lm_jax.align.moments import MomentError, check_moment_feedback, dual_ascent, log_z_on_base
 from lm_jax.align.policies import make_lm_policy
 from lm_jax.align.samplers import SamplerConfig
 from lm_jax.configs import llama_style
@@ -26,6 +26,18 @@ def test_dual_ascent_moves_only_distributional_lambdas():
     np.testing.assert_allclose(out.lam, [0.0, 1.0 + 0.5 * (0.5 - 0.3)], rtol=1e-6)
     assert dual_ascent(ebm, cons, [0.9, 0.3], rate=0.0) is ebm
     assert dual_ascent(ebm, cons[:1], [0.9], rate=0.5) is ebm  # nothing distributional
+
+
+def test_feedback_misuse_is_a_clear_error():
+    moment, point = [Constraint(WORD, 0.5)], [Constraint(WORD)]
+    check_moment_feedback(0.0, point, TunerConfig("reinforce"))  # off: anything goes
+    check_moment_feedback(0.02, moment, TunerConfig("fdpg_js"))
+    with pytest.raises(MomentError, match=">= 0"):
+        check_moment_feedback(-0.1, moment, TunerConfig("dpg"))
+    with pytest.raises(MomentError, match="pointwise"):
+        check_moment_feedback(0.1, point, TunerConfig("dpg"))
+    with pytest.raises(MomentError, match="reinforce ignores"):
+        check_moment_feedback(0.1, moment, TunerConfig("reinforce"))
 
 
 def test_log_z_on_base_closed_form():

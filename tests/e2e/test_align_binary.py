@@ -59,6 +59,7 @@ def test_dpg_steps_with_cosine_schedule_write_summary(tiny_base, tmp_path):
     [
         (["--constraint=colour:blue"], "colour"),
         (["--constraint=word:e", "--lr_schedule=cosine", "--min_lr_ratio=-1"], "min_lr_ratio"),
+        (["--constraint=word:e", "--moment_feedback=0.1"], "moment_feedback"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_base, tmp_path, flags, names):

@@ -93,6 +93,8 @@ def test_bad_attention_impl_and_lengths_raise_clear_errors():
         resolve_impl("flash", jnp.float32)
     with pytest.raises(ConfigError, match="attention_impl must be"):
         llama_style(attention_impl="flash")
+    with pytest.raises(ConfigError, match="attention_q_block must be >= 0"):
+        llama_style(attention_q_block=-1)
     assert resolve_impl("auto", jnp.float32) == "xla"  # CPU
     q, k, v = [x[:, :100] for x in _qkv()]
     with pytest.raises(ConfigError, match="multiple of 128"):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm_jax.nn.layers import layer_norm, rms_norm
+from lm_jax.nn.layers import layer_norm, layer_norm_autodiff, rms_norm, rms_norm_autodiff
 
 
 def _ln_ref(x, scale, bias, eps):
@@ -54,3 +54,17 @@ def test_bf16_input_gets_bf16_gradient_close_to_f32():
     np.testing.assert_allclose(g[0].astype(jnp.float32), g32[0], atol=3e-2, rtol=3e-2)
     gr = jax.grad(lambda x, s: jnp.sum(rms_norm(x, s, 1e-6) * w), argnums=(0, 1))(x, scale)
     assert gr[0].dtype == jnp.bfloat16 and bool(jnp.isfinite(gr[0].astype(jnp.float32)).all())
+
+
+def test_autodiff_baselines_match_the_hand_written_backward():
+    """The benchmarks' A/B baseline (`*_autodiff`) is the same function with JAX's backward."""
+    x, scale, bias, w = _data(jnp.float32, seed=2)
+    pairs = [
+        (lambda f: lambda x, s, b: jnp.sum(f(x, s, b, 1e-5) * w), layer_norm, layer_norm_autodiff),
+        (lambda f: lambda x, s, b: jnp.sum(f(x, s, 1e-6) * w), rms_norm, rms_norm_autodiff),
+    ]
+    for wrap, ours, base in pairs:
+        g = jax.grad(wrap(ours), argnums=(0, 1))(x, scale, bias)
+        r = jax.grad(wrap(base), argnums=(0, 1))(x, scale, bias)
+        for a, b in zip(g, r):
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
