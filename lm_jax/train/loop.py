@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from lm_jax.checkpoint import Checkpointer, meta_dict
+from lm_jax.checkpoint import Checkpointer, check_resume_config, meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.data.tokenizer import Tokenizer, load_tokenizer
@@ -183,11 +183,15 @@ def train(exp: Experiment, log=print) -> dict:
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
+    meta = meta_dict(model_cfg, tcfg, exp.data)
     restored = ckpt.restore_latest(abstract, shardings) if ckpt.all_steps() else None
     if restored is not None:
-        step0, state, data_state, _ = restored
+        step0, state, data_state, saved_meta = restored
+        changes = check_resume_config(step0, ckpt.directory, saved_meta, meta)
         train_it.set_state(data_state)
         log(f"resumed from step {step0} in {ckpt.directory}")
+        if changes:
+            log("config changed since that checkpoint: " + ", ".join(changes))
     else:
         state, _ = init_train_state(model_cfg, tx, mesh, tcfg.seed)
     st = train_it.stats
@@ -196,7 +200,6 @@ def train(exp: Experiment, log=print) -> dict:
         f"{exp.data.seq_len} per epoch; {st['split_documents']} documents longer than the rest "
         "of their row continue in the next row (packing: nothing truncated or dropped)"
     )
-    meta = meta_dict(model_cfg, tcfg, exp.data)
 
     bsh = batch_sharding(mesh, 2, exp.data.batch_size)
 

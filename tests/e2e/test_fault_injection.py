@@ -601,6 +601,16 @@ BAD = {
         None,
         r"params\['.+'\] has shape .* but the model config gives .*--train\.workdir",
     ),
+    "changed_activation": (  # same shapes: only the saved config can tell
+        ["--model.activation=relu"],
+        None,
+        r"different model: model\.activation \(saved 'gelu_tanh', now 'relu'\).*--train\.workdir",
+    ),
+    "changed_data_stream": (
+        ["--data.seq_len=32"],
+        None,
+        r"another row stream: data\.seq_len \(saved 64, now 32\); resuming would repeat",
+    ),
     "mesh_vs_devices": (["--train.mesh=data:4"], None, r"needs 4 devices but 2"),
     "experts_vs_expert_axis": (
         ["--model.moe.num_experts=3", "--train.mesh=expert:2"],
