@@ -25,6 +25,9 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping; 0 = off
     grad_accum: int = 1  # microbatches per step (the batch is split, the step is exact)
     z_loss: float = 0.0  # coefficient of log(Z)^2 (PaLM z-loss)
+    # positions per LM-head chunk in the loss: the [B, T, V] logits are never materialised, only
+    # [B, loss_chunk, V] at a time (recomputed in the backward pass); 0 = all T positions at once
+    loss_chunk: int = 0
     seed: int = 0  # parameter init and dropout
     mesh: str = ""  # e.g. "data:2,fsdp:2,tensor:2"; "" = all devices on data
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
@@ -57,6 +60,10 @@ class TrainConfig:
             ),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
+            (
+                self.loss_chunk >= 0,
+                f"loss_chunk must be >= 0 (0 = no chunking), got {self.loss_chunk}",
+            ),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),

@@ -117,6 +117,7 @@ class Transformer(nn.Module):
         cache: LayerCache | None = None,
         deterministic: bool = True,
         return_hidden: bool = False,
+        skip_head: bool = False,  # return the final-norm activations [B, T, D], no logits
     ):
         cfg = self.cfg
         B, T = tokens.shape
@@ -155,6 +156,8 @@ class Transformer(nn.Module):
         if every > 1 and cache is not None:
             cache = jax.tree.map(lambda c: c.reshape(n * every, *c.shape[2:]), cache)
         x = Norm(cfg, name="norm")(x)  # [B, T, D]
+        if skip_head:  # the loss applies the head itself, in chunks (`head_logits_fn`)
+            return (x, cache) if cache is not None else x
         if cfg.tie_embeddings:
             logits = embed.attend(x)
         else:
@@ -164,3 +167,31 @@ class Transformer(nn.Module):
         if cache is not None:
             return out, cache
         return out
+
+
+def head_logits_fn(params, cfg: ModelConfig):
+    """The LM head as a pure function of `params`: h [..., D] -> float32 logits [..., V],
+    computed as `Transformer` computes them (tied embedding or `lm_head`, LoRA included), for
+    losses that apply the head in chunks (`Transformer(..., skip_head=True)`)."""
+    cdt = cfg.compute_dtype
+    if cfg.tie_embeddings:
+        table = nn.meta.unbox(params["embed_tokens"]["embedding"])
+
+        def project(h):
+            return jnp.einsum("...d,vd->...v", h.astype(cdt), table.astype(cdt))
+
+    else:
+        head = nn.meta.unbox(params["lm_head"])
+
+        def project(h):
+            y = jnp.dot(h.astype(cdt), head["kernel"].astype(cdt))
+            if "lora_a" in head:  # LoRA on the head, without dropout (checked by the caller)
+                from lm_jax.nn.lora import lora_delta  # noqa: PLC0415 - optional pillar
+
+                y = y + lora_delta(None, h.astype(cdt), head["lora_a"], head["lora_b"], cfg.lora)
+            return y
+
+    def logits_fn(h):
+        return constrain(project(h).astype(jnp.float32), ("batch", "length", "act_vocab"))
+
+    return logits_fn

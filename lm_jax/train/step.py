@@ -10,8 +10,8 @@ import optax
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.configs.train import TrainConfig
-from lm_jax.losses import cross_entropy
-from lm_jax.nn.transformer import Transformer
+from lm_jax.losses import chunked_cross_entropy, cross_entropy
+from lm_jax.nn.transformer import Transformer, head_logits_fn
 from lm_jax.train.state import TrainState
 
 MODEL_INPUTS = ("inputs", "positions", "segment_ids")
@@ -37,16 +37,25 @@ def _aux_sums(aux) -> tuple[jax.Array, dict]:
 def loss_and_metrics(params, batch, model_cfg: ModelConfig, train_cfg: TrainConfig, rng, train):
     """Summed loss over the batch (CE + z-loss + MoE aux) and float metrics."""
     model = Transformer(model_cfg)
-    logits, variables = model.apply(
+    chunk = train_cfg.loss_chunk
+    out, variables = model.apply(
         {"params": params},
         batch["inputs"],
         batch["positions"],
         batch["segment_ids"],
         deterministic=not train,
+        skip_head=chunk > 0,
         rngs={"dropout": rng},
         mutable=["aux"],
     )
-    nll, z, count = cross_entropy(logits, batch["targets"], batch["loss_mask"], train_cfg.z_loss)
+    targets, mask = batch["targets"], batch["loss_mask"]
+    if chunk > 0:  # out: final-norm activations [B, T, D]; logits [B, chunk, V] at a time
+        logits_fn = head_logits_fn(params, model_cfg)
+        nll, z, count = chunked_cross_entropy(
+            out, logits_fn, targets, mask, train_cfg.z_loss, chunk
+        )
+    else:  # out: logits [B, T, V]
+        nll, z, count = cross_entropy(out, targets, mask, train_cfg.z_loss)
     moe_loss, moe_metrics = _aux_sums(variables.get("aux"))
     # MoE losses are per-token means: scale by the token count so the total stays a sum.
     total = nll + z + moe_loss * count
