@@ -16,16 +16,10 @@ from __future__ import annotations
 
 import json
 
-import jax
-import jax.numpy as jnp
 from absl import app, flags
 
+from benchmarks.step_memory import memory_of
 from lm_jax.configs import llama_style
-from lm_jax.configs.train import TrainConfig
-from lm_jax.optim import make_optimizer
-from lm_jax.sharding import batch_sharding, make_mesh
-from lm_jax.train.state import state_shardings
-from lm_jax.train.step import jit_train_step
 
 flags.DEFINE_float("budget_gib", 4.0, "Per-device memory budget (GiB) the step must fit in.")
 flags.DEFINE_integer("layers", 8, "Layers L.")
@@ -35,30 +29,6 @@ flags.DEFINE_integer("batch", 8, "Batch size B.")
 flags.DEFINE_integer("vocab", 8192, "Vocabulary V.")
 flags.DEFINE_list("policies", ["none", "dots", "full"], "ModelConfig.remat policies to compile.")
 FLAGS = flags.FLAGS
-
-
-def memory_of(cfg, batch: int, seq: int) -> dict:
-    """Compiled memory analysis (bytes) of one train step for `cfg` on one device."""
-    tcfg = TrainConfig(steps=10, grad_clip=1.0)
-    tx = make_optimizer(tcfg)
-    mesh = make_mesh("", devices=jax.devices()[:1])
-    abstract, sh = state_shardings(cfg, tx, mesh)
-    bsh = batch_sharding(mesh, 2, batch)
-    step = jit_train_step(cfg, tcfg, tx, sh, bsh)
-    ids = jax.ShapeDtypeStruct((batch, seq), jnp.int32, sharding=bsh)
-    spec = {"inputs": ids, "targets": ids, "positions": ids, "segment_ids": ids}
-    spec["loss_mask"] = jax.ShapeDtypeStruct((batch, seq), jnp.float32, sharding=bsh)
-    m = step.lower(abstract, spec, jax.random.key(0)).compile().memory_analysis()
-    if m is None:
-        raise RuntimeError("this backend gives no compiled memory analysis")
-    out = {
-        "arguments": m.argument_size_in_bytes,
-        "outputs": m.output_size_in_bytes,
-        "temporaries": m.temp_size_in_bytes,
-        "aliased": m.alias_size_in_bytes,
-    }
-    out["peak"] = out["arguments"] + out["outputs"] + out["temporaries"] - out["aliased"]
-    return out
 
 
 def main(_):

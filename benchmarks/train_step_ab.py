@@ -1,13 +1,16 @@
 """A/B of lm_jax training-step variants in one process, interleaved (`train_throughput`'s config).
 
-Each variant is `;`-separated: `base` (the defaults), `field=value` ModelConfig overrides joined by
-`,`, or `autodiff_norms` (LayerNorm/RMSNorm by autodiff, not their hand-written backward passes).
+Each variant is `;`-separated: `base` (the defaults), `field=value` ModelConfig or
+`train.field=value` TrainConfig overrides joined by `,`, or `autodiff_norms` (LayerNorm/RMSNorm
+by autodiff, not their hand-written backward passes).
 
 Rounds alternate the order; the report is each variant's median tokens/s and its median per-round
 ratio to the first variant.
 
   .venv/bin/python -m benchmarks.train_step_ab --rounds=7 --steps=3 \
       --variants="base;attention_q_block=0;autodiff_norms"
+  .venv/bin/python -m benchmarks.train_step_ab --rounds=7 --steps=3 \
+      --variants="base;train.loss_chunk=64;train.loss_chunk=128"
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from absl import app, flags
 from benchmarks import train_throughput as tt
 from benchmarks.common import machine
 from lm_jax.configs.base import ModelConfig
+from lm_jax.configs.train import TrainConfig
 from lm_jax.nn import layers
 
 flags.DEFINE_string(
@@ -29,6 +33,7 @@ flags.DEFINE_string(
 FLAGS = flags.FLAGS
 B, T = 8, 256
 FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
+TRAIN_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)}
 
 
 def _parse(value: str):
@@ -40,31 +45,35 @@ def _parse(value: str):
     return {"true": True, "false": False, "none": None}.get(value.lower(), value)
 
 
-def parse_variant(spec: str) -> tuple[dict, bool]:
-    """'attention_q_block=0,autodiff_norms' -> ({'attention_q_block': 0}, True)."""
-    overrides, autodiff = {}, False
+def parse_variant(spec: str) -> tuple[dict, dict, bool]:
+    """'attention_q_block=0,train.loss_chunk=64,autodiff_norms'
+    -> ({'attention_q_block': 0}, {'loss_chunk': 64}, True)."""
+    overrides, train_overrides, autodiff = {}, {}, False
     for item in filter(None, (x.strip() for x in spec.split(","))):
         name, eq, value = item.partition("=")
         if item == "autodiff_norms":
             autodiff = True
         elif eq and name in FIELDS:
             overrides[name] = _parse(value)
+        elif eq and name.startswith("train.") and name[6:] in TRAIN_FIELDS:
+            train_overrides[name[6:]] = _parse(value)
         elif item != "base":
             raise app.UsageError(
-                f"variant item {item!r}: use base, autodiff_norms or FIELD=VALUE with a "
-                f"ModelConfig field ({', '.join(sorted(FIELDS))})."
+                f"variant item {item!r}: use base, autodiff_norms, FIELD=VALUE with a "
+                f"ModelConfig field ({', '.join(sorted(FIELDS))}) or train.FIELD=VALUE with a "
+                "TrainConfig field."
             )
-    return overrides, autodiff
+    return overrides, train_overrides, autodiff
 
 
 def make_runner(spec: str):
     """Compile and warm the step for one variant; returns run(n) -> seconds for n steps."""
-    overrides, autodiff = parse_variant(spec)
+    overrides, train_overrides, autodiff = parse_variant(spec)
     norms = (layers.layer_norm, layers.rms_norm)
     if autodiff:  # patched while the step is traced (the runner compiles it), restored after
         layers.layer_norm, layers.rms_norm = layers.layer_norm_autodiff, layers.rms_norm_autodiff
     try:
-        run = tt.lm_jax_runner(B, T, **overrides)
+        run = tt.lm_jax_runner(B, T, train_overrides, **overrides)
     finally:
         layers.layer_norm, layers.rms_norm = norms
 

@@ -55,11 +55,12 @@ def train_flops_per_token(T: int) -> float:
     return 6 * n_matmul + 12 * L * T * D
 
 
-def lm_jax_runner(B, T, **overrides):
-    """Compile and warm the lm_jax step; returns run(n). `overrides`: ModelConfig fields."""
+def lm_jax_runner(B, T, train_overrides: dict | None = None, **overrides):
+    """Compile and warm the lm_jax step; returns run(n). `overrides`: ModelConfig fields;
+    `train_overrides`: TrainConfig fields."""
     cfg = gpt2_style(vocab_size=V, d_model=D, num_layers=L, num_heads=N, max_len=T, scan_unroll=L)
     cfg = dataclasses.replace(cfg, **overrides)
-    tcfg = TrainConfig(steps=1000, grad_clip=1.0)
+    tcfg = TrainConfig(steps=1000, grad_clip=1.0, **(train_overrides or {}))
     mesh = make_mesh("", devices=jax.devices()[:1])
     tx = make_optimizer(tcfg)
     state, sh = init_train_state(cfg, tx, mesh)
