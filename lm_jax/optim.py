@@ -11,19 +11,28 @@ from lm_jax.configs.train import TrainConfig
 
 
 def learning_rate_schedule(cfg: TrainConfig) -> optax.Schedule:
-    """Linear warmup to `learning_rate`, then cosine to `min_lr_ratio * learning_rate`."""
+    """Linear warmup to `learning_rate`, then to `min_lr_ratio * learning_rate` at
+    `lr_decay_steps`: by a cosine, or (wsd) held at the peak and cooled down over the last
+    `cooldown_fraction` of the steps, linearly or as 1 - sqrt(progress); `constant` holds it."""
     decay_steps = cfg.lr_decay_steps or cfg.steps
     warmup = min(cfg.warmup_steps, decay_steps)
     peak, floor = cfg.learning_rate, cfg.learning_rate * cfg.min_lr_ratio
     if cfg.lr_schedule == "constant":
         return optax.linear_schedule(0.0, peak, warmup) if warmup else optax.constant_schedule(peak)
+    cooldown = max(round(cfg.cooldown_fraction * decay_steps), 1)
+    cool_start = max(decay_steps - cooldown, warmup)
 
     def schedule(step):
         step = jnp.asarray(step, jnp.float32)
         warm = peak * (step + 1) / (warmup + 1)  # nanoGPT: lr * (it + 1) / (warmup_iters + 1)
-        ratio = jnp.clip((step - warmup) / jnp.maximum(decay_steps - warmup, 1), 0.0, 1.0)
-        cos = floor + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (peak - floor)
-        return jnp.where(step < warmup, warm, cos)
+        if cfg.lr_schedule == "wsd":
+            t = jnp.clip((step - cool_start) / jnp.maximum(decay_steps - cool_start, 1), 0.0, 1.0)
+            down = 1.0 - (jnp.sqrt(t) if cfg.cooldown_shape == "1-sqrt" else t)
+            after = floor + down * (peak - floor)
+        else:
+            ratio = jnp.clip((step - warmup) / jnp.maximum(decay_steps - warmup, 1), 0.0, 1.0)
+            after = floor + 0.5 * (1.0 + jnp.cos(jnp.pi * ratio)) * (peak - floor)
+        return jnp.where(step < warmup, warm, after)
 
     return schedule
 

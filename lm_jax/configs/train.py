@@ -14,9 +14,13 @@ class TrainConfig:
 
     steps: int = 100  # optimizer steps
     learning_rate: float = 1e-3  # peak learning rate
-    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    # cosine | constant | wsd: warmup-stable-decay, the peak until the cooldown, which takes the
+    # last `cooldown_fraction` of lr_decay_steps down to min_lr (a stable run can be extended)
+    lr_schedule: Literal["cosine", "constant", "wsd"] = "cosine"
     warmup_steps: int = 10  # linear warmup steps
-    lr_decay_steps: int | None = None  # cosine reaches min_lr here; None = `steps`
+    lr_decay_steps: int | None = None  # the schedule reaches min_lr here; None = `steps`
+    cooldown_fraction: float = 0.2  # wsd: share of lr_decay_steps spent in the cooldown
+    cooldown_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # wsd: (Hägele et al. 2024)
     min_lr_ratio: float = 0.1  # final lr = ratio * learning_rate
     weight_decay: float = 0.1  # AdamW decay on matrices only
     beta1: float = 0.9
@@ -57,6 +61,10 @@ class TrainConfig:
             (
                 0 <= self.min_lr_ratio <= 1,
                 f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}",
+            ),
+            (
+                0.0 < self.cooldown_fraction <= 1.0,
+                f"cooldown_fraction must be in (0, 1], got {self.cooldown_fraction}",
             ),
             (self.grad_accum >= 1, f"grad_accum must be >= 1, got {self.grad_accum}"),
             (self.grad_clip >= 0, f"grad_clip must be >= 0, got {self.grad_clip}"),
