@@ -39,7 +39,7 @@ def main(_):
     from lm_jax.align.loop import plot_histories
 
     F = flags.FLAGS
-    runs, hists, floor = _collect(F.runs), {}, None
+    runs, hists, floors = _collect(F.runs), {}, {}
     print(
         "| method | steps x batch | E_pi[phi] | KL(pi‖a) | / -log Z^ | KL(p‖pi) | TVD(p, pi) "
         "| Distinct-2 (base -> final) | Self-BLEU (base -> final) | wall min |"
@@ -48,7 +48,7 @@ def main(_):
     for name, (path, workdir) in runs.items():
         rows = _rows(path)
         summ = json.load(open(os.path.join(workdir, "summary.json")))["target"]
-        floor = summ["kl_p_a"]
+        floor = floors[name] = summ["kl_p_a"]
         ev = [r for r in rows if "eval/kl_pi_a" in r]
         a, z = ev[0], ev[-1]
         steps = max(r["step"] for r in rows)
@@ -66,7 +66,7 @@ def main(_):
         )
         hists[name] = rows
     if F.plot and hists:
-        plot_histories(hists, floor, F.plot)
+        plot_histories(hists, floors, F.plot)  # one floor line per target if they differ
 
 
 if __name__ == "__main__":

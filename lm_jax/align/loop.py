@@ -244,20 +244,30 @@ def load_base(path: str):
     return load_any(hf_dir=path)[:3]
 
 
-def plot_histories(histories: dict[str, list[dict]], floor: float, path: str) -> None:
-    """E_pi[phi_1] and KL(pi||a) (evaluation rows) against steps, one line per method."""
+def plot_histories(
+    histories: dict[str, list[dict]], floor: float | dict[str, float], path: str
+) -> None:
+    """E_pi[phi_1] and KL(pi||a) (evaluation rows) against steps, one line per method.
+    `floor`: KL(p||a), one value, or one per method (runs against different targets: each gets
+    its own dashed line in its colour)."""
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
+    floors = floor if isinstance(floor, dict) else dict.fromkeys(histories, floor)
+    shared = len({round(v, 9) for v in floors.values()}) == 1
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for name, hist in histories.items():
         ev = [h for h in hist if "eval/kl_pi_a" in h]
         steps = [h["step"] for h in ev]
         axes[0].plot(steps, [h["eval/phi_pi"][0] for h in ev], marker=".", label=name)
-        axes[1].plot(steps, [h["eval/kl_pi_a"] for h in ev], marker=".", label=name)
-    axes[1].axhline(floor, ls="--", c="k", label="KL(p||a)")
+        (line,) = axes[1].plot(steps, [h["eval/kl_pi_a"] for h in ev], marker=".", label=name)
+        if not shared:
+            axes[1].axhline(floors[name], ls="--", c=line.get_color(), label=f"KL(p||a), {name}")
+    floor = max(floors.values())
+    if shared:
+        axes[1].axhline(floor, ls="--", c="k", label="KL(p||a)")
     top = max(
         (h["eval/kl_pi_a"] for hist in histories.values() for h in hist if "eval/kl_pi_a" in h),
         default=0.0,
