@@ -29,6 +29,11 @@ flags.DEFINE_string("data", "../shared/data/tinyshakespeare/input.txt", "nanoGPT
 flags.DEFINE_list("seeds", ["0"], "Seeds (torch.manual_seed(1337 + seed), as nanoGPT's offset).")
 flags.DEFINE_integer("iters", 2000, "max_iters = lr_decay_iters.")
 flags.DEFINE_integer("threads", 2, "torch CPU threads.")
+flags.DEFINE_enum(
+    "schedule", "cosine", ["cosine", "wsd"],
+    "cosine: nanoGPT's get_lr. wsd: not nanoGPT's recipe; lm_jax's --train.lr_schedule=wsd "
+    "(peak until the last 20%, then a 1 - sqrt cooldown to min_lr), for a like-for-like check.",
+)  # fmt: skip
 flags.register_validator("iters", lambda n: n > 100, "--iters must exceed the 100 warm-up steps.")
 FLAGS = flags.FLAGS
 
@@ -86,9 +91,13 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1))
 
 
-def lr_at(it: int, iters: int) -> float:
+def lr_at(it: int, iters: int, schedule: str = "cosine") -> float:
     if it < WARMUP:
         return LR * (it + 1) / (WARMUP + 1)
+    if schedule == "wsd":
+        start = iters - round(0.2 * iters)
+        t = min(max((it - start) / (iters - start), 0.0), 1.0)
+        return MIN_LR + (1.0 - math.sqrt(t)) * (LR - MIN_LR)
     ratio = (it - WARMUP) / (iters - WARMUP)
     return MIN_LR + 0.5 * (1.0 + math.cos(math.pi * min(ratio, 1.0))) * (LR - MIN_LR)
 
@@ -111,7 +120,7 @@ def run_seed(seed: int, train, val, vocab: int, iters: int) -> dict:
     t0 = time.time()
     for it in range(iters):
         for g in opt.param_groups:
-            g["lr"] = lr_at(it, iters)
+            g["lr"] = lr_at(it, iters, FLAGS.schedule)
         loss = model(*batch(train))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
