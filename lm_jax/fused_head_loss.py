@@ -39,12 +39,8 @@ def _chunks(hidden, targets, mask, chunk):
 
 
 def _logits(h, w, vocab_major, cdt):
-    """[B, c, D] -> [B, c, V] float32, as one 2-D matmul (XLA:CPU runs [B c, D] @ [D, V]
-    markedly faster than the same dot on a 3-D operand)."""
-    B, c, D = h.shape
-    spec = "nd,vd->nv" if vocab_major else "nd,dv->nv"
-    out = jnp.einsum(spec, h.reshape(B * c, D).astype(cdt), w.astype(cdt))
-    return out.astype(jnp.float32).reshape(B, c, -1)
+    spec = "bcd,vd->bcv" if vocab_major else "bcd,dv->bcv"
+    return jnp.einsum(spec, h.astype(cdt), w.astype(cdt)).astype(jnp.float32)
 
 
 def _stats(logits, t):
@@ -76,49 +72,44 @@ def _fused_fwd(hidden, weight, targets, mask, z_loss, chunk, vocab_major, cdt):
     B, T, D = hidden.shape
     hs, ts, ms, Tp = _chunks(hidden, targets, mask, chunk)
     w = weight.astype(cdt)
-    dw_spec = "nv,nd->vd" if vocab_major else "nd,nv->dv"
-    dh_spec = "nv,vd->nd" if vocab_major else "nv,dv->nd"
+    dw_spec = "bcv,bcd->vd" if vocab_major else "bcd,bcv->dv"
+    dh_spec = "bcv,vd->bcd" if vocab_major else "bcv,dv->bcd"
     use_z = z_loss != 0.0
 
-    def grads(g, h):  # d logits [B, c, V] -> d hidden [B, c, D], d weight; 2-D matmuls
-        g2 = g.reshape(-1, g.shape[-1]).astype(cdt)  # [B c, V]
-        h2 = h.reshape(-1, h.shape[-1]).astype(cdt)  # [B c, D]
-        dh = jnp.einsum(dh_spec, g2, w, preferred_element_type=jnp.float32).reshape(h.shape)
-        ops = (g2, h2) if vocab_major else (h2, g2)
+    def grads(g, h):  # d logits [B, c, V] -> d hidden [B, c, D], d weight
+        g = g.astype(cdt)
+        dh = jnp.einsum(dh_spec, g, w, preferred_element_type=jnp.float32)
+        ops = (g, h.astype(cdt)) if vocab_major else (h.astype(cdt), g)
         return dh, jnp.einsum(dw_spec, *ops, preferred_element_type=jnp.float32)
 
     def step(carry, xs):
+        nll_acc, z_acc, dw_nll, dw_z = carry
         h, t, m = xs
         logits = _logits(h, w, vocab_major, cdt)
         log_z, tgt = _stats(logits, t)
         p = jnp.exp(logits - log_z[..., None])  # softmax [B, c, V]
         hit = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 2) == t[..., None]
         dh_nll, dw = grads(jnp.where(hit, p - 1.0, p) * m[..., None], h)
-        carry = {**carry, "nll": carry["nll"] + jnp.sum((log_z - tgt) * m)}
-        carry["dw_nll"] = carry["dw_nll"] + dw
-        if not use_z:
-            return carry, (dh_nll,)
-        dh_z, dw = grads(p * (2.0 * z_loss * log_z * m)[..., None], h)
-        carry["z"] = carry["z"] + jnp.sum(z_loss * jnp.square(log_z) * m)
-        carry["dw_z"] = carry["dw_z"] + dw
-        return carry, (dh_nll, dh_z)
+        nll_acc = nll_acc + jnp.sum((log_z - tgt) * m)
+        dw_nll = dw_nll + dw
+        if use_z:
+            dh_z, dw = grads(p * (2.0 * z_loss * log_z * m)[..., None], h)
+            z_acc, dw_z = z_acc + jnp.sum(z_loss * jnp.square(log_z) * m), dw_z + dw
+        else:
+            dh_z = jnp.zeros_like(dh_nll)
+        return (nll_acc, z_acc, dw_nll, dw_z), (dh_nll, dh_z)
 
     zero = jnp.zeros((), jnp.float32)
-    init = {"nll": zero, "dw_nll": jnp.zeros(weight.shape, jnp.float32)}
-    if use_z:
-        init.update(z=zero, dw_z=jnp.zeros(weight.shape, jnp.float32))
-    carry, dhs = jax.lax.scan(step, init, (hs, ts, ms))
-    nll, z = carry["nll"], carry.get("z", zero)
-    dw_nll = carry["dw_nll"]
-    dw_z = carry.get("dw_z", jnp.zeros((), jnp.float32))
-    dh_nll = dhs[0]
-    dh_z = dhs[1] if use_z else jnp.zeros((1, 1, 1, 1), jnp.float32)
+    dw0 = jnp.zeros(weight.shape, jnp.float32)
+    (nll, z, dw_nll, dw_z), (dh_nll, dh_z) = jax.lax.scan(
+        step, (zero, zero, dw0, dw0), (hs, ts, ms)
+    )
 
     def merge(x):  # [n, B, c, D] -> [B, T, D]
         return jnp.moveaxis(x, 0, 1).reshape(B, Tp, D)[:, :T]
 
     protos = (jnp.zeros((), hidden.dtype), jnp.zeros((), weight.dtype))  # cotangent dtypes
-    res = (merge(dh_nll), merge(dh_z) if use_z else dh_z, dw_nll, dw_z, *protos)
+    res = (merge(dh_nll), merge(dh_z), dw_nll, dw_z, *protos)
     return (nll, z, jnp.sum(mask)), res
 
 
