@@ -195,12 +195,3 @@ def head_logits_fn(params, cfg: ModelConfig):
         return constrain(project(h).astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     return logits_fn
-
-
-def plain_head_weight(params, cfg: ModelConfig):
-    """(weight, vocab_major) of a head without adapters: the tied table [V, D] (True) or the
-    lm_head kernel [D, V] (False); None when LoRA adapts the head (use `head_logits_fn`)."""
-    if cfg.tie_embeddings:
-        return nn.meta.unbox(params["embed_tokens"]["embedding"]), True
-    head = nn.meta.unbox(params["lm_head"])
-    return None if "lora_a" in head else (head["kernel"], False)

@@ -10,9 +10,8 @@ import optax
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.configs.train import TrainConfig
-from lm_jax.fused_head_loss import fused_head_cross_entropy
 from lm_jax.losses import chunked_cross_entropy, cross_entropy
-from lm_jax.nn.transformer import Transformer, head_logits_fn, plain_head_weight
+from lm_jax.nn.transformer import Transformer, head_logits_fn
 from lm_jax.train.state import TrainState
 
 MODEL_INPUTS = ("inputs", "positions", "segment_ids")
@@ -50,14 +49,7 @@ def loss_and_metrics(params, batch, model_cfg: ModelConfig, train_cfg: TrainConf
         mutable=["aux"],
     )
     targets, mask = batch["targets"], batch["loss_mask"]
-    head = plain_head_weight(params, model_cfg) if chunk > 0 else None
-    if head is not None:  # out: final-norm activations [B, T, D]; logits [B, chunk, V] at a time
-        weight, vocab_major = head  # gradients made in the forward pass: no logits recompute
-        nll, z, count = fused_head_cross_entropy(
-            out, weight, targets, mask, train_cfg.z_loss, chunk,
-            vocab_major=vocab_major, compute_dtype=model_cfg.compute_dtype,
-        )  # fmt: skip
-    elif chunk > 0:  # LoRA on the head: each chunk's logits remade in the backward pass
+    if chunk > 0:  # out: final-norm activations [B, T, D]; logits [B, chunk, V] at a time
         logits_fn = head_logits_fn(params, model_cfg)
         nll, z, count = chunked_cross_entropy(
             out, logits_fn, targets, mask, train_cfg.z_loss, chunk
