@@ -245,14 +245,13 @@ def evaluate_batches(
     limit: int | None = None,
     logits_fn: LogitsFn | None = None,
     scorer: Scorer | None = None,
-    chunk: int = 0,
 ) -> PerplexityResult:
     """Perplexity over batches from `lm_jax.data.make_text_dataset` (or any dict batches).
 
     Bytes (for bits per byte) are `byte_lens[targets] * loss_mask` when `byte_lens` [V] is given
     (see `token_byte_lengths`), or a batch's own "target_bytes" [B, T].
     """
-    scorer = scorer or Scorer(cfg, params, mesh, logits_fn, chunk)
+    scorer = scorer or Scorer(cfg, params, mesh, logits_fn)
     res = PerplexityResult()
     for i, batch in enumerate(batches):
         if limit is not None and i >= limit:
@@ -393,7 +392,6 @@ def perplexity(
     logits_fn: LogitsFn | None = None,
     limit: int | None = None,
     max_tokens: int | None = None,
-    chunk: int = 0,
 ) -> PerplexityResult:
     """Perplexity / bits per byte of texts (each scored on its own) under a window policy.
 
@@ -401,7 +399,6 @@ def perplexity(
     (non-overlapping), smaller = HF-style sliding window. Short windows are packed into rows of
     `window` tokens (`pack`); rows are batched `batch_size` at a time, sharded over `mesh`.
     `limit` keeps the first texts, `max_tokens` the first scored tokens (bytes follow).
-    `chunk` > 0: the head runs that many positions at a time (`Scorer`).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -430,7 +427,7 @@ def perplexity(
     if not pieces:
         raise EvalError("the texts tokenize to fewer than 2 tokens each: nothing to score")
     batches = batch_rows(pack_pieces(pieces, window, pack), batch_size)
-    res = evaluate_batches(cfg, params, batches, mesh=mesh, logits_fn=logits_fn, chunk=chunk)
+    res = evaluate_batches(cfg, params, batches, mesh=mesh, logits_fn=logits_fn)
     return dataclasses.replace(res, bytes=float(nbytes), windows=len(pieces))
 
 

@@ -209,7 +209,6 @@ def task_perplexity(
     window=512,
     stride=None,
     batch_size=4,
-    logits_chunk=0,
     **_,
 ):
     from lm_jax.data import load_texts
@@ -227,7 +226,6 @@ def task_perplexity(
         stride=stride,
         batch_size=batch_size,
         max_tokens=limit,
-        chunk=logits_chunk,
     )
     return {
         "source": data_source,
