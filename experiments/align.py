@@ -37,7 +37,6 @@ flags.DEFINE_integer(
 flags.DEFINE_float(
     "moment_feedback", 0.0, "Moment targets: lambda += rate (mu_bar - E_pi[phi]) per step; 0 = off."
 )
-flags.DEFINE_integer("logits_chunk", 0, "> 0: log-probs with the LM head N positions at a time.")
 flags.DEFINE_string("mesh", "", "e.g. data:8 (default: all devices on data).")
 flags.DEFINE_string("workdir", "/tmp/align", "Output folder.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
@@ -71,10 +70,9 @@ def main(argv):
     scfg = SamplerConfig(F.max_new_tokens, stop, tuple(tok.encode(F.prompt)))
     lora = LoraConfig(rank=F.lora_rank, alpha=2.0 * F.lora_rank) if F.lora_rank else None
     mesh, key = make_mesh(F.mesh), jax.random.key(F.seed)
-    policy_args = (cfg, params, scfg, lora, F.seed, F.logits_chunk)
     histories = {}
     with jax.set_mesh(mesh):
-        policy, _, frozen = make_lm_policy(*policy_args)
+        policy, _, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
         *target, ref = estimate_target(
             policy, frozen, cons, key, F.moment_samples, F.batch_size, return_samples=True
         )
@@ -83,7 +81,7 @@ def main(argv):
         kw.update(tokenizer=tok, eval_every=F.eval_every, eval_samples=F.eval_samples)
         kw.update(reference=ref, moment_feedback=F.moment_feedback)
         for m in methods:
-            policy, trainable, frozen = make_lm_policy(*policy_args)
+            policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
             writer = MetricWriter(os.path.join(F.workdir, m))
             tx = optax.adam(policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio))
             _, hist = train(policy, trainable, frozen, cons, tuner(m), tx, **kw, writer=writer)

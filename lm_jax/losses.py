@@ -40,45 +40,6 @@ def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
 
 
-def chunked_token_stats(
-    hidden: jax.Array,  # [B, T, D] final-norm activations
-    logits_fn: Callable[[jax.Array], jax.Array],  # [B, c, D] -> [B, c, V]
-    targets: jax.Array,  # [B, T] int
-    chunk: int,
-) -> tuple[jax.Array, jax.Array]:
-    """(log Z, target logit), both [B, T] float32, of `logits_fn(hidden)`, computed `chunk`
-    positions at a time.
-
-    A scan over T / chunk slices of the sequence axis (the batch axis, and its sharding, stay
-    whole); each step is rematerialised, so neither pass holds more than [B, chunk, V] logits.
-    The head's weight gradient accumulates across the scan. T is padded up to a multiple of
-    `chunk` (the padded positions are cut from the outputs).
-    """
-    B, T, _ = hidden.shape
-    pad = -T % chunk
-    if pad:
-        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
-        targets = jnp.pad(targets, ((0, 0), (0, pad)))
-    n = (T + pad) // chunk
-
-    def split(x):  # [B, n * c, ...] -> [n, B, c, ...]
-        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
-
-    @jax.checkpoint
-    def step(carry, xs):
-        h, t = xs
-        logits = logits_fn(h).astype(jnp.float32)  # [B, c, V]
-        tgt = jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0]
-        return carry, (jax.nn.logsumexp(logits, axis=-1), tgt)
-
-    _, (log_z, tgt) = jax.lax.scan(step, None, (split(hidden), split(targets)))
-
-    def merge(x):  # [n, B, c] -> [B, T]
-        return jnp.moveaxis(x, 0, 1).reshape(B, n * chunk)[:, :T]
-
-    return merge(log_z), merge(tgt)
-
-
 def chunked_cross_entropy(
     hidden: jax.Array,  # [B, T, D] final-norm activations
     logits_fn: Callable[[jax.Array], jax.Array],  # [B, c, D] -> [B, c, V]
@@ -87,12 +48,30 @@ def chunked_cross_entropy(
     z_loss: float,
     chunk: int,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`cross_entropy(logits_fn(hidden), ...)` with the logits made `chunk` positions at a time
-    (`chunked_token_stats`). Same sums as `cross_entropy`, up to summation order."""
-    log_z, tgt = chunked_token_stats(hidden, logits_fn, targets, chunk)
-    mask = jnp.ones_like(log_z) if mask is None else mask.astype(jnp.float32)
-    return (
-        jnp.sum((log_z - tgt) * mask),
-        jnp.sum(z_loss * jnp.square(log_z) * mask),
-        jnp.sum(mask),
-    )
+    """`cross_entropy(logits_fn(hidden), ...)` computed `chunk` positions at a time.
+
+    A scan over T / chunk slices of the sequence axis (the batch axis, and its sharding, stay
+    whole); each step is rematerialised, so neither pass holds more than [B, chunk, V] logits.
+    The head's weight gradient accumulates across the scan. T is padded up to a multiple of
+    `chunk` with masked positions. Same sums as `cross_entropy`, up to summation order.
+    """
+    B, T, D = hidden.shape
+    mask = jnp.ones((B, T), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    pad = -T % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets, mask = jnp.pad(targets, ((0, 0), (0, pad))), jnp.pad(mask, ((0, 0), (0, pad)))
+    n = (T + pad) // chunk
+
+    def split(x):  # [B, n * c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint
+    def step(carry, xs):
+        h, t, m = xs
+        sums = cross_entropy(logits_fn(h), t, m, z_loss)
+        return jax.tree.map(jnp.add, carry, sums), None
+
+    zero = jnp.zeros((), jnp.float32)
+    out, _ = jax.lax.scan(step, (zero, zero, zero), (split(hidden), split(targets), split(mask)))
+    return out

@@ -27,8 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.losses import chunked_token_stats
-from lm_jax.nn.transformer import Transformer, head_logits_fn
+from lm_jax.nn.transformer import Transformer
 from lm_jax.sharding import batch_sharding, params_shardings, replicated
 
 MODEL_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -101,40 +100,19 @@ def transformer_logits_fn(cfg: ModelConfig) -> LogitsFn:
     return fn
 
 
-def _masked_row_sums(log_z, tgt, loss_mask):
-    """[B, T] log Z and target logits -> per-row summed NLL and counted tokens: [B], [B]."""
-    mask = loss_mask.astype(jnp.float32)
-    nll = jnp.where(mask > 0, log_z - tgt, 0.0)  # padding can hold any value (no NaN leaks)
-    return jnp.sum(nll * mask, axis=1), jnp.sum(mask, axis=1)
-
-
 def _row_sums(logits_fn, params, batch):
     """Per-row summed NLL and counted tokens: [B], [B] float32."""
     logits = logits_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
     logits = logits.astype(jnp.float32)  # [B, T, V]
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
     tgt = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]
-    return _masked_row_sums(log_z, tgt, batch["loss_mask"])
-
-
-def _chunked_row_sums(cfg: ModelConfig, chunk: int, params, batch):
-    """`_row_sums` of the Transformer with the head applied `chunk` positions at a time."""
-    hidden = Transformer(cfg).apply(
-        {"params": params},
-        batch["inputs"],
-        batch["positions"],
-        batch["segment_ids"],
-        skip_head=True,
-    )
-    fn = head_logits_fn(params, cfg)
-    log_z, tgt = chunked_token_stats(hidden, fn, batch["targets"], chunk)
-    return _masked_row_sums(log_z, tgt, batch["loss_mask"])
+    mask = batch["loss_mask"].astype(jnp.float32)
+    nll = jnp.where(mask > 0, log_z - tgt, 0.0)  # padding can hold any value (no NaN leaks)
+    return jnp.sum(nll * mask, axis=1), jnp.sum(mask, axis=1)
 
 
 @functools.lru_cache(maxsize=8)
-def _jitted(cfg: ModelConfig, chunk: int = 0):
-    if chunk > 0:
-        return jax.jit(functools.partial(_chunked_row_sums, cfg, chunk))
+def _jitted(cfg: ModelConfig):
     return jax.jit(functools.partial(_row_sums, transformer_logits_fn(cfg)))
 
 
@@ -150,29 +128,17 @@ class Scorer:
     With `mesh`, parameters are placed by `lm_jax.sharding.params_shardings` and the batch is
     split over the data axes (rows padded to a multiple of their size with masked rows).
     `logits_fn` replaces the Transformer (any function of ids giving logits; params replicated).
-    `chunk` > 0: the Transformer's head runs `chunk` positions at a time, so [B, T, V] logits
-    never exist (large vocabularies, long windows); same sums.
     """
 
     def __init__(
-        self,
-        cfg: ModelConfig | None,
-        params,
-        mesh=None,
-        logits_fn: LogitsFn | None = None,
-        chunk: int = 0,
+        self, cfg: ModelConfig | None, params, mesh=None, logits_fn: LogitsFn | None = None
     ):
         if logits_fn is None and cfg is None:
             raise EvalError("Scorer needs a ModelConfig (or an explicit logits_fn)")
-        if chunk < 0 or (chunk and logits_fn is not None):
-            raise EvalError(
-                f"Scorer chunk must be >= 0 and applies to the Transformer's head only, got "
-                f"chunk={chunk} with logits_fn={'set' if logits_fn else 'None'}"
-            )
         self.cfg, self.mesh = cfg, mesh
         params = nn.unbox(params)
         if logits_fn is None:
-            self.fn = _jitted(cfg, chunk)
+            self.fn = _jitted(cfg)
         else:
             self.fn = jax.jit(functools.partial(_row_sums, logits_fn))
         if mesh is not None:

@@ -11,7 +11,7 @@ from lm_jax.align import Constraint, TunerConfig, token_sequences_feature
 from lm_jax.align.loop import estimate_target, train
 from lm_jax.align.policies import make_lm_policy
 from lm_jax.align.samplers import SamplerConfig
-from lm_jax.configs import ConfigError, llama_style
+from lm_jax.configs import llama_style
 from lm_jax.nn import Transformer
 from lm_jax.nn.lora import LoraConfig
 from lm_jax.sharding import make_mesh
@@ -34,34 +34,6 @@ def test_lora_policy_starts_at_base_and_scores_like_the_generator():
     log_a = policy.base_logprob(frozen, s.tokens, s.mask)
     np.testing.assert_allclose(log_pi, s.log_q, rtol=1e-4, atol=1e-4)  # KV cache == full pass
     np.testing.assert_allclose(log_pi, log_a, rtol=1e-6)  # B = 0: adapters off == on
-
-
-def test_chunked_log_probs_equal_the_full_logits_with_their_gradients():
-    params = Transformer(CFG).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))["params"]
-    scfg = SamplerConfig(max_new_tokens=12, stop_tokens=(1,), prompt=(2,))
-    lora = LoraConfig(rank=2, alpha=4.0, targets=("q_proj", "up_proj"))
-    policy, adapters, frozen = make_lm_policy(CFG, params, scfg, lora=lora)
-    chunked, _, _ = make_lm_policy(CFG, params, scfg, lora=lora, logits_chunk=5)
-    adapters = jax.tree.map(lambda x: x + 0.1, adapters)  # B != 0: the adapters count
-    s = policy.sample(adapters, frozen, jax.random.key(1), 8)
-    np.testing.assert_allclose(
-        chunked.logprob_fn(adapters, frozen, s.tokens, s.mask),
-        policy.logprob_fn(adapters, frozen, s.tokens, s.mask),
-        rtol=1e-5,
-    )
-    np.testing.assert_allclose(
-        chunked.base_logprob(frozen, s.tokens, s.mask),
-        policy.base_logprob(frozen, s.tokens, s.mask),
-        rtol=1e-5,
-    )
-    grads = [
-        jax.grad(lambda a, p=p: p.logprob_fn(a, frozen, s.tokens, s.mask).sum())(adapters)
-        for p in (policy, chunked)
-    ]
-    for a, b in zip(*map(jax.tree.leaves, grads), strict=True):
-        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
-    with pytest.raises(ConfigError, match="logits_chunk must be >= 0"):
-        make_lm_policy(CFG, params, scfg, logits_chunk=-2)
 
 
 @pytest.mark.slow

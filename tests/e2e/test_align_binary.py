@@ -46,7 +46,6 @@ def align(base, workdir, *extra):
 
 def test_dpg_steps_with_cosine_schedule_write_summary(tiny_base, tmp_path):
     args = ["--constraint=word:e", "--method=dpg", "--steps=3", "--eval_every=3"]
-    args.append("--logits_chunk=4")  # log-probs with the head in chunks of 4 positions
     r = run(align(tiny_base, tmp_path, *args, "--lr_schedule=cosine", "--min_lr_ratio=0.1"))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())

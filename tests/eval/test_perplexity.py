@@ -119,35 +119,6 @@ def test_sharded_equals_single_device(byte_model, spec):
     assert sharded.bits_per_byte == pytest.approx(single.bits_per_byte, rel=1e-5)
 
 
-@pytest.mark.parametrize("mesh_spec", [None, "data:2,fsdp:2,tensor:2"])
-def test_chunked_head_scores_equal_the_full_logits(byte_model, mesh_spec):
-    from lm_jax.eval.perplexity import Scorer  # noqa: PLC0415
-
-    cfg, params = byte_model
-    rng = np.random.default_rng(3)
-    batch = {
-        "inputs": rng.integers(0, 256, (4, 21)),
-        "targets": rng.integers(0, 256, (4, 21)),
-        "loss_mask": (rng.random((4, 21)) > 0.3).astype(np.float32),
-    }
-    mesh = make_mesh(mesh_spec) if mesh_spec else None
-    full = Scorer(cfg, params, mesh).row_sums(batch)
-    for chunk in (5, 8, 64):  # ragged, dividing none, longer than T
-        nll, tokens = Scorer(cfg, params, mesh, chunk=chunk).row_sums(batch)
-        np.testing.assert_allclose(nll, full[0], rtol=1e-5)
-        np.testing.assert_array_equal(tokens, full[1])
-
-
-def test_scorer_chunk_errors(byte_model):
-    from lm_jax.eval.perplexity import Scorer  # noqa: PLC0415
-
-    cfg, params = byte_model
-    with pytest.raises(EvalError, match="chunk must be >= 0"):
-        Scorer(cfg, params, chunk=-1)
-    with pytest.raises(EvalError, match="head only"):
-        Scorer(None, params, logits_fn=lambda p, i, po, s: i, chunk=4)
-
-
 # --------------------------------------------------------------------------- bits per byte
 
 
