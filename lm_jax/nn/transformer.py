@@ -185,7 +185,8 @@ def head_logits_fn(params, cfg: ModelConfig):
 
         def project(h):
             y = jnp.dot(h.astype(cdt), head["kernel"].astype(cdt))
-            if "lora_a" in head:  # LoRA on the head, without dropout (checked by the caller)
+            if "lora_a" in head:  # LoRA on the head; like `Transformer`'s lm_head (which has
+                # no enclosing `deterministic` flag), it never applies LoRA dropout there
                 from lm_jax.nn.lora import lora_delta  # noqa: PLC0415 - optional pillar
 
                 y = y + lora_delta(None, h.astype(cdt), head["lora_a"], head["lora_b"], cfg.lora)
