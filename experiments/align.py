@@ -51,7 +51,7 @@ def main(argv):
     from lm_jax.align.moments import check_moment_feedback
     from lm_jax.align.policies import make_lm_policy
     from lm_jax.align.samplers import SamplerConfig
-    from lm_jax.nn.lora import LoraConfig
+    from lm_jax.configs.lora import LoraConfig
     from lm_jax.optim import policy_lr_schedule
     from lm_jax.sharding import make_mesh
     from lm_jax.train.metrics import MetricWriter

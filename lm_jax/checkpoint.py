@@ -16,27 +16,20 @@ import os
 import shutil
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from lm_jax import faults
 from lm_jax.configs.base import ModelConfig
+from lm_jax.data.tokenizer import load_tokenizer
+from lm_jax.errors import CheckpointError, CheckpointMismatch, CheckpointWriteError
+from lm_jax.nn.transformer import abstract_params
+from lm_jax.sharding import make_mesh, params_shardings
 
 ITEMS = ("params", "train", "data", "meta", "manifest")
 TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be restored; the message says which and what to do."""
-
-
-class CheckpointMismatch(CheckpointError):
-    """The checkpoint was saved for a different model (a leaf's shape or presence differs):
-    no older step can help, so restore_latest raises it at once."""
-
-
-class CheckpointWriteError(CheckpointError):
-    """A save failed (disk full, no permission); earlier checkpoints are untouched."""
 
 
 def _jsonable(cfg) -> dict:
@@ -47,8 +40,6 @@ class Checkpointer:
     """Periodic (async) saves with max_to_keep, and resume from the newest restorable step."""
 
     def __init__(self, workdir: str, keep: int = 2, async_save: bool = True, read_only=False):
-        from lm_jax import faults
-
         self._faults = faults.install()
         self.directory = os.path.abspath(os.path.join(workdir, "checkpoints"))
         if not read_only:
@@ -396,9 +387,6 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
 
 def load_model(workdir: str, step: int | None = None, mesh=None):
     """(ModelConfig, params, tokenizer) from a training workdir (newest step by default)."""
-    from lm_jax.data.tokenizer import load_tokenizer
-    from lm_jax.sharding import make_mesh, params_shardings
-    from lm_jax.train.state import abstract_params
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
         raise CheckpointError(
@@ -409,7 +397,6 @@ def load_model(workdir: str, step: int | None = None, mesh=None):
     mesh = make_mesh("") if mesh is None else mesh
     boxed = abstract_params(cfg)
     shardings = params_shardings(boxed, mesh)
-    import flax.linen as nn
 
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lm_jax.errors import MeshError
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axes (tuple = sharded over several axes, None = replicated)
@@ -35,10 +37,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("norm", None),
     ("lora_rank", None),
 )
-
-
-class MeshError(ValueError):
-    """The requested mesh does not fit the devices."""
 
 
 def parse_mesh_spec(spec: str) -> dict[str, int]:

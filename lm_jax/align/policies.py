@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax import adapters as lora_lib
 from lm_jax.align.samplers import SamplerConfig, Samples
 from lm_jax.configs.base import ConfigError, ModelConfig
-from lm_jax.nn import lora as lora_lib
 from lm_jax.nn.transformer import Transformer
 
 

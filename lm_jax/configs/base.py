@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import jax.numpy as jnp
 
-if TYPE_CHECKING:
-    from lm_jax.nn.lora import LoraConfig
+from lm_jax.configs.lora import LoraConfig
+from lm_jax.errors import ConfigError
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
 
 
 def _check(cond: bool, msg: str) -> None:
@@ -131,7 +127,7 @@ class ModelConfig:
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     sliding_window: int | None = None  # attend to at most this many past positions (Mistral)
     moe: MoEConfig | None = None  # None = dense MLP in every layer
-    lora: LoraConfig | None = None  # LoRA adapters on targeted projections (lm_jax.nn.lora)
+    lora: LoraConfig | None = None  # LoRA adapters on targeted projections (lm_jax.configs.lora)
     # Numerics and execution.
     dtype: str = "float32"  # compute dtype of matmuls (softmax, norms, loss stay float32)
     param_dtype: str = "float32"
@@ -227,9 +223,7 @@ class ModelConfig:
         if d.get("moe") is not None:
             d["moe"] = MoEConfig(**d["moe"])
         if isinstance(d.get("lora"), dict):
-            from lm_jax.nn.lora import LoraConfig as _Lora  # noqa: PLC0415 - import cycle
-
-            d["lora"] = _Lora.from_dict(d["lora"])
+            d["lora"] = LoraConfig.from_dict(d["lora"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         _check(not unknown, f"unknown ModelConfig fields {sorted(unknown)}.")

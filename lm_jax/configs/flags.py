@@ -28,10 +28,8 @@ def _unwrap_optional(tp):
 
 
 def _hints(cls) -> dict:
-    """Type hints, resolving names that config modules import only for type checking."""
-    from lm_jax.nn.lora import LoraConfig
-
-    return typing.get_type_hints(cls, localns={"LoraConfig": LoraConfig})
+    """Type hints of dataclass `cls` (string annotations resolved in its module)."""
+    return typing.get_type_hints(cls)
 
 
 def define_config_flags(prefix: str, cls, flag_values=flags.FLAGS) -> list[str]:

@@ -171,7 +171,7 @@ def _check_no_lora(params: Params) -> None:
             if k.startswith("lora_"):
                 raise ConfigError(
                     f"params hold LoRA adapters ({path}/{k}): merge them first "
-                    "(lm_jax.nn.lora) or export them separately with lm_jax.convert.peft."
+                    "(lm_jax.adapters.merge) or export them separately with lm_jax.convert.peft."
                 )
             if isinstance(v, Mapping):
                 walk(v, f"{path}/{k}")

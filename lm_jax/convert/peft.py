@@ -35,8 +35,9 @@ import re
 
 import numpy as np
 
+from lm_jax.adapters.tree import split_lora
 from lm_jax.configs.base import ConfigError, ModelConfig
-from lm_jax.nn.lora import LoraConfig, split_lora
+from lm_jax.configs.lora import LoraConfig
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"

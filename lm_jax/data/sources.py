@@ -29,6 +29,8 @@ import importlib.util
 import os
 import re
 
+from lm_jax.errors import DataSourceError
+
 SPLITS = ("train", "validation")
 DEFAULT_VAL_FRACTION = {
     "shakespeare": 0.05,
@@ -37,10 +39,6 @@ DEFAULT_VAL_FRACTION = {
     "paragraphs": 0.05,
 }
 KINDS = ("shakespeare", "tinyshakespeare", "file", "paragraphs", "tfds", "tfds_dir")
-
-
-class DataSourceError(ValueError):
-    """A data source is missing, empty or malformed; the message names it and the fix."""
 
 
 def parse_source(source: str) -> tuple[str, str]:

@@ -16,12 +16,9 @@ import optax
 from lm_jax.configs.base import ModelConfig
 from lm_jax.eval.perplexity import EvalError, Scorer, batch_rows
 from lm_jax.nn.transformer import Transformer
+from lm_jax.utils import round_up as _round_up
 
 LENGTH_BUCKET = 16  # padded sequence lengths are multiples of this (fewer recompiles)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def classification_metrics(y_true: Sequence, y_pred: Sequence, labels=None) -> dict[str, float]:

@@ -143,7 +143,7 @@ class Scorer:
             self.fn = jax.jit(functools.partial(_row_sums, logits_fn))
         if mesh is not None:
             if logits_fn is None:
-                from lm_jax.train.state import abstract_params
+                from lm_jax.nn.transformer import abstract_params
 
                 shardings = params_shardings(abstract_params(cfg), mesh)
             else:

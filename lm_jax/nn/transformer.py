@@ -10,7 +10,9 @@ import numpy as np
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.attention import Attention, LayerCache
 from lm_jax.nn.layers import Dense, Embed, Norm, normal_init
+from lm_jax.nn.lora import lora_delta
 from lm_jax.nn.mlp import MLP
+from lm_jax.nn.moe import MoE
 from lm_jax.sharding import constrain
 
 ACT_NAMES = ("batch", "length", "act_embed")
@@ -25,8 +27,6 @@ REMAT_POLICIES = {
 def feed_forward(cfg: ModelConfig, deterministic: bool = True, moe: bool | None = None):
     """The MLP slot: a dense MLP, or the MoE block (`moe`; default: when `cfg.moe` is set)."""
     if cfg.moe is not None if moe is None else moe:
-        from lm_jax.nn.moe import MoE  # noqa: PLC0415 - optional pillar
-
         return MoE(cfg, deterministic, name="mlp")
     return MLP(cfg, name="mlp")
 
@@ -187,8 +187,6 @@ def head_logits_fn(params, cfg: ModelConfig):
             y = jnp.dot(h.astype(cdt), head["kernel"].astype(cdt))
             if "lora_a" in head:  # LoRA on the head; like `Transformer`'s lm_head (which has
                 # no enclosing `deterministic` flag), it never applies LoRA dropout there
-                from lm_jax.nn.lora import lora_delta  # noqa: PLC0415 - optional pillar
-
                 y = y + lora_delta(None, h.astype(cdt), head["lora_a"], head["lora_b"], cfg.lora)
             return y
 
@@ -196,3 +194,10 @@ def head_logits_fn(params, cfg: ModelConfig):
         return constrain(project(h).astype(jnp.float32), ("batch", "length", "act_vocab"))
 
     return logits_fn
+
+
+def abstract_params(cfg: ModelConfig, rng=None):
+    """Boxed (nn.Partitioned) abstract params of `Transformer(cfg)`, without allocating anything."""
+    rng = jax.random.key(0) if rng is None else rng
+    tokens = jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
+    return jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens)["params"], rng)

@@ -26,7 +26,8 @@ import numpy as np
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.nn.layers import Dense, Embed, Norm, normal_init
 from lm_jax.nn.transformer import ACT_NAMES, Transformer, _block_class, init_cache
-from lm_jax.nn.vision import VisionConfig, ViT, encoder_layers
+from lm_jax.nn.vision import VisionConfig, ViT, check_images, encoder_layers
+from lm_jax.sampling import sample_logits
 from lm_jax.sharding import constrain
 
 
@@ -325,8 +326,6 @@ class CaptionOutput(NamedTuple):
 
 @functools.lru_cache(maxsize=8)
 def _caption_fn(cfg: CaptionerConfig, cache_len: int, max_new: int, greedy: bool, top_k: int):
-    from lm_jax.generate import sample_logits  # noqa: PLC0415 - the LM generator's sampler
-
     dec = cfg.decoder
     P = cfg.num_prefix
 
@@ -378,9 +377,7 @@ def generate_with_prefix(
 ) -> CaptionOutput:
     """Caption images: prefill [image prefix; BOS] into a KV cache, then decode one token per
     step with the decoder `Transformer` until `eos_id` (temperature 0 = greedy; sampling with
-    `lm_jax.generate.sample_logits`). A separate entry point: `generate()` is unchanged."""
-    from lm_jax.nn.vision import check_images  # noqa: PLC0415
-
+    `lm_jax.sampling.sample_logits`). A separate entry point: `generate()` is unchanged."""
     check_images(images, cfg.vision)
     limit = cfg.decoder.max_len
     need = cfg.num_prefix + 1 + int(max_new_tokens)

@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax import adapters as lora_lib
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
-from lm_jax.nn import lora as lora_lib
 from lm_jax.nn.transformer import Transformer
+from lm_jax.utils import round_up as _round_up
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
 
@@ -122,10 +123,6 @@ def encode_example(tokenizer, ex: Example, seq_len: int, add_eos: bool = False):
         )
     prompt = prompt[-(seq_len + 1 - len(completion)) :]
     return np.asarray(prompt + completion, np.int32), len(prompt)
-
-
-def _round_up(n: int, m: int) -> int:
-    return -(-n // m) * m
 
 
 def make_batch(

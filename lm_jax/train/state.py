@@ -12,7 +12,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.nn.transformer import Transformer
+from lm_jax.nn.transformer import Transformer, abstract_params
 from lm_jax.sharding import params_shardings
 
 
@@ -24,13 +24,6 @@ class TrainState:
     params: Any
     opt_state: Any
     skipped: jax.Array
-
-
-def abstract_params(cfg: ModelConfig, rng=None):
-    """Boxed (nn.Partitioned) abstract params, without allocating anything."""
-    rng = jax.random.key(0) if rng is None else rng
-    tokens = jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
-    return jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens)["params"], rng)
 
 
 def _by_path(tree) -> dict[tuple, Any]:

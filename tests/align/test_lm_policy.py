@@ -12,8 +12,8 @@ from lm_jax.align.loop import estimate_target, train
 from lm_jax.align.policies import make_lm_policy
 from lm_jax.align.samplers import SamplerConfig
 from lm_jax.configs import llama_style
+from lm_jax.configs.lora import LoraConfig
 from lm_jax.nn import Transformer
-from lm_jax.nn.lora import LoraConfig
 from lm_jax.sharding import make_mesh
 
 CFG = llama_style(vocab_size=16, d_model=32, num_layers=2, num_heads=2, max_len=64)

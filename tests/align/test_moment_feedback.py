@@ -12,8 +12,8 @@ from lm_jax.align.moments import MomentError, check_moment_feedback, dual_ascent
 from lm_jax.align.policies import make_lm_policy
 from lm_jax.align.samplers import SamplerConfig
 from lm_jax.configs import llama_style
+from lm_jax.configs.lora import LoraConfig
 from lm_jax.nn import Transformer
-from lm_jax.nn.lora import LoraConfig
 
 WORD = token_sequences_feature("tok5", [(5,)])
 OTHER = token_sequences_feature("tok7", [(7,)])

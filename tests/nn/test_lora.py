@@ -7,9 +7,10 @@ import numpy as np
 import optax
 import pytest
 
+from lm_jax import adapters as L
+from lm_jax.adapters.tree import _key
 from lm_jax.configs import ConfigError, ModelConfig, gpt2_style, llama_style
 from lm_jax.nn import Transformer
-from lm_jax.nn import lora as L
 
 LORA = L.LoraConfig(rank=4, alpha=8.0)
 CONFIGS = {
@@ -40,7 +41,7 @@ def _randomise_b(params, seed=7, std=0.05):
     leaves, tree = jax.tree_util.tree_flatten_with_path(params)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
     out = [
-        std * jax.random.normal(k, x.shape, x.dtype) if L._key(p[-1]) == "lora_b" else x
+        std * jax.random.normal(k, x.shape, x.dtype) if _key(p[-1]) == "lora_b" else x
         for k, (p, x) in zip(keys, leaves, strict=True)
     ]
     return jax.tree.unflatten(tree, out)
@@ -83,7 +84,7 @@ def test_init_equals_base_model_to_the_bit(name):
 
 def _adapter_modules(adapters):
     return {
-        tuple(L._key(k) for k in p[:-1]) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)
+        tuple(_key(k) for k in p[:-1]) for p, _ in jax.tree_util.tree_leaves_with_path(adapters)
     }
 
 

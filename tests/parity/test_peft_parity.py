@@ -11,9 +11,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
+from lm_jax import adapters as L  # noqa: E402
+from lm_jax.adapters.tree import _key, _unbox  # noqa: E402
 from lm_jax.convert.peft import load_peft_adapters, save_peft_adapters  # noqa: E402
+from lm_jax.errors import ConfigError  # noqa: E402
 from lm_jax.nn import Transformer  # noqa: E402
-from lm_jax.nn import lora as L  # noqa: E402
 
 TOL = 1e-4
 TARGETS = {
@@ -118,13 +120,13 @@ def test_export_lm_jax_adapter_loads_in_peft(setup):
     lora_cfg = L.LoraConfig(rank=8, alpha=16.0, rslora=arch == "llama")
     lcfg = cfg.replace(lora=lora_cfg)
     init = Transformer(lcfg).init(jax.random.key(3), tokens)["params"]
-    _, adapters = L.split_lora(jax.tree.map(np.asarray, L._unbox(init)))
+    _, adapters = L.split_lora(jax.tree.map(np.asarray, _unbox(init)))
     leaves, tree = jax.tree_util.tree_flatten_with_path(adapters)
     keys = jax.random.split(jax.random.key(4), len(leaves))
     adapters = jax.tree.unflatten(
         tree,
         [
-            0.05 * np.asarray(jax.random.normal(k, x.shape)) if L._key(p[-1]) == "lora_b" else x
+            0.05 * np.asarray(jax.random.normal(k, x.shape)) if _key(p[-1]) == "lora_b" else x
             for k, (p, x) in zip(keys, leaves, strict=True)
         ],
     )
@@ -148,7 +150,7 @@ def test_unsupported_peft_settings_are_errors(tmp_path):
     cfg, _ = _from_hf(base)
     pcfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], use_dora=True)
     peft.get_peft_model(copy.deepcopy(base), pcfg).save_pretrained(str(tmp_path / "dora"))
-    with pytest.raises(L.ConfigError, match="use_dora"):
+    with pytest.raises(ConfigError, match="use_dora"):
         load_peft_adapters(str(tmp_path / "dora"), cfg)
     with pytest.raises(FileNotFoundError, match="adapter_config.json"):
         load_peft_adapters(str(tmp_path), cfg)

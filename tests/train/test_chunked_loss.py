@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 
 from lm_jax.configs import ConfigError, gpt2_style, llama_style
+from lm_jax.configs.lora import LoraConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.losses import chunked_cross_entropy, cross_entropy
-from lm_jax.nn.lora import LoraConfig
 from lm_jax.nn.transformer import Transformer
 from lm_jax.optim import make_optimizer
 from lm_jax.sharding import batch_sharding, make_mesh

@@ -13,11 +13,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm_jax import adapters as L
 from lm_jax.configs import ConfigError, llama_style
 from lm_jax.configs.train import TrainConfig
 from lm_jax.data.byte_tokenizer import ByteTokenizer
 from lm_jax.nn import Transformer
-from lm_jax.nn import lora as L
 from lm_jax.optim import make_optimizer
 from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train import finetune as F
