@@ -52,9 +52,3 @@ def make_ebm(constraints: Sequence[Constraint], lam=None) -> EBM:
     point = tuple(c.pointwise for c in constraints)
     lam = jnp.zeros(len(point), jnp.float32) if lam is None else jnp.asarray(lam, jnp.float32)
     return EBM(lam=lam, pointwise=point)
-
-
-def moment_targets(constraints: Sequence[Constraint]) -> tuple[list[int], jax.Array]:
-    """(indices of distributional features, their targets mu_bar)."""
-    idx = [i for i, c in enumerate(constraints) if not c.pointwise]
-    return idx, jnp.asarray([constraints[i].target for i in idx], jnp.float32)

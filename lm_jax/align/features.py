@@ -186,16 +186,6 @@ def regex_feature(tokenizer, pattern: str) -> Feature:
     return Feature(f"regex:{pattern}", fn, binary=True)
 
 
-def length_feature(max_len: int) -> Feature:
-    """Normalised length: (number of masked tokens) / max_len in [0, 1] (a non-binary example)."""
-    return Feature(f"length/{max_len}", lambda t, m: jnp.sum(m > 0, axis=1) / max_len, binary=False)
-
-
-def score_feature(name: str, score_fn: FeatureFn, binary: bool = False) -> Feature:
-    """Wrap any scorer, e.g. a classifier's P(label | x) from an lm_jax model."""
-    return Feature(name, score_fn, binary=binary)
-
-
 def parse_constraint(spec: str, tokenizer) -> Constraint:
     """'word:amazing' (token subsequence, pointwise), 'wholeword:love' (whole word, in jnp),
     'word:she=0.5' / 'regex:\\bshe\\b=0.5' (moment target)."""

@@ -3,6 +3,7 @@ with any tuner, logging alignment metrics and diversity (Distinct-n, Self-BLEU).
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -23,6 +24,8 @@ from lm_jax.align.moments import (
 from lm_jax.align.policies import LMPolicy
 from lm_jax.align.samplers import Samples, shard_batch
 from lm_jax.align.tuners import TunerConfig, init_state, jit_align_step
+from lm_jax.convert.sources import load_any
+from lm_jax.eval.generation_metrics import distinct_n, self_bleu
 
 
 def scorer(policy: LMPolicy, constraints: Sequence[Constraint]):
@@ -80,8 +83,6 @@ def reference_metrics(ebm: EBM, ref: dict, log_pi) -> dict:
 
 def diversity(texts: Sequence[str], self_bleu_n: int = 64) -> dict:
     """Distinct-1/2 over all texts and Self-BLEU on the first `self_bleu_n` (quadratic cost)."""
-    from lm_jax.eval.generation_metrics import distinct_n, self_bleu  # noqa: PLC0415
-
     out = {"distinct_1": distinct_n(texts, 1), "distinct_2": distinct_n(texts, 2)}
     if len(texts) >= 2 and self_bleu_n >= 2:
         out["self_bleu"] = self_bleu(list(texts)[:self_bleu_n])
@@ -233,10 +234,6 @@ def train(
 
 def load_base(path: str):
     """(ModelConfig, params, tokenizer) from an lm_jax workdir, an HF model folder or a .gguf."""
-    import os  # noqa: PLC0415
-
-    from lm_jax.convert.sources import load_any  # noqa: PLC0415
-
     if path.endswith(".gguf"):
         return load_any(gguf=path)[:3]
     if os.path.isdir(os.path.join(path, "checkpoints")):
@@ -250,10 +247,10 @@ def plot_histories(
     """E_pi[phi_1] and KL(pi||a) (evaluation rows) against steps, one line per method.
     `floor`: KL(p||a), one value, or one per method (runs against different targets: each gets
     its own dashed line in its colour)."""
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     floors = floor if isinstance(floor, dict) else dict.fromkeys(histories, floor)
     shared = len({round(v, 9) for v in floors.values()}) == 1

@@ -19,6 +19,7 @@ import numpy as np
 from lm_jax import adapters as lora_lib
 from lm_jax.align.samplers import SamplerConfig, Samples
 from lm_jax.configs.base import ConfigError, ModelConfig
+from lm_jax.generate import generate
 from lm_jax.nn.transformer import Transformer
 
 
@@ -62,8 +63,6 @@ class LMPolicy:
         return self._sample(self.base_config, frozen, key, batch_size)
 
     def _sample(self, cfg, params, key, batch_size: int) -> Samples:
-        from lm_jax.generate import generate  # noqa: PLC0415
-
         s = self.sampler
         P = len(s.prompt)
         prompt = np.broadcast_to(np.asarray(s.prompt, np.int32), (batch_size, P))

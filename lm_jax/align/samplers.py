@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax.generate import generate
 from lm_jax.sharding import batch_sharding
 
 
@@ -38,8 +39,6 @@ class SamplerConfig:
 def ancestral(model_cfg, params, key: jax.Array, batch_size: int, scfg: SamplerConfig) -> Samples:
     """Ancestral samples at temperature 1 (no top-k/p: log q must be the model's own density)
     through `lm_jax.generate.generate` (KV cache: tokens and log pi in one pass)."""
-    from lm_jax.generate import generate  # noqa: PLC0415 - optional pillar
-
     prompt = jnp.broadcast_to(jnp.asarray(scfg.prompt, jnp.int32), (batch_size, len(scfg.prompt)))
     out = generate(
         model_cfg,
@@ -68,17 +67,6 @@ def qrs_accept(key: jax.Array, log_p: jax.Array, log_q: jax.Array, log_beta) -> 
 def qrs_acceptance_rate(log_p: jax.Array, log_q: jax.Array, log_beta) -> jax.Array:
     """E_q[min(1, P/(beta q))] estimated on samples of q (= Z_beta / beta)."""
     return jnp.mean(jnp.exp(jnp.minimum(0.0, log_p - log_beta - log_q)))
-
-
-def qrs_beta_for_rate(log_p, log_q, rate: float) -> float:
-    """Smallest log beta among the samples' log(P/q) whose estimated acceptance is >= rate
-    (a simple way to pick beta for a target acceptance)."""
-    lw = np.sort(np.asarray(log_p - log_q))[::-1]
-    lw = lw[np.isfinite(lw)]
-    for lb in lw:
-        if float(qrs_acceptance_rate(log_p, log_q, lb)) >= rate:
-            return float(lb)
-    return float(lw[-1]) if len(lw) else 0.0
 
 
 def qrs(key, log_p, log_q, log_beta, items: Sequence | None = None):

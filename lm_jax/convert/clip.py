@@ -13,6 +13,7 @@ the position of the largest id when the end-of-text token is the last of the voc
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
@@ -119,8 +120,6 @@ def _encoder_layers(sd, prefix: str, n: int) -> dict:
         }
 
     layers = [one(i) for i in range(n)]
-    import jax  # noqa: PLC0415
-
     return jax.tree.map(lambda *xs: np.stack(xs), *layers)
 
 

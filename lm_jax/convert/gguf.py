@@ -24,6 +24,7 @@ import os
 import numpy as np
 
 from lm_jax.configs.base import ConfigError, ModelConfig
+from lm_jax.data.hf_tokenizer import HFTokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 
@@ -88,7 +89,7 @@ def _config(reader, arch: str) -> ModelConfig:
 
 
 def _params(reader, cfg: ModelConfig) -> dict:
-    from gguf.quants import dequantize  # noqa: PLC0415
+    from gguf.quants import dequantize
 
     tensors = {t.name: t for t in reader.tensors}
 
@@ -149,7 +150,7 @@ def from_gguf(path: str, tokenizer: bool = True):
     Params are float32 numpy arrays (quantized tensors dequantized). `tokenizer=False` skips
     the tokenizer (returned as None).
     """
-    import gguf  # noqa: PLC0415
+    import gguf
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file {path!r} not found.")
@@ -167,8 +168,6 @@ def from_gguf(path: str, tokenizer: bool = True):
     params = _params(reader, cfg)
     tok = None
     if tokenizer:
-        from lm_jax.data.hf_tokenizer import HFTokenizer  # noqa: PLC0415
-
         tok = HFTokenizer.from_gguf_metadata(_metadata(reader, "tokenizer."))
     return cfg, params, tok
 

@@ -86,7 +86,7 @@ def _scale(alpha: float, r: int, rslora: bool) -> float:
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import safe_open  # noqa: PLC0415
+    from safetensors import safe_open
 
     out = {}
     with safe_open(path, framework="np") as f:
@@ -194,7 +194,7 @@ def save_peft_adapters(
 
     `cfg.lora` gives rank, alpha and rsLoRA. Returns the adapter_config dict written.
     """
-    from safetensors.numpy import save_file  # noqa: PLC0415
+    from safetensors.numpy import save_file
 
     lora = cfg.lora
     if lora is None:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from lm_jax.checkpoint import load_model
 from lm_jax.configs.base import ConfigError
+from lm_jax.convert.gguf import from_gguf
+from lm_jax.convert.hf import from_hf
+from lm_jax.data.hf_tokenizer import HFTokenizer
 
 
 def load_any(checkpoint: str = "", hf_dir: str = "", gguf: str = ""):
@@ -16,17 +20,10 @@ def load_any(checkpoint: str = "", hf_dir: str = "", gguf: str = ""):
         )
     kind, path = given[0]
     if kind == "checkpoint":
-        from lm_jax.checkpoint import load_model
-
         cfg, params, tok = load_model(path)
     elif kind == "hf_dir":
-        from lm_jax.convert.hf import from_hf
-        from lm_jax.data.hf_tokenizer import HFTokenizer
-
         cfg, params = from_hf(path)
         tok = HFTokenizer.from_pretrained_dir(path)
     else:
-        from lm_jax.convert.gguf import from_gguf
-
         cfg, params, tok = from_gguf(path)
     return cfg, params, tok, f"{kind}:{path}"

@@ -107,7 +107,7 @@ class HFTokenizer(Tokenizer):
                 "this tokenizer has no chat template: pass one as HFTokenizer(..., "
                 "chat_template=...) or load a tokenizer that carries one."
             )
-        from jinja2.sandbox import ImmutableSandboxedEnvironment  # noqa: PLC0415
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
 
         def raise_exception(message):
             raise TokenizerError(f"chat template error: {message}")
@@ -188,7 +188,7 @@ class HFTokenizer(Tokenizer):
     def from_gguf_metadata(cls, meta: dict) -> HFTokenizer:
         """Rebuild the tokenizer a GGUF describes from its `tokenizer.*` metadata values."""
         from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-        from tokenizers import Tokenizer as TkTokenizer  # noqa: PLC0415
+        from tokenizers import Tokenizer as TkTokenizer
 
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":
@@ -264,7 +264,7 @@ class HFTokenizer(Tokenizer):
 
 
 def _load_tokenizer_json(directory: str):
-    from tokenizers import Tokenizer as TkTokenizer  # noqa: PLC0415
+    from tokenizers import Tokenizer as TkTokenizer
 
     path = os.path.join(directory, TOKENIZER_FILE)
     if not os.path.isfile(path):

@@ -85,7 +85,7 @@ def mnist5k(split: str) -> LabeledImages:
 
 
 def digits(split: str) -> LabeledImages:
-    from sklearn.datasets import load_digits  # noqa: PLC0415
+    from sklearn.datasets import load_digits
 
     d = load_digits()
     images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8]
@@ -98,7 +98,7 @@ def digits(split: str) -> LabeledImages:
 
 
 def _tfds(name: str, split: str) -> LabeledImages:
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    import tensorflow_datasets as tfds
 
     src = tfds.data_source(name, split=split)
     info = src.dataset_info
@@ -140,7 +140,7 @@ def load_images(source: str = "auto", split: str = "train") -> LabeledImages:
 
 def resize(images: np.ndarray, size: int) -> np.ndarray:
     """uint8 [N, h, w] -> uint8 [N, size, size], antialiased bilinear (Pillow)."""
-    from PIL import Image  # noqa: PLC0415
+    from PIL import Image
 
     out = np.empty((len(images), size, size), np.uint8)
     for i, im in enumerate(images):

@@ -24,7 +24,14 @@ import re
 
 import numpy as np
 
-from lm_jax.data.images import LabeledImages, load_images, resize, resolve_source
+from lm_jax.data.images import (
+    DIGIT_CLASSES,
+    FASHION_CLASSES,
+    LabeledImages,
+    load_images,
+    resize,
+    resolve_source,
+)
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError, register
 
 POSITIONS = (
@@ -263,7 +270,7 @@ def _builder_cls():
     global _BUILDER
     if _BUILDER is not None:
         return _BUILDER
-    import tensorflow_datasets as tfds  # noqa: PLC0415
+    import tensorflow_datasets as tfds
 
     @dataclasses.dataclass
     class ScenesConfig(tfds.core.BuilderConfig):
@@ -343,8 +350,6 @@ def build_scenes(
 
 
 def class_names_of(builder) -> tuple[str, ...]:
-    from lm_jax.data.images import DIGIT_CLASSES, FASHION_CLASSES  # noqa: PLC0415
-
     return FASHION_CLASSES if builder.builder_config.source == "fashion_mnist" else DIGIT_CLASSES
 
 
@@ -362,7 +367,7 @@ def scene_batches(
     repeated stream), instead of the one phrasing stored with it. class_only_fraction sets the
     probability of the classes-only phrasing ("a photo of a {cls} and a {cls}") among those draws
     (default: uniform over the training phrasings)."""
-    import grain  # noqa: PLC0415
+    import grain
 
     if rephrase and split != "train":
         raise SceneError(

@@ -30,8 +30,6 @@ from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.transformer import Transformer
 from lm_jax.sharding import batch_sharding, params_shardings, replicated
 
-MODEL_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
-
 
 class EvalError(ValueError):
     """Bad evaluation input (empty data, mismatched lengths, unknown task): says what to fix."""

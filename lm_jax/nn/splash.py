@@ -56,10 +56,10 @@ def _block(T: int) -> int:
 
 @functools.lru_cache(maxsize=16)
 def _kernel(T: int, N: int, window: int | None, interpret: bool):
-    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )
-    from jax.experimental.pallas.ops.tpu.splash_attention import (  # noqa: PLC0415
+    from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_mask as sm,
     )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import textwrap
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -20,9 +21,13 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lm_jax.configs.base import ModelConfig
+from lm_jax.data.scenes import encode_texts
+from lm_jax.eval.generation_metrics import bleu, rouge
 from lm_jax.losses import cross_entropy
 from lm_jax.losses_contrastive import contrastive_loss
-from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TwoTowerConfig, TwoTowers
+from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TextConfig, TwoTowerConfig, TwoTowers
+from lm_jax.nn.vision import VisionConfig
 from lm_jax.sharding import batch_sharding, params_shardings
 from lm_jax.train.state import TrainState, opt_state_shardings
 
@@ -152,8 +157,6 @@ def embed_texts(cfg: TwoTowerConfig, params, tokens, mask, batch_size: int = 512
 
 def zero_shot_classifier(cfg, params, tok, class_names: Sequence[str], templates: Sequence[str]):
     """Class embeddings [K, E]: the normalised mean over prompt templates (CLIP's ensembling)."""
-    from lm_jax.data.scenes import encode_texts  # noqa: PLC0415
-
     texts = [t.format(cls=c) for c in class_names for t in templates]
     tokens, mask = encode_texts(tok, texts, cfg.text.model.max_len)
     emb = embed_texts(cfg, params, tokens, mask).reshape(len(class_names), len(templates), -1)
@@ -185,16 +188,14 @@ def retrieval_recall(image_emb, text_emb, ks=(1, 5)) -> dict:
 def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
     """Corpus BLEU-4 (sacrebleu, multi-reference) and mean ROUGE-L F1 x100 (best reference)."""
     try:  # the project's wrappers (lm_jax.eval) when present
-        from lm_jax.eval.generation_metrics import bleu, rouge  # noqa: PLC0415
-
         return {
             "bleu4": bleu(list(hypotheses), list(references)),
             "rougeL": rouge(list(hypotheses), list(references), types=("rougeL",))["rougeL"],
         }
     except ImportError:
         pass
-    import sacrebleu  # noqa: PLC0415
-    from rouge_score import rouge_scorer  # noqa: PLC0415
+    import sacrebleu
+    from rouge_score import rouge_scorer
 
     n_refs = max(len(r) for r in references)
     streams = [[r[j] if j < len(r) else None for r in references] for j in range(n_refs)]
@@ -209,10 +210,6 @@ def caption_metrics(hypotheses: Sequence[str], references: Sequence[Sequence[str
 
 def tiny_configs(vocab: int, canvas: int = 48, width: int = 64, layers: int = 3, patch: int = 8):
     """(TwoTowerConfig, CaptionerConfig) of the small models used by the experiment script."""
-    from lm_jax.configs.base import ModelConfig  # noqa: PLC0415
-    from lm_jax.nn.two_towers import TextConfig  # noqa: PLC0415
-    from lm_jax.nn.vision import VisionConfig  # noqa: PLC0415
-
     block = dict(
         d_model=width, num_layers=layers, num_heads=4, mlp_dim=4 * width, norm="layernorm",
         activation="gelu_tanh", gated_mlp=False, use_bias=True, position="learned",
@@ -243,12 +240,10 @@ def fit(cfg, tx, batches, steps: int, mesh, seed: int = 0, log_every: int = 100,
 
 def save_caption_grid(path: str, images, captions: Sequence[str], cols: int = 4) -> None:
     """A PNG grid of uint8 images [N, H, W, 1] titled with their (generated) captions."""
-    import textwrap  # noqa: PLC0415
-
-    import matplotlib  # noqa: PLC0415
+    import matplotlib
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt
 
     rows = -(-len(images) // cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.6 * rows))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import os
@@ -120,6 +121,15 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+def global_batch(bsh, batch: dict) -> dict:
+    """The model's batch keys of a host-local batch as global arrays sharded by `bsh`."""
+    return {
+        k: jax.make_array_from_process_local_data(bsh, np.asarray(v))
+        for k, v in batch.items()
+        if k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+    }
+
+
 def evaluate(params, exp: Experiment, tok, eval_fn, to_global, byte_lens) -> dict:
     """Validation loss, perplexity and bits per byte over `eval_batches` (0 = whole split)."""
     from lm_jax.data import make_text_dataset
@@ -203,12 +213,7 @@ def train(exp: Experiment, log=print) -> dict:
 
     bsh = batch_sharding(mesh, 2, exp.data.batch_size)
 
-    def to_global(batch):
-        return {
-            k: jax.make_array_from_process_local_data(bsh, np.asarray(v))
-            for k, v in batch.items()
-            if k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
-        }
+    to_global = functools.partial(global_batch, bsh)
 
     step_fn = jit_train_step(model_cfg, tcfg, tx, shardings, bsh)
     if tcfg.print_memory:
@@ -450,12 +455,7 @@ def evaluate_checkpoint(exp: Experiment) -> dict:
     p_sh = params_shardings(abstract_params(model_cfg), mesh)
     eval_fn = jit_eval_step(model_cfg, exp.train, p_sh, bsh)
 
-    def to_global(batch):
-        return {
-            k: jax.make_array_from_process_local_data(bsh, np.asarray(v))
-            for k, v in batch.items()
-            if k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
-        }
+    to_global = functools.partial(global_batch, bsh)
 
     return evaluate(
         params, exp, tok, eval_fn, to_global, token_byte_lengths(tok, model_cfg.vocab_size)

@@ -14,8 +14,6 @@ from lm_jax.losses import chunked_cross_entropy, cross_entropy
 from lm_jax.nn.transformer import Transformer, head_logits_fn
 from lm_jax.train.state import TrainState
 
-MODEL_INPUTS = ("inputs", "positions", "segment_ids")
-
 
 def _aux_sums(aux) -> tuple[jax.Array, dict]:
     """Sum sown `moe_loss` leaves; average sown `moe_metrics` over layers."""
