@@ -96,9 +96,7 @@ class Checkpointer:
         if saved:
             self._pending = step
             if self._faults:
-                from lm_jax.faults import mark
-
-                mark("save_begin", step)
+                faults.mark("save_begin", step)
         return saved
 
     def wait(self) -> None:

@@ -1,5 +1,5 @@
 """LM policies on one frozen backbone: base a = adapters off, proposal q = a frozen adapter
-snapshot, policy pi = the live adapter (LoRA; `lm_jax.nn.lora`). Without LoRA the policy and
+snapshot, policy pi = the live adapter (LoRA; `lm_jax.adapters`). Without LoRA the policy and
 proposal are full-parameter copies and the frozen tree is the base model.
 
 Sequences are laid out as [prompt | continuation] of fixed length P + N; `mask` [B, P+N] marks
@@ -100,7 +100,7 @@ def make_lm_policy(
     if extra:
         raise ConfigError(
             "the base params already hold LoRA adapters: merge them first "
-            "(lm_jax.nn.lora.merge) so the backbone is a plain model."
+            "(lm_jax.adapters.merge) so the backbone is a plain model."
         )
     pcfg = cfg.replace(lora=lora)
     tokens = jnp.zeros((1, 2), jnp.int32)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from lm_jax.configs.base import ConfigError
+from lm_jax.data.factory import parse_tokenizer_spec
 from lm_jax.data.sources import DataSourceError, parse_source
 
 
@@ -50,6 +51,4 @@ class DataConfig:
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"data.seed must be in [0, 2**32), got {self.seed}")
-        from lm_jax.data.factory import parse_tokenizer_spec
-
         parse_tokenizer_spec(self.tokenizer, error=ConfigError, prefix="data.tokenizer: ")

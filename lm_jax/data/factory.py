@@ -5,6 +5,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from lm_jax.data.byte_tokenizer import ByteTokenizer
+from lm_jax.data.char_tokenizer import CharTokenizer
+from lm_jax.data.sources import load_texts
+from lm_jax.data.sp_tokenizer import SentencePieceTokenizer
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 SPEC_HELP = "byte, char, sentencepiece:<bpe|unigram>:<vocab size> or dir:<saved tokenizer folder>"
@@ -36,10 +40,6 @@ def _texts(texts_iter):
 def build_tokenizer(spec: str, texts_iter: Iterable | None = None) -> Tokenizer:
     """Make the tokenizer `spec` names, training it on `texts_iter` (texts or (id, text) pairs)
     when it learns from data (char, sentencepiece); byte and dir: ignore `texts_iter`."""
-    from lm_jax.data.byte_tokenizer import ByteTokenizer
-    from lm_jax.data.char_tokenizer import CharTokenizer
-    from lm_jax.data.sp_tokenizer import SentencePieceTokenizer
-
     kind, args = parse_tokenizer_spec(spec)
     if kind == "byte":
         return ByteTokenizer()
@@ -56,8 +56,6 @@ def build_tokenizer(spec: str, texts_iter: Iterable | None = None) -> Tokenizer:
 def build_tokenizer_for(cfg) -> Tokenizer:
     """The tokenizer of a `DataConfig`: char takes its vocabulary from both splits (as nanoGPT
     does, so validation has no unknown characters); sentencepiece trains on the train split."""
-    from lm_jax.data.sources import load_texts
-
     kind, _ = parse_tokenizer_spec(cfg.tokenizer)
     if kind in ("byte", "dir"):
         return build_tokenizer(cfg.tokenizer)

@@ -43,7 +43,7 @@ import numpy as np
 from lm_jax.configs.base import ConfigError
 from lm_jax.data.config import DataConfig
 from lm_jax.data.sources import DataSourceError, load_texts
-from lm_jax.data.tokenizer import Tokenizer
+from lm_jax.data.tokenizer import Tokenizer, TokenizerError
 
 STATE_VERSION = 1
 ENDLESS = 2**62  # batches of a training iterator (grain's lengths must fit in an index)
@@ -112,8 +112,6 @@ def token_stream(cfg: DataConfig, tokenizer: Tokenizer, split: str) -> TokenStre
 
 def check_token_range(stream: TokenStream, tokenizer: Tokenizer) -> None:
     """TokenizerError unless every token id and the pad id are in [0, vocab_size)."""
-    from lm_jax.data.tokenizer import TokenizerError
-
     V = tokenizer.vocab_size
     if not 0 <= int(tokenizer.pad_id) < V:
         raise TokenizerError(

@@ -19,6 +19,9 @@ from collections.abc import Callable
 import jax
 import numpy as np
 
+from lm_jax.configs.base import ConfigError
+from lm_jax.convert.sources import load_any
+from lm_jax.data import load_texts
 from lm_jax.eval.classification import (
     classification_metrics,
     extract_features,
@@ -28,6 +31,7 @@ from lm_jax.eval.classification import (
 )
 from lm_jax.eval.generation_metrics import generation_report
 from lm_jax.eval.perplexity import EvalError, perplexity
+from lm_jax.generate import generate
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = str(REPO.parent / "shared" / "data")
@@ -43,9 +47,6 @@ class LoadedModel:
 
 def load_model(checkpoint: str = "", hf_dir: str = "", gguf: str = "") -> LoadedModel:
     """Exactly one of: an lm_jax training workdir, a HF model folder, a GGUF file."""
-    from lm_jax.configs.base import ConfigError
-    from lm_jax.convert.sources import load_any
-
     try:
         return LoadedModel(*load_any(checkpoint, hf_dir, gguf))
     except ConfigError as e:
@@ -171,8 +172,6 @@ def task_multi30k_en_de(
     split="test_2016_flickr",
     **_,
 ):
-    from lm_jax.generate import generate
-
     en, de = load_multi30k(data_dir, split)
     en, de = en[:limit], de[:limit]
     tok = m.tokenizer
@@ -211,8 +210,6 @@ def task_perplexity(
     batch_size=4,
     **_,
 ):
-    from lm_jax.data import load_texts
-
     if not data_source:
         raise EvalError("task perplexity needs --data_source (e.g. tinyshakespeare:<path>)")
     texts = [t for _, t in load_texts(data_source, split)]
