@@ -128,6 +128,27 @@ class Preemption:
             signal.signal(signal.SIGTERM, self._old)
 
 
+class _NoCheckpoints:
+    """Stands in for the Checkpointer when a run saves nothing."""
+
+    directory = "(no checkpoints: saving is off)"
+
+    def all_steps(self):
+        return []
+
+    def latest_step(self):
+        return None
+
+    def save(self, *a, **k):
+        return False
+
+    def wait(self):
+        pass
+
+    def close(self):
+        pass
+
+
 def abstract_of(state):
     """(ShapeDtypeStruct tree, sharding tree) of a concrete state."""
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state)
@@ -138,11 +159,18 @@ def _host(metrics: dict) -> dict:
     return {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
 
 
-def run(task: Task, tcfg: TrainConfig, log: Callable[[str], None] = print) -> LoopResult:
-    """Run (or resume) `task` for `tcfg.steps` steps in `tcfg.workdir`."""
+def run(
+    task: Task, tcfg: TrainConfig, log: Callable[[str], None] = print, save: bool = True
+) -> LoopResult:
+    """Run (or resume) `task` for `tcfg.steps` steps in `tcfg.workdir`. `save=False`: no
+    checkpoints at all (metrics only; nothing to resume from)."""
     workdir = tcfg.workdir
     os.makedirs(workdir, exist_ok=True)
-    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
+    ckpt = (
+        Checkpointer(workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
+        if save
+        else _NoCheckpoints()
+    )
     meta = task.meta()
     spec = task.abstract_state()
     fresh = None
@@ -191,7 +219,7 @@ def run(task: Task, tcfg: TrainConfig, log: Callable[[str], None] = print) -> Lo
     consecutive_bad = 0
     window = {"seconds": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter()}
 
-    def save(s: int, force: bool = False) -> None:
+    def save_step(s: int, force: bool = False) -> None:
         if ckpt.save(s, state, task.host_state(), meta, force=force, params_mask=mask):
             task.on_save(state, s)
             log(f"saved checkpoint step {s}")
@@ -268,10 +296,10 @@ def run(task: Task, tcfg: TrainConfig, log: Callable[[str], None] = print) -> Lo
                 row.update(last_eval)
             history.append(row)
             if tcfg.save_every and step % tcfg.save_every == 0:
-                save(step)
+                save_step(step)
             if preempt.requested:
                 if ckpt.latest_step() != step:
-                    save(step, force=True)
+                    save_step(step, force=True)
                 ckpt.wait()
                 log(f"SIGTERM: saved step {step} and stopped; rerun the same command to resume")
                 break
@@ -279,7 +307,7 @@ def run(task: Task, tcfg: TrainConfig, log: Callable[[str], None] = print) -> Lo
         bar.close()
     finished = step >= tcfg.steps
     if finished and ckpt.latest_step() != step:
-        save(step, force=True)
+        save_step(step, force=True)
     ckpt.wait()
     ckpt.close()
     if details is not None:
