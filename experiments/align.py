@@ -38,7 +38,9 @@ flags.DEFINE_float(
     "moment_feedback", 0.0, "Moment targets: lambda += rate (mu_bar - E_pi[phi]) per step; 0 = off."
 )
 flags.DEFINE_string("mesh", "", "e.g. data:8 (default: all devices on data).")
-flags.DEFINE_string("workdir", "/tmp/align", "Output folder.")
+flags.DEFINE_string("workdir", "/tmp/align", "Output folder (one resumable run per method).")
+flags.DEFINE_integer("save_every", 25, "Steps between checkpoints (and at the end); 0 = end only.")
+flags.DEFINE_bool("log_step_details", False, "Per-step JSONL (loss hex, params hash).")
 flags.DEFINE_integer("seed", 0, "Random seed.")
 
 
@@ -47,14 +49,20 @@ def main(argv):
     import optax
 
     from lm_jax.align import TunerConfig, parse_constraint
-    from lm_jax.align.loop import estimate_target, load_base, plot_histories, train
+    from lm_jax.align.loop import (
+        estimate_target,
+        load_base,
+        plot_histories,
+        rows_by_update,
+        train,
+    )
     from lm_jax.align.moments import check_moment_feedback
     from lm_jax.align.policies import make_lm_policy
     from lm_jax.align.samplers import SamplerConfig
     from lm_jax.nn.lora import LoraConfig
     from lm_jax.optim import policy_lr_schedule
     from lm_jax.sharding import make_mesh
-    from lm_jax.train.metrics import MetricWriter
+    from lm_jax.train.engine import read_history
 
     F = flags.FLAGS
     if len(argv) > 1 or not F.constraint:
@@ -82,10 +90,11 @@ def main(argv):
         kw.update(reference=ref, moment_feedback=F.moment_feedback)
         for m in methods:
             policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
-            writer = MetricWriter(os.path.join(F.workdir, m))
+            wd = os.path.join(F.workdir, m)
             tx = optax.adam(policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio))
-            _, hist = train(policy, trainable, frozen, cons, tuner(m), tx, **kw, writer=writer)
-            writer.close()
+            kw.update(workdir=wd, save_every=F.save_every, log_step_details=F.log_step_details)
+            train(policy, trainable, frozen, cons, tuner(m), tx, **kw)
+            hist = rows_by_update(read_history(wd), F.steps)  # whole run, resumed or not
             histories[m] = hist
             ev = [h for h in hist if "eval/kl_pi_a" in h]
             summary["methods"][m] = ev[-1] if ev else hist[-1]

@@ -26,7 +26,7 @@ import numpy as np
 
 from lm_jax.checkpoint import Checkpointer, check_resume_config
 from lm_jax.configs.train import TrainConfig
-from lm_jax.train.metrics import MetricWriter, format_metrics
+from lm_jax.train.metrics import MetricWriter, _scalar, format_metrics
 
 
 class TrainingHalted(RuntimeError):
@@ -44,6 +44,7 @@ class Task:
 
     metric_prefix = "train/"
     eval_at_start = False  # also evaluate the initial state (step 0)
+    metrics_every_step = False  # write every step's metrics (stdout still every log_every)
     tensorboard = True
 
     def init_state(self):
@@ -269,7 +270,9 @@ def run(
             consecutive_bad = 0
             window["steps"] += 1
             window["tokens"] += float(m.get("tokens", 0.0))
-            row = {"step": step, **{task.metric_prefix + k: v for k, v in m.items()}}
+            row = {"step": step, **{task.metric_prefix + k: _scalar(v) for k, v in m.items()}}
+            if task.metrics_every_step and step % tcfg.log_every and step != tcfg.steps:
+                writer.write(step, m, task.metric_prefix)
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 dt = time.perf_counter() - window["t0"]
                 window["seconds"] = dt
