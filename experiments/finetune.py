@@ -42,6 +42,8 @@ flags.DEFINE_string("mesh", "", "Mesh spec, e.g. data:2,fsdp:2 ('' = all devices
 flags.DEFINE_integer("seed", 0, "Adapter init and data order.")
 flags.DEFINE_string("workdir", "runs/finetune", "Checkpoints / adapters and metrics.jsonl.")
 flags.DEFINE_string("out", "", "Write the JSON report here.")
+flags.DEFINE_bool("log_step_details", False, "Per-step JSONL (loss hex, example ids, params hash).")
+flags.DEFINE_bool("progress_bar", False, "A tqdm bar instead of metric lines.")
 
 
 def main(argv):
@@ -59,6 +61,7 @@ def main(argv):
         F.seq_len, F.batch_size, lora=lora, bf16_base=F.bf16_base, export_peft=F.export_peft
     )
     names = ("steps", "learning_rate", "warmup_steps", "eval_every", "save_every", "mesh", "seed")
+    names += ("log_step_details", "progress_bar")
     train_cfg = TrainConfig(
         **{k: getattr(F, k) for k in names},
         weight_decay=0.0,

@@ -39,6 +39,10 @@ flags.DEFINE_float(
 flags.DEFINE_float("lr", 2e-3, "peak learning rate (cosine, 5% warm-up)")
 flags.DEFINE_string("out", "/tmp/lm_jax_image_text", "results JSON / caption grid folder")
 flags.DEFINE_string("grid", "", "caption grid PNG path (caption mode)")
+flags.DEFINE_string("workdir", "", "checkpoints and metrics; reruns resume (default <out>/<mode>)")
+flags.DEFINE_integer("save_every", 500, "steps between checkpoints (and at the end)")
+flags.DEFINE_integer("seed", 0, "parameter init and dropout")
+flags.DEFINE_bool("log_step_details", False, "per-step JSONL: loss hex, batch and params hashes")
 
 
 def main(_):
@@ -63,7 +67,11 @@ def main(_):
             class_only_fraction=F.class_only_fraction,
         )
     )
-    state, last = it.fit(cfg, tx, batches, F.steps, make_mesh(), log_every=100)
+    workdir = F.workdir or os.path.join(F.out, F.mode)
+    state, last = it.fit(
+        cfg, tx, batches, F.steps, make_mesh(), F.seed, log_every=100, workdir=workdir,
+        save_every=F.save_every, log_step_details=F.log_step_details,
+    )  # fmt: skip
     test = builder.as_data_source("test")
     rows = [test[i] for i in range(len(test))]
     images = np.stack([r["image"] for r in rows])

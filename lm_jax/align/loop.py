@@ -277,9 +277,12 @@ def train(
         log_step_details=log_step_details,
         async_checkpointing=False,
     )
-    quiet = lambda line: None  # noqa: E731 - the rows below are the log
+    def loop_log(line: str) -> None:  # resume/save/SIGTERM lines; the rows below are the rest
+        if not line.startswith("step "):
+            log(line)
+
     try:
-        res = engine.run(task, loop_cfg, quiet, save=tmp is None)
+        res = engine.run(task, loop_cfg, loop_log, save=tmp is None)
     finally:
         if tmp is not None:
             tmp.cleanup()

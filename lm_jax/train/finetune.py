@@ -159,6 +159,7 @@ class SFTBatches:
             raise ConfigError("no training examples.")
         self.encoded, self.cfg, self.seed = encoded, cfg, seed
         self.epoch, self.index = 0, 0
+        self.last_indices: list[int] = []  # example indices of the last batch
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
@@ -169,8 +170,10 @@ class SFTBatches:
             if self.index >= len(order):
                 self.epoch, self.index = self.epoch + 1, 0
                 order = self._order()
-            picked.append(self.encoded[order[self.index]])
+            picked.append(int(order[self.index]))
             self.index += 1
+        self.last_indices = picked
+        picked = [self.encoded[i] for i in picked]
         return make_batch(picked, self.cfg.seq_len, self.cfg.length_multiple)
 
     def get_state(self) -> dict:
@@ -434,6 +437,16 @@ class SFTTask(Task):
         m = jax.device_get(m)
         self.step_times.append(time.perf_counter() - t0)
         return state, m
+
+    def step_record(self, step: int, metrics: dict, state) -> dict:
+        from lm_jax.train.loop import params_hash
+
+        return {
+            "step": step,
+            "loss_hex": float(metrics["loss"]).hex(),
+            "example_ids": self.data.last_indices,
+            "params_hash": params_hash(state.params),
+        }
 
     def evaluate(self, state, step: int) -> dict:
         out = {}
