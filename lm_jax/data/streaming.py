@@ -36,6 +36,11 @@ in turn); every process reads the whole stream and keeps rows j % P == p of each
 so all processes see the same number of batches; the last batch is padded with loss_mask-0
 rows. `total_bytes` is the UTF-8 size of the split's documents (counted on the pass, or by a
 separate lazy scan if asked before the pass ends).
+
+Differences from the in-memory pipeline: `stats` has None for documents/tokens/rows (unknown
+until streamed; "bytes" and "units" are known), `num_batches` is None, there is no `doc_bytes`,
+`epoch_offsets` and `num_workers` are not used (rows are made in this process), and
+`example_ids` of file documents are a stable 31-bit hash of (block, document index).
 """
 
 from __future__ import annotations
