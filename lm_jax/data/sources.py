@@ -149,11 +149,15 @@ def load_texts(
     kind, arg = parse_source(source)
     if kind in ("tfds", "tfds_dir"):
         return _tfds_texts(kind, arg, split)
-    if kind in ("stream", "stream_lines", "array_record", "mix"):
+    if kind == "mix":
         raise DataSourceError(
-            f"data source {source!r} is streamed, not loaded whole: use "
-            "lm_jax.data.streaming.iter_documents or make_text_dataset"
+            f"data source {source!r} is a mixture: load its sources one by one, or stream it "
+            "with make_text_dataset"
         )
+    if kind in ("stream", "stream_lines", "array_record"):  # whole split read (small sets only)
+        from lm_jax.data.streaming import iter_source_documents
+
+        return list(iter_source_documents(source, split, val_fraction=val_fraction))
     frac = DEFAULT_VAL_FRACTION[kind] if val_fraction is None else val_fraction
     if not 0.0 < frac < 1.0:
         raise DataSourceError(f"val_fraction must be in (0, 1), got {frac}")

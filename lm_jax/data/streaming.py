@@ -335,9 +335,18 @@ def iter_documents(cfg, split: str):
     """Every document (example_id, text) of `split` of `cfg.source`, unit by unit, in storage
     order (mixtures: each source in turn); holds one unit at a time."""
     for _, src in components(cfg.source):
-        s = open_source(src, split, val_fraction=cfg.val_fraction, block_bytes=cfg.block_bytes)
-        for u in range(s.num_units()):
-            yield from s.read_unit(u)
+        yield from iter_source_documents(
+            src, split, val_fraction=cfg.val_fraction, block_bytes=cfg.block_bytes
+        )
+
+
+def iter_source_documents(
+    source: str, split: str, *, val_fraction: float | None = None, block_bytes: int = 1 << 20
+):
+    """Every document (example_id, text) of one (non-mixture) source's split, unit by unit."""
+    s = open_source(source, split, val_fraction=val_fraction, block_bytes=block_bytes)
+    for u in range(s.num_units()):
+        yield from s.read_unit(u)
 
 
 # ----------------------------------------------------------------------------- document stream

@@ -208,8 +208,10 @@ def test_bad_streaming_sources_are_config_errors(tmp_path):
         make_text_dataset(
             _cfg(f"stream:{tmp_path}/one.txt"), ByteTokenizer(), "train", process_count=2
         )
-    with pytest.raises(ConfigError, match="streamed, not loaded whole"):
-        load_texts(f"stream:{tmp_path}/one.txt", "train")
+    docs = load_texts(f"stream:{tmp_path}/one.txt", "train", val_fraction=0.5)  # read whole
+    assert [t for _, t in docs] == ["just one block"]
+    with pytest.raises(ConfigError, match="is a mixture"):
+        load_texts(f"mix:1*stream:{tmp_path}/one.txt", "train")
 
 
 RSS_SCRIPT = textwrap.dedent(
