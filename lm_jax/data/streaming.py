@@ -39,13 +39,16 @@ separate lazy scan if asked before the pass ends).
 
 Differences from the in-memory pipeline: `stats` has None for documents/tokens/rows (unknown
 until streamed; "bytes" and "units" are known), `num_batches` is None, there is no `doc_bytes`,
-`epoch_offsets` and `num_workers` are not used (rows are made in this process), and
+`epoch_offsets` and `num_workers` are not used (rows are made in this process, by a background
+thread that prepares `prefetch` = 2 batches ahead; `get_state` is the state after the last batch
+handed out, so prefetching does not change what a resume sees), and
 `example_ids` of file documents are a stable 31-bit hash of (block, document index).
 """
 
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 import os
 import re
@@ -577,6 +580,7 @@ class StreamIterator:
         fingerprint: dict,
         stats: dict,
         scan=None,
+        prefetch: int = 2,
     ):
         self.packers, self.weights = packers, list(weights)
         self.local, self.B, self.p, self.P = local, glob_batch, process_index, process_count
@@ -585,14 +589,72 @@ class StreamIterator:
         self._next, self._ended = 0, False
         self._scan, self._total = scan, None
         self.num_batches = None  # unknown for a stream (evaluation stops at the end of the split)
+        self.prefetch = int(prefetch)  # batches a background thread prepares ahead (0: none)
+        self._thread = self._queue = self._stop = None
+        self._state = None  # state after the last batch handed out (while prefetching)
 
     def __iter__(self):
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self.prefetch <= 0:
+            return self._produce()
+        if self._thread is None:
+            self._start()
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._join()
+            raise item
+        batch, self._state = item
+        return batch
+
+    def _produce(self) -> dict[str, np.ndarray]:
         rows = self._train_batch() if self.train else self._eval_batch()
         self._next += 1
         return _stack(rows)
+
+    def _start(self) -> None:
+        import queue
+        import threading
+
+        self._state = self._raw_state()
+        self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
+        self._thread = threading.Thread(
+            target=self._work, args=(self._queue, self._stop), daemon=True, name="lm_jax-stream"
+        )
+        self._thread.start()
+
+    def _work(self, q, stop) -> None:
+        import queue
+
+        def put(item):
+            while not stop.is_set():
+                try:
+                    q.put(item, timeout=0.1)
+                    return True
+                except queue.Full:
+                    pass
+            return False
+
+        try:
+            while put((self._produce(), self._raw_state())):
+                pass
+        except BaseException as e:  # noqa: BLE001 - StopIteration and errors go to the consumer
+            put(e)
+
+    def _join(self) -> None:
+        """Stop the prefetch thread (it produced ahead; `_state` is what was handed out)."""
+        import queue
+
+        if self._thread is None:
+            return
+        self._stop.set()
+        while self._thread.is_alive():
+            try:
+                self._queue.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        self._thread = self._queue = self._stop = None
 
     def _train_batch(self):
         q = quotas(self.weights, self._next, self.local)
@@ -621,7 +683,7 @@ class StreamIterator:
     def total_bytes(self) -> int:
         """UTF-8 bytes of the split's documents (evaluation iterators)."""
         if self._total is None:
-            if self._ended and not self.train:
+            if self._ended and not self.train and self._thread is None:
                 self._total = int(self.packers[0].bytes)
             elif self._scan is not None:
                 self._total = int(sum(len(t.encode("utf-8")) for _, t in self._scan()))
@@ -630,6 +692,11 @@ class StreamIterator:
         return self._total
 
     def get_state(self) -> dict:
+        if self._state is not None:  # prefetching: the state after the last batch handed out
+            return copy.deepcopy(self._state)
+        return self._raw_state()
+
+    def _raw_state(self) -> dict:
         return {
             "version": STATE_VERSION,
             "next_batch": self._next,
@@ -653,12 +720,21 @@ class StreamIterator:
             )
         if len(state["sources"]) != len(self.packers):
             raise ConfigError("the saved data state has a different number of mixture sources")
+        self._join()
+        self._state = None
         for p, s in zip(self.packers, state["sources"], strict=True):
             p.set_state(s)
         self._next, self._ended = int(state["next_batch"]), bool(state.get("ended", False))
 
     def close(self) -> None:
-        pass
+        self._join()
+
+    def __del__(self):
+        try:
+            if self._stop is not None:
+                self._stop.set()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
 
 def make_stream_dataset(
@@ -669,6 +745,7 @@ def make_stream_dataset(
     process_index: int = 0,
     process_count: int = 1,
     repeat: bool = True,
+    prefetch: int = 2,
 ) -> StreamIterator:
     """Batches of a lazy (or mixture) source: see the module docstring."""
     if not 0 <= process_index < process_count:
@@ -721,9 +798,11 @@ def make_stream_dataset(
         ds = DocStream(chain, shuffle=False, repeat=False)  # every process reads the whole split
         packers, weights, names = [Packer(ds, tokenizer, T, pad)], [1.0], sources
 
-        def scan():
-            for u in range(chain.num_units()):
-                yield from chain.read_unit(u)
+        def scan():  # fresh sources: the prefetch thread may be reading the others
+            for _, src in comps:
+                yield from iter_source_documents(
+                    src, split, val_fraction=cfg.val_fraction, block_bytes=cfg.block_bytes
+                )
 
     stats = {
         "documents": None,  # unknown until streamed
@@ -748,4 +827,5 @@ def make_stream_dataset(
         fingerprint=fp,
         stats=stats,
         scan=scan,
+        prefetch=prefetch,
     )

@@ -15,7 +15,13 @@ import pytest
 from lm_jax.configs.base import ConfigError
 from lm_jax.data import BATCH_KEYS, ByteTokenizer, DataConfig, load_texts, make_text_dataset
 from lm_jax.data.sources import paragraphs
-from lm_jax.data.streaming import DocStream, StreamIterator, iter_documents, open_source
+from lm_jax.data.streaming import (
+    DocStream,
+    StreamIterator,
+    iter_documents,
+    make_stream_dataset,
+    open_source,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -81,6 +87,12 @@ def test_mixture_resume_is_exact_after_json_round_trip(two_files):
     again = make_text_dataset(cfg, tok, "train")
     again.set_state(state)
     assert _same([next(again) for _ in range(200)], expect)
+    # no prefetch thread: the same batches and, after each, the same state
+    plain = make_stream_dataset(cfg, tok, "train", prefetch=0)
+    plain.set_state(state)
+    again.set_state(state)
+    for _ in range(20):
+        assert _same([next(plain)], [next(again)]) and plain.get_state() == again.get_state()
     other = make_text_dataset(_cfg(cfg.source, batch_size=6, seq_len=32, seed=4), tok, "train")
     with pytest.raises(ConfigError, match="different data set-up"):
         other.set_state(state)
