@@ -57,10 +57,16 @@ def build_tokenizer_for(cfg) -> Tokenizer:
     """The tokenizer of a `DataConfig`: char takes its vocabulary from both splits (as nanoGPT
     does, so validation has no unknown characters); sentencepiece trains on the train split."""
     from lm_jax.data.sources import load_texts
+    from lm_jax.data.streaming import is_lazy, iter_documents
 
     kind, _ = parse_tokenizer_spec(cfg.tokenizer)
     if kind in ("byte", "dir"):
         return build_tokenizer(cfg.tokenizer)
     splits = ("train", "validation") if kind == "char" else ("train",)
-    texts = (t for s in splits for _, t in load_texts(cfg.source, s, val_fraction=cfg.val_fraction))
+    if is_lazy(cfg.source):  # streamed (one unit at a time): reads the whole split once
+        texts = (t for s in splits for _, t in iter_documents(cfg, s))
+    else:
+        texts = (
+            t for s in splits for _, t in load_texts(cfg.source, s, val_fraction=cfg.val_fraction)
+        )
     return build_tokenizer(cfg.tokenizer, texts)

@@ -18,8 +18,18 @@ Source strings (`DataConfig.source`):
 - "tfds_dir:<path>[:text_key]": a prepared tfds builder directory (e.g. from
   `lm_jax.data.tfds_text.build_text_dataset`), read with `tfds.builder_from_directory`.
 
-Every source returns the whole split in memory (fine for the corpora used here; lm1b-sized
-tfds sets need a streaming source, not provided).
+The sources above (except tfds) are read whole into memory by `load_texts` (fine for small
+corpora). Lazy sources, streamed unit by unit by the pipeline (see lm_jax/data/streaming.py),
+never hold a split in memory:
+- "stream:<path or glob>": large text files read by byte ranges; documents are blank-line
+  separated paragraphs; the last `val_fraction` (5%) of each file's bytes is validation.
+- "stream_lines:<path or glob>": as "stream:", one document per non-empty line.
+- "array_record:<path or glob>": array_record files whose records are UTF-8 documents; the last
+  5% of the records is validation.
+- "tfds:..." and "tfds_dir:..." above are streamed too (record by record through tfds's
+  array_record data source); `load_texts` still reads them whole for small sets.
+- "mix:<w>*<source>,<w>*<source>,...": a weighted mixture, e.g.
+  "mix:0.7*stream:/data/web.txt,0.3*tfds_dir:/data/books" (weights > 0, normalised; no nesting).
 """
 
 from __future__ import annotations
@@ -29,6 +39,8 @@ import importlib.util
 import os
 import re
 
+from lm_jax.configs.base import ConfigError
+
 SPLITS = ("train", "validation")
 DEFAULT_VAL_FRACTION = {
     "shakespeare": 0.05,
@@ -36,10 +48,21 @@ DEFAULT_VAL_FRACTION = {
     "file": 0.05,
     "paragraphs": 0.05,
 }
-KINDS = ("shakespeare", "tinyshakespeare", "file", "paragraphs", "tfds", "tfds_dir")
+KINDS = (
+    "shakespeare",
+    "tinyshakespeare",
+    "file",
+    "paragraphs",
+    "tfds",
+    "tfds_dir",
+    "stream",
+    "stream_lines",
+    "array_record",
+    "mix",
+)
 
 
-class DataSourceError(ValueError):
+class DataSourceError(ConfigError):
     """A data source is missing, empty or malformed; the message names it and the fix."""
 
 
@@ -49,11 +72,16 @@ def parse_source(source: str) -> tuple[str, str]:
     if kind not in KINDS:
         raise DataSourceError(
             f"unknown data source {source!r}: use shakespeare, tinyshakespeare:<path>, "
-            "file:<path or glob>, paragraphs:<path or glob>, tfds:<name>[:text_key] or "
-            "tfds_dir:<path>[:text_key]"
+            "file:<path or glob>, paragraphs:<path or glob>, tfds:<name>[:text_key], "
+            "tfds_dir:<path>[:text_key], stream:<glob>, stream_lines:<glob>, "
+            "array_record:<glob> or mix:<w>*<source>,<w>*<source>"
         )
     if kind != "shakespeare" and not arg:
         raise DataSourceError(f"data source {source!r} needs an argument: {kind}:<...>")
+    if kind == "mix":
+        from lm_jax.data.streaming import parse_mixture
+
+        parse_mixture(arg)
     return kind, arg
 
 
@@ -121,6 +149,15 @@ def load_texts(
     kind, arg = parse_source(source)
     if kind in ("tfds", "tfds_dir"):
         return _tfds_texts(kind, arg, split)
+    if kind == "mix":
+        raise DataSourceError(
+            f"data source {source!r} is a mixture: load its sources one by one, or stream it "
+            "with make_text_dataset"
+        )
+    if kind in ("stream", "stream_lines", "array_record"):  # whole split read (small sets only)
+        from lm_jax.data.streaming import iter_source_documents
+
+        return list(iter_source_documents(source, split, val_fraction=val_fraction))
     frac = DEFAULT_VAL_FRACTION[kind] if val_fraction is None else val_fraction
     if not 0.0 < frac < 1.0:
         raise DataSourceError(f"val_fraction must be in (0, 1), got {frac}")
@@ -153,7 +190,8 @@ def _text_of(example, key: str, where: str) -> str:
     return t.decode("utf-8") if isinstance(t, bytes) else str(t)
 
 
-def _tfds_texts(kind: str, arg: str, split: str) -> list[tuple[int, str]]:
+def _tfds_source(kind: str, arg: str, split: str):
+    """(tfds random-access data source, text key, description) of a tfds/tfds_dir split."""
     import tensorflow_datasets as tfds
 
     location, _, key = arg.partition(":")
@@ -181,7 +219,11 @@ def _tfds_texts(kind: str, arg: str, split: str) -> list[tuple[int, str]]:
             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
             "tfds:<name> needs the internet to download once; offline, use tfds_dir:<path>"
         ) from e
-    where = f"tfds dataset {location!r}"
+    return src, key, f"tfds dataset {location!r}"
+
+
+def _tfds_texts(kind: str, arg: str, split: str) -> list[tuple[int, str]]:
+    src, key, where = _tfds_source(kind, arg, split)
     docs, has_ids = [], True
     for i in range(len(src)):
         ex = src[i]
