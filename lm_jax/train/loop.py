@@ -169,11 +169,18 @@ class PretrainTask(Task):
             process_count=jax.process_count(),
         )
         st = self.train_it.stats
-        log(
-            f"data: {st['documents']} documents, {st['tokens']} tokens, {st['rows']} rows of "
-            f"{exp.data.seq_len} per epoch; {st['split_documents']} documents longer than the "
-            "rest of their row continue in the next row (packing: nothing truncated or dropped)"
-        )
+        if st.get("streaming"):
+            log(
+                f"data: streamed from {exp.data.source} ({st.get('bytes') or 0:,} bytes), read "
+                f"lazily in rows of {exp.data.seq_len} (packing: nothing truncated or dropped)"
+            )
+        else:
+            log(
+                f"data: {st['documents']} documents, {st['tokens']} tokens, {st['rows']} rows of "
+                f"{exp.data.seq_len} per epoch; {st['split_documents']} documents longer than "
+                "the rest of their row continue in the next row (packing: nothing truncated or "
+                "dropped)"
+            )
         self.bsh = bsh = batch_sharding(mesh, 2, exp.data.batch_size)
         self.to_global = _to_global_fn(bsh)
         self.step_fn = jit_train_step(model_cfg, tcfg, tx, self.shardings, bsh)
