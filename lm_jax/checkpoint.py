@@ -21,13 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lm_jax.configs.base import ModelConfig
+from lm_jax.errors import CheckpointError  # defined there, re-exported here
 
 ITEMS = ("params", "train", "data", "meta", "manifest")
 TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be restored; the message says which and what to do."""
 
 
 class CheckpointMismatch(CheckpointError):

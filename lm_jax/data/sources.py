@@ -29,6 +29,8 @@ import importlib.util
 import os
 import re
 
+from lm_jax.errors import DataSourceError  # defined there, re-exported here
+
 SPLITS = ("train", "validation")
 DEFAULT_VAL_FRACTION = {
     "shakespeare": 0.05,
@@ -37,10 +39,6 @@ DEFAULT_VAL_FRACTION = {
     "paragraphs": 0.05,
 }
 KINDS = ("shakespeare", "tinyshakespeare", "file", "paragraphs", "tfds", "tfds_dir")
-
-
-class DataSourceError(ValueError):
-    """A data source is missing, empty or malformed; the message names it and the fix."""
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -105,7 +103,10 @@ def _files(kind: str, arg: str) -> list[str]:
     files = [pattern] if kind == "tinyshakespeare" else sorted(glob.glob(pattern))
     files = [f for f in files if os.path.isfile(f)]
     if not files:
-        raise DataSourceError(f"data source {kind}:{arg}: no such file(s) {pattern!r}")
+        raise DataSourceError(
+            f"data source {kind}:{arg}: no such file(s) {pattern!r}; fix the path "
+            "(--data.source=file:<glob> | tinyshakespeare:<path> | ...)"
+        )
     return files
 
 
