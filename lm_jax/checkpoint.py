@@ -386,9 +386,43 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     ckpt = Checkpointer(workdir, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
-        raise CheckpointError(f"no checkpoint found under {ckpt.directory}")
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        raise CheckpointError(
+            f"no checkpoint found under {ckpt.directory}; train into that workdir first "
+            "or point to one that has checkpoints"
+        )
+    try:
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint step {step} under {ckpt.directory} is unreadable "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); delete that step folder "
+            "to use an older one, or retrain"
+        ) from e
     return step, meta["meta"]
+
+
+def not_a_workdir(workdir: str) -> str:
+    """Why `workdir` (without checkpoints/) is no decoder training workdir, and what to give."""
+    want = "give --checkpoint the --train.workdir of an experiments/pretrain.py run"
+    if not os.path.exists(workdir):
+        return f"checkpoint {workdir!r} does not exist; {want}"
+    if not os.path.isdir(workdir):
+        hint = " (a GGUF file: use --gguf)" if workdir.endswith(".gguf") else ""
+        return f"checkpoint {workdir!r} is a file, not a training directory{hint}; {want}"
+    names = set(os.listdir(workdir))
+    if os.path.isfile(os.path.join(workdir, "adapters", "lora_adapter.json")):
+        return (
+            f"{workdir!r} holds LoRA adapters (experiments/finetune.py), not a whole model; "
+            "load its base model instead, or fine-tune with --nofinetune.lora for a checkpoint"
+        )
+    if any(n.endswith("_params.msgpack") for n in names):
+        return (
+            f"{workdir!r} is an image-text workdir (experiments/train_image_text.py), not a "
+            f"decoder checkpoint; {want}"
+        )
+    if "config.json" in names:
+        return f"{workdir!r} looks like a Hugging Face model folder: use --hf_dir"
+    return f"{workdir!r} is not an lm_jax training directory (no checkpoints/ inside); {want}"
 
 
 def load_model(workdir: str, step: int | None = None, mesh=None):
@@ -398,10 +432,13 @@ def load_model(workdir: str, step: int | None = None, mesh=None):
     from lm_jax.train.state import abstract_params
 
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise CheckpointError(
-            f"{workdir!r} is not an lm_jax training directory (no checkpoints/ inside)"
-        )
+        raise CheckpointError(not_a_workdir(workdir))
     step, meta = read_meta(workdir, step)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(
+            f"checkpoint step {step} under {workdir!r} records no decoder model config: it is "
+            "no lm_jax decoder checkpoint; give the --train.workdir of a pretrain run"
+        )
     cfg = ModelConfig.from_dict(meta["model"])
     mesh = make_mesh("") if mesh is None else mesh
     boxed = abstract_params(cfg)

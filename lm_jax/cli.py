@@ -27,7 +27,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from lm_jax.configs.flags import apply_config_flags, define_config_flags
 from lm_jax.errors import USER_ERRORS, ConfigError
@@ -161,6 +161,8 @@ def run(main: Callable[[list[str]], Any], positional: bool = False) -> NoReturn:
     """absl's app.run with the exit policy above; `positional`: allow positional arguments."""
 
     def wrapped(argv):
+        if not FLAGS["verbosity"].present:
+            logging.set_verbosity(logging.WARNING)  # Orbax logs every save and restore at INFO
         try:
             if not positional and len(argv) > 1:
                 fail(f"unexpected positional arguments {argv[1:]}; flags look like --x=y")
