@@ -35,6 +35,22 @@ def _define():
     cli.define_config("train", TrainConfig)
 
 
+def check_workdir(workdir: str) -> None:
+    """A --train.workdir holding another kind of run is refused (it would be mixed in)."""
+    import os
+
+    from lm_jax.checkpoint import KIND_NAMES, CheckpointError, workdir_kind
+
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointError(f"--train.workdir={workdir} is a file; give a folder")
+    kind = None if os.path.isdir(os.path.join(workdir, "checkpoints")) else workdir_kind(workdir)
+    if kind is not None:
+        raise CheckpointError(
+            f"--train.workdir={workdir} holds {KIND_NAMES[kind]}, not a pretraining run; "
+            "give the run a folder of its own"
+        )
+
+
 def main(argv):
     F = flags.FLAGS
     if not F["verbosity"].present:
@@ -55,6 +71,7 @@ def main(argv):
         debug_nonfinite_step=F.debug_nonfinite_step,
         debug_nonfinite_count=F.debug_nonfinite_count,
     )
+    check_workdir(exp.train.workdir)
     if F.eval_only:
         print(evaluate_checkpoint(exp))
         return 0

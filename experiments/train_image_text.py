@@ -102,7 +102,7 @@ def defaults() -> tuple[ImageTextConfig, TrainConfig]:
 
 def check_paths(c: ImageTextConfig, workdir: str) -> None:
     """Folders that cannot be used fail before any data is built."""
-    from lm_jax.checkpoint import CheckpointError
+    from lm_jax.checkpoint import KIND_NAMES, CheckpointError, workdir_kind
 
     for flag, path in (("--image_text.data_dir", c.data_dir), ("--train.workdir", workdir)):
         p = os.path.abspath(path)
@@ -110,15 +110,12 @@ def check_paths(c: ImageTextConfig, workdir: str) -> None:
             p = os.path.dirname(p)
         if not os.path.isdir(p):
             raise ConfigError(f"{flag}={path}: {p!r} is a file, not a folder; give a folder")
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    kind = "decoder" if os.path.isdir(os.path.join(workdir, "checkpoints")) else None
+    kind = kind or workdir_kind(workdir)
+    if kind not in (None, "image_text"):
+        what = "a decoder training run" if kind == "decoder" else KIND_NAMES[kind]
         raise CheckpointError(
-            f"--train.workdir={workdir} holds a decoder training run (checkpoints/); give the "
-            "image-text run a folder of its own"
-        )
-    if os.path.isfile(os.path.join(workdir, "adapters", "lora_adapter.json")):
-        raise CheckpointError(
-            f"--train.workdir={workdir} holds fine-tuned LoRA adapters; give the image-text "
-            "run a folder of its own"
+            f"--train.workdir={workdir} holds {what}; give the image-text run a folder of its own"
         )
 
 

@@ -401,6 +401,28 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     return step, meta["meta"]
 
 
+def workdir_kind(path: str) -> str | None:
+    """What a folder without checkpoints/ holds: 'lora_adapters' (a LoRA fine-tune),
+    'image_text' (experiments/train_image_text.py), 'hf' (a Hugging Face model) or None."""
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, "adapters", "lora_adapter.json")):
+        return "lora_adapters"
+    names = os.listdir(path)
+    if any(n.endswith("_params.msgpack") for n in names):
+        return "image_text"
+    if "config.json" in names:
+        return "hf"
+    return None
+
+
+KIND_NAMES = {
+    "lora_adapters": "LoRA adapters (experiments/finetune.py)",
+    "image_text": "an image-text run (experiments/train_image_text.py)",
+    "hf": "a Hugging Face model",
+}
+
+
 def not_a_workdir(workdir: str) -> str:
     """Why `workdir` (without checkpoints/) is no decoder training workdir, and what to give."""
     want = "give --checkpoint the --train.workdir of an experiments/pretrain.py run"
@@ -409,18 +431,18 @@ def not_a_workdir(workdir: str) -> str:
     if not os.path.isdir(workdir):
         hint = " (a GGUF file: use --gguf)" if workdir.endswith(".gguf") else ""
         return f"checkpoint {workdir!r} is a file, not a training directory{hint}; {want}"
-    names = set(os.listdir(workdir))
-    if os.path.isfile(os.path.join(workdir, "adapters", "lora_adapter.json")):
+    kind = workdir_kind(workdir)
+    if kind == "lora_adapters":
         return (
             f"{workdir!r} holds LoRA adapters (experiments/finetune.py), not a whole model; "
             "load its base model instead, or fine-tune with --nofinetune.lora for a checkpoint"
         )
-    if any(n.endswith("_params.msgpack") for n in names):
+    if kind == "image_text":
         return (
             f"{workdir!r} is an image-text workdir (experiments/train_image_text.py), not a "
             f"decoder checkpoint; {want}"
         )
-    if "config.json" in names:
+    if kind == "hf":
         return f"{workdir!r} looks like a Hugging Face model folder: use --hf_dir"
     return f"{workdir!r} is not an lm_jax training directory (no checkpoints/ inside); {want}"
 
