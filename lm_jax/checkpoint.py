@@ -190,7 +190,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint in {self.directory} can be restored (steps {steps}); the last "
                 f"error was: {errors[-1][1]}. If the model config changed, restore with the "
-                "config the checkpoint was saved with, or start a new --workdir."
+                "config the checkpoint was saved with, or start a new --train.workdir."
             ) from errors[-1][1]
         return None
 
