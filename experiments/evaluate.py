@@ -12,9 +12,10 @@ multi30k_en_de (greedy translation, BLEU / chrF / ROUGE). See lm_jax/eval/tasks.
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from lm_jax import cli
 
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir (newest checkpoint).")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder (config.json + safetensors).")
@@ -41,8 +42,6 @@ def table(report: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --x=y")
     F = flags.FLAGS
     from lm_jax.eval.tasks import get_task, load_model, run_task
 
@@ -72,13 +71,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except Exception as e:  # bad input: one clear line, exit 2
-        from lm_jax.errors import USER_ERRORS
-        from lm_jax.eval.perplexity import EvalError
-
-        if isinstance(e, (*USER_ERRORS, EvalError)):
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    cli.run(main)

@@ -21,13 +21,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from lm_jax.configs.base import ModelConfig
+from lm_jax.errors import CheckpointError  # defined there, re-exported here
 
 ITEMS = ("params", "train", "data", "meta", "manifest")
 TMP_MARK = ".orbax-checkpoint-tmp"
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be restored; the message says which and what to do."""
 
 
 class CheckpointMismatch(CheckpointError):
@@ -200,7 +197,7 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint in {self.directory} can be restored (steps {steps}); the last "
                 f"error was: {errors[-1][1]}. If the model config changed, restore with the "
-                "config the checkpoint was saved with, or start a new --workdir."
+                "config the checkpoint was saved with, or start a new --train.workdir."
             ) from errors[-1][1]
         return None
 
@@ -436,9 +433,65 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     ckpt = Checkpointer(workdir, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
-        raise CheckpointError(f"no checkpoint found under {ckpt.directory}")
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        raise CheckpointError(
+            f"no checkpoint found under {ckpt.directory}; train into that workdir first "
+            "or point to one that has checkpoints"
+        )
+    try:
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint step {step} under {ckpt.directory} is unreadable "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); delete that step folder "
+            "to use an older one, or retrain"
+        ) from e
     return step, meta["meta"]
+
+
+def workdir_kind(path: str) -> str | None:
+    """What a folder without checkpoints/ holds: 'lora_adapters' (a LoRA fine-tune),
+    'image_text' (experiments/train_image_text.py), 'hf' (a Hugging Face model) or None."""
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, "adapters", "lora_adapter.json")):
+        return "lora_adapters"
+    names = os.listdir(path)
+    if any(n.endswith("_params.msgpack") for n in names):
+        return "image_text"
+    if "config.json" in names:
+        return "hf"
+    return None
+
+
+KIND_NAMES = {
+    "lora_adapters": "LoRA adapters (experiments/finetune.py)",
+    "image_text": "an image-text run (experiments/train_image_text.py)",
+    "hf": "a Hugging Face model",
+}
+
+
+def not_a_workdir(workdir: str) -> str:
+    """Why `workdir` (without checkpoints/) is no decoder training workdir, and what to give."""
+    want = "give --checkpoint the --train.workdir of an experiments/pretrain.py run"
+    if not os.path.exists(workdir):
+        return f"checkpoint {workdir!r} does not exist; {want}"
+    if not os.path.isdir(workdir):
+        hint = " (a GGUF file: use --gguf)" if workdir.endswith(".gguf") else ""
+        return f"checkpoint {workdir!r} is a file, not a training directory{hint}; {want}"
+    kind = workdir_kind(workdir)
+    if kind == "lora_adapters":
+        return (
+            f"{workdir!r} holds LoRA adapters (experiments/finetune.py), not a whole model; "
+            "load its base model instead, or fine-tune with --nofinetune.lora for a checkpoint"
+        )
+    if kind == "image_text":
+        return (
+            f"{workdir!r} is an image-text workdir (experiments/train_image_text.py), not a "
+            f"decoder checkpoint; {want}"
+        )
+    if kind == "hf":
+        return f"{workdir!r} looks like a Hugging Face model folder: use --hf_dir"
+    return f"{workdir!r} is not an lm_jax training directory (no checkpoints/ inside); {want}"
 
 
 def load_model(workdir: str, step: int | None = None, mesh=None):
@@ -447,11 +500,14 @@ def load_model(workdir: str, step: int | None = None, mesh=None):
     from lm_jax.sharding import make_mesh, params_shardings
     from lm_jax.train.state import abstract_params
 
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise CheckpointError(
-            f"{workdir!r} is not an lm_jax training directory (no checkpoints/ inside)"
-        )
+    if workdir_kind(workdir) is not None or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise CheckpointError(not_a_workdir(workdir))  # a LoRA run has checkpoints/ too
     step, meta = read_meta(workdir, step)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(
+            f"checkpoint step {step} under {workdir!r} records no decoder model config: it is "
+            "no lm_jax decoder checkpoint; give the --train.workdir of a pretrain run"
+        )
     cfg = ModelConfig.from_dict(meta["model"])
     mesh = make_mesh("") if mesh is None else mesh
     boxed = abstract_params(cfg)

@@ -1,16 +1,40 @@
-"""The exceptions that mean "bad input": binaries print them as one line and exit 2."""
+"""The exceptions that mean "bad input" (exception classes only: a ground-floor module that
+imports nothing from lm_jax). Binaries (lm_jax.cli) print them as one `error:` line and exit 2.
+The modules that raise them re-export them (`lm_jax.configs.ConfigError`,
+`lm_jax.sharding.MeshError`, ...)."""
 
-from lm_jax.checkpoint import CheckpointError
-from lm_jax.configs.base import ConfigError
-from lm_jax.data.tokenizer import TokenizerError
-from lm_jax.faults import FaultSpecError
-from lm_jax.sharding import MeshError
 
-USER_ERRORS = (
-    ConfigError,
-    TokenizerError,
-    MeshError,
-    CheckpointError,
-    FaultSpecError,
-    FileNotFoundError,
-)
+class UserError(Exception):
+    """Bad input: the message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value is invalid; the message names the field and the fix."""
+
+
+class MeshError(UserError, ValueError):
+    """The requested mesh does not fit the devices."""
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint cannot be restored; the message says which and what to do."""
+
+
+class DataSourceError(UserError, ValueError):
+    """A data source spec is malformed or names nothing."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer cannot be built, loaded or used on this text."""
+
+
+class FaultSpecError(UserError, ValueError):
+    """LM_JAX_FAULTS is malformed."""
+
+
+class EvalError(UserError, ValueError):
+    """An evaluation cannot run on this model or data."""
+
+
+# What the binaries report as one line (exit 2) rather than a traceback.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)

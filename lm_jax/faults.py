@@ -29,16 +29,14 @@ import re
 import sys
 import time
 
+from lm_jax.errors import FaultSpecError  # defined there, re-exported here
+
 ENV = "LM_JAX_FAULTS"
 MARK = "LM_JAX_FAULT"
 _installed = False
 
 
 KNOWN = ("slow_save", "slow_prune", "disk_full_at")
-
-
-class FaultSpecError(ValueError):
-    """`LM_JAX_FAULTS` names an unknown fault or gives a value that is not a number."""
 
 
 def settings() -> dict[str, float]:

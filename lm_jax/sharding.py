@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from lm_jax.errors import MeshError  # defined there, re-exported here
+
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
 # logical name -> mesh axes (tuple = sharded over several axes, None = replicated)
@@ -37,10 +39,6 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
-class MeshError(ValueError):
-    """The requested mesh does not fit the devices."""
-
-
 def parse_mesh_spec(spec: str) -> dict[str, int]:
     """'data:2,fsdp:2,tensor:2' -> {'data': 2, 'fsdp': 2, 'tensor': 2}; '' -> {}."""
     out: dict[str, int] = {}
@@ -49,7 +47,7 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
         if not sep or name not in MESH_AXES or not size.lstrip("-").isdigit():
             raise MeshError(
                 f"malformed mesh entry {part!r} in {spec!r}: use 'axis:size' with axis in "
-                f"{MESH_AXES}, e.g. --mesh=data:2,fsdp:2,tensor:2"
+                f"{MESH_AXES}, e.g. --train.mesh=data:2,fsdp:2,tensor:2"
             )
         if int(size) <= 0 and int(size) != -1:
             raise MeshError(f"mesh axis {name!r} size must be > 0 (or -1 = the rest), got {size}")
@@ -80,7 +78,7 @@ def make_mesh(spec: str | dict[str, int] = "", devices: Sequence | None = None) 
     if total != len(devices):
         raise MeshError(
             f"mesh {sizes} needs {total} devices but {len(devices)} are visible; make the axis "
-            f"sizes multiply to {len(devices)} (or use -1 for one axis), e.g. --mesh=data:-1"
+            f"sizes multiply to {len(devices)} (or use -1 for one axis), e.g. --train.mesh=data:-1"
         )
     shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

@@ -7,14 +7,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import jax.numpy as jnp
 
+from lm_jax.errors import ConfigError  # defined there, re-exported here
+
 if TYPE_CHECKING:
     from lm_jax.nn.lora import LoraConfig
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and the fix."""
 
 
 def _check(cond: bool, msg: str) -> None:

@@ -39,7 +39,7 @@ import importlib.util
 import os
 import re
 
-from lm_jax.configs.base import ConfigError
+from lm_jax.errors import DataSourceError  # defined there, re-exported here
 
 SPLITS = ("train", "validation")
 DEFAULT_VAL_FRACTION = {
@@ -60,10 +60,6 @@ KINDS = (
     "array_record",
     "mix",
 )
-
-
-class DataSourceError(ConfigError):
-    """A data source is missing, empty or malformed; the message names it and the fix."""
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -133,7 +129,10 @@ def _files(kind: str, arg: str) -> list[str]:
     files = [pattern] if kind == "tinyshakespeare" else sorted(glob.glob(pattern))
     files = [f for f in files if os.path.isfile(f)]
     if not files:
-        raise DataSourceError(f"data source {kind}:{arg}: no such file(s) {pattern!r}")
+        raise DataSourceError(
+            f"data source {kind}:{arg}: no such file(s) {pattern!r}; fix the path "
+            "(--data.source=file:<glob> | tinyshakespeare:<path> | ...)"
+        )
     return files
 
 

@@ -15,11 +15,9 @@ import os
 
 import numpy as np
 
+from lm_jax.errors import TokenizerError  # defined there, re-exported here
+
 MANIFEST = "lm_jax_tokenizer.json"
-
-
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, corrupt, or does not fit the model."""
 
 
 class Tokenizer(abc.ABC):

@@ -27,14 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
+from lm_jax.errors import EvalError  # defined there, re-exported here
 from lm_jax.nn.transformer import Transformer
 from lm_jax.sharding import batch_sharding, params_shardings, replicated
 
 MODEL_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
-
-
-class EvalError(ValueError):
-    """Bad evaluation input (empty data, mismatched lengths, unknown task): says what to fix."""
 
 
 @dataclasses.dataclass

@@ -62,9 +62,14 @@ def load_sst2(data_dir: str, split: str) -> tuple[list[str], np.ndarray]:
         raise EvalError(f"SST-2 file {path!r} not found: pass --data_dir=<folder with sst2/>")
     texts, labels = [], []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for i, line in enumerate(f, 1):
             label, _, text = line.strip().partition(" ")
             if text:
+                if label not in ("0", "1"):
+                    raise EvalError(
+                        f"{path}:{i}: SST-2 lines are '<0|1> <text>', got label {label[:20]!r}; "
+                        "fix or replace the file"
+                    )
                 texts.append(text)
                 labels.append(int(label))
     return texts, np.asarray(labels)

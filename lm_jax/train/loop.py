@@ -49,7 +49,8 @@ def check_batch(exp: Experiment, mesh) -> None:
     if (B // n) % dp:
         raise ConfigError(
             f"microbatch size {B // n} (batch_size {B} / grad_accum {n}) is not divisible by the "
-            f"{dp} data-parallel devices of mesh {dict(mesh.shape)}; change --batch_size or --mesh"
+            f"{dp} data-parallel devices of mesh {dict(mesh.shape)}; "
+            "change --data.batch_size or --train.mesh"
         )
     if B % jax.process_count():
         raise ConfigError(f"batch_size {B} must divide over {jax.process_count()} processes")

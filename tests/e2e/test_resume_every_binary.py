@@ -83,9 +83,17 @@ def crash_resume_case(argv, workdir, ref_log, steps, save_every, cache_dir, tmp_
     kill_after = random.Random(str(workdir)).choice(range(save_every, steps, save_every))
     rc, _ = interrupted(argv, cache_dir, tmp_path / "kill.out", kill_after, signal.SIGKILL)
     assert rc == -signal.SIGKILL
+    # an (async) save may not have committed yet: the run resumes from the newest committed one
+    ckpts = workdir / "checkpoints"
+    committed = [
+        int(p.name)
+        for p in ckpts.iterdir()
+        if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file()
+    ] if ckpts.is_dir() else []  # fmt: skip
     r = run_ok(argv, cache_dir)
     m = re.search(r"resumed from step (\d+)", r.stdout)
-    assert m and int(m.group(1)) >= kill_after, r.stdout[-2000:]
+    assert (int(m.group(1)) if m else None) == max(committed, default=None), r.stdout[-2000:]
+    assert max(committed, default=0) >= kill_after - save_every
     check_identical(ref_log, workdir / "steps.jsonl", steps)
 
 
@@ -128,9 +136,11 @@ FT_STEPS, FT_SAVE = 12, 3
 def finetune_argv(base, train_file, workdir, rank):
     return [
         PY, str(REPO / "experiments" / "finetune.py"), f"--checkpoint={base}",
-        f"--train_file={train_file}", f"--workdir={workdir}", f"--lora_rank={rank}",
-        f"--steps={FT_STEPS}", f"--save_every={FT_SAVE}", "--batch_size=8", "--seq_len=32",
-        "--learning_rate=3e-3", "--log_step_details",
+        f"--train_file={train_file}", f"--train.workdir={workdir}",
+        f"--finetune.lora.rank={rank}" if rank else "--nofinetune.lora",
+        f"--train.steps={FT_STEPS}", f"--train.save_every={FT_SAVE}",
+        "--finetune.batch_size=8", "--finetune.seq_len=32", "--train.learning_rate=3e-3",
+        "--train.log_step_details",
     ]  # fmt: skip
 
 
@@ -161,10 +171,11 @@ AL_STEPS, AL_SAVE = 10, 2
 
 def align_argv(base, workdir):
     return [
-        PY, str(REPO / "experiments" / "align.py"), f"--base={base}", f"--workdir={workdir}",
-        "--constraint=word:e", "--method=dpg", f"--steps={AL_STEPS}", f"--save_every={AL_SAVE}",
-        "--batch_size=8", "--max_new_tokens=8", "--moment_samples=64", "--eval_every=5",
-        "--eval_samples=16", "--log_step_details",
+        PY, str(REPO / "experiments" / "align.py"), f"--base={base}",
+        f"--train.workdir={workdir}", "--constraint=word:e", "--method=dpg",
+        f"--train.steps={AL_STEPS}", f"--train.save_every={AL_SAVE}", "--align.batch_size=8",
+        "--align.max_new_tokens=8", "--align.moment_samples=64", "--train.eval_every=5",
+        "--align.eval_samples=16", "--train.log_step_details",
     ]  # fmt: skip
 
 
@@ -189,10 +200,11 @@ IT_STEPS, IT_SAVE = 12, 3
 
 def image_text_argv(data_dir, out):
     return [
-        PY, str(REPO / "experiments" / "train_image_text.py"), "--source=digits",
-        f"--data_dir={data_dir}", "--num_train=64", "--num_test=8", f"--steps={IT_STEPS}",
-        "--batch=8", "--width=32", "--layers=1", f"--out={out}", f"--save_every={IT_SAVE}",
-        "--log_step_details",
+        PY, str(REPO / "experiments" / "train_image_text.py"), "--image_text.source=digits",
+        f"--image_text.data_dir={data_dir}", "--image_text.num_train=64",
+        "--image_text.num_test=8", f"--train.steps={IT_STEPS}", "--image_text.batch_size=8",
+        "--image_text.width=32", "--image_text.layers=1", f"--train.workdir={out}",
+        f"--train.save_every={IT_SAVE}", "--train.log_step_details",
     ]  # fmt: skip
 
 
