@@ -9,7 +9,7 @@ import pytest
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.transformer import Transformer
-from lm_jax.nn.two_towers import Captioner, CaptionerConfig, PrefixLM, generate_with_prefix
+from lm_jax.nn.two_towers import Captioner, CaptionerConfig, generate_with_prefix
 from lm_jax.nn.vision import VisionConfig, ViT
 
 BLK = dict(d_model=16, num_layers=2, num_heads=2, norm="layernorm", activation="gelu_tanh",
@@ -19,15 +19,21 @@ CFG = CaptionerConfig(VISION, ModelConfig(vocab_size=11, max_len=16, **BLK))
 SHARP = CaptionerConfig(VISION, CFG.decoder.replace(tie_embeddings=False))
 
 
-def test_prefix_lm_is_a_transformer():
-    toks = jnp.array([[1, 4, 5, 6]], jnp.int32)
-    p = nn.unbox(PrefixLM(CFG.decoder).init(jax.random.key(0), toks)["params"])
+def test_captioner_decoder_is_a_transformer():
+    """The decoder's params are a plain `Transformer`'s; the captioner's logits are the
+    Transformer's with the projected image tokens as `prefix_embeds`."""
+    images = jax.random.uniform(jax.random.key(1), (2, 16, 16, 1), minval=-1, maxval=1)
+    toks = jnp.array([[1, 4, 5], [1, 6, 7]], jnp.int32)
+    m = Captioner(CFG)
+    params = nn.unbox(m.init(jax.random.key(2), images, toks)["params"])
     t = Transformer(CFG.decoder).init(jax.random.key(0), toks)["params"]
-    assert jax.tree.structure(p) == jax.tree.structure(nn.unbox(t))
+    assert jax.tree.structure(params["lm"]) == jax.tree.structure(nn.unbox(t))
+    prefix = m.apply({"params": params}, images, method=Captioner.prefix)
+    assert prefix.shape == (2, CFG.num_prefix, 16)
+    full = Transformer(CFG.decoder).apply({"params": params["lm"]}, toks, prefix_embeds=prefix)
+    assert full.shape == (2, CFG.num_prefix + 3, 11)
     np.testing.assert_allclose(
-        PrefixLM(CFG.decoder).apply({"params": p}, toks),
-        Transformer(CFG.decoder).apply({"params": p}, toks),
-        atol=1e-6,
+        m.apply({"params": params}, images, toks), full[:, CFG.num_prefix :], atol=1e-6
     )
 
 
@@ -65,7 +71,8 @@ def _sharp_model():
 
 
 # Captions of `_sharp_model` (BOS 1, EOS 2, pad 0, 10 new tokens) from the captioner's former
-# decode loop (`two_towers._caption_fn`: PrefixLM prefill + Transformer one-token steps).
+# own decode loop (`two_towers._caption_fn`: a PrefixLM prefill + Transformer one-token steps,
+# replaced by `lm_jax.generate.generate(prefix_embeds=)`).
 OLD_LOOP = {
     "greedy": (
         [[10, 9, 9, 8, 9, 8, 9, 8, 8, 9], [10, 2, 0, 0, 0, 0, 0, 0, 0, 0],
