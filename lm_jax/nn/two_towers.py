@@ -230,7 +230,11 @@ class CaptionerConfig:
         if self.projector not in ("linear", "mlp"):
             raise ConfigError(f"projector must be 'linear' or 'mlp', got {self.projector!r}.")
         if self.decoder.moe is not None:
-            raise ConfigError("the captioner's decoder does not support MoE.")
+            raise ConfigError(
+                "the captioner's decoder is a Transformer (MoE layers run), but its training "
+                "loss (lm_jax.train.image_text.caption_loss_fn) does not add the MoE auxiliary "
+                "losses: use a dense decoder (decoder.moe=None)."
+            )
         if self.decoder.max_len <= self.num_prefix:
             raise ConfigError(
                 f"decoder.max_len ({self.decoder.max_len}) must exceed the {self.num_prefix} "
