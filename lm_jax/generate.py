@@ -6,7 +6,9 @@ first token from each row's last prompt position, then a `jax.lax.while_loop` de
 per step for every row at its own position `prompt_length_b + i` and stops early once every row
 has emitted a stop token. Pad slots of short prompts are written to the cache by the prefill but
 are never seen: the cache mask is causal by position and decode overwrites slot `p` before a
-query at position >= p exists.
+query at position >= p exists. With `prefix_embeds` [B, P, D] (e.g. a captioner's projected
+image tokens) the prefill runs [prefix; prompt] at positions 0..P+T-1 and decoding continues
+from position P + prompt_length_b: the one decode loop for LMs and prefix LMs alike.
 
 Sampling is pure (`sampling_logprobs`, `sample_logits`): temperature, then top-k, then top-p
 (nucleus: the smallest set of tokens whose probability reaches p, the top token always kept);
@@ -231,13 +233,17 @@ def _generate_fn(
     """The jitted prefill + while_loop decode for one static setting (shapes retrace in jit)."""
     model = Transformer(config)
 
-    def run(params, tokens, lengths, key, temperature, top_p, stop, pad_id):
+    def run(params, tokens, lengths, key, temperature, top_p, stop, pad_id, prefix):
         B, T = tokens.shape
+        P = 0 if prefix is None else prefix.shape[1]  # prefix embeddings before the prompt
         tokens = constrain(tokens, ("batch", "length"))
         cache = init_cache(config, B, cache_len)
         cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), cache)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        logits, cache = model.apply({"params": params}, tokens, positions, cache=cache)
+        positions = jnp.broadcast_to(jnp.arange(P + T, dtype=jnp.int32), (B, P + T))
+        logits, cache = model.apply(
+            {"params": params}, tokens, positions, cache=cache, prefix_embeds=prefix
+        )
+        lengths = lengths + P  # from here on: lengths of [prefix; prompt]
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
 
         def sample(lg, i):
@@ -302,12 +308,15 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     max_len: int | None = None,
+    prefix_embeds=None,
 ) -> GenerateOutput:
     """Sample up to max_new_tokens continuations of each prompt (see the module docstring).
 
     prompt_tokens: list of token-id lists (ragged) or int array [B, T] right-padded with
-    `prompt_lengths` [B]. `max_len` bounds prompt + new tokens (default config.max_len; RoPE
-    models may pass more). Under `jax.set_mesh(mesh)` with sharded params it runs sharded.
+    `prompt_lengths` [B]. `prefix_embeds` [B, P, d_model] (optional) go before every prompt
+    (`Transformer(prefix_embeds=)`, e.g. image tokens). `max_len` bounds prefix + prompt + new
+    tokens (default config.max_len; RoPE models may pass more). Under `jax.set_mesh(mesh)`
+    with sharded params it runs sharded.
     """
     V = config.vocab_size
     _check_sampling(temperature, top_k, top_p)
@@ -321,29 +330,41 @@ def generate(
     tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, V, pad_id)
     B = tokens.shape[0]
     N = int(max_new_tokens)
+    P = 0
+    if prefix_embeds is not None:
+        prefix_embeds = jnp.asarray(prefix_embeds)
+        shape = tuple(prefix_embeds.shape)
+        if len(shape) != 3 or shape[0] != B or shape[2] != config.d_model:
+            raise ValueError(
+                f"prefix_embeds must be [B={B}, P, d_model={config.d_model}] (one row per "
+                f"prompt), got shape {shape}."
+            )
+        P = shape[1]
     limit = _limit(config, max_len)
     longest = int(lengths.max())
-    if longest > limit:
+    what = f"{P} prefix embeddings + prompt" if P else "prompt"
+    if P + longest > limit:
         raise ValueError(
-            f"prompt longer than the maximum length: the longest prompt has {longest} tokens "
+            f"{what} longer than the maximum length: the longest prompt has {longest} tokens "
             f"but the maximum length is {limit} (config.max_len={config.max_len}); shorten "
             "the prompt."
         )
-    if longest + N > limit:
+    if P + longest + N > limit:
         raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({N}) = {longest + N} exceeds the "
-            f"maximum length {limit} (config.max_len={config.max_len}); lower max_new_tokens "
-            f"to at most {limit - longest} or shorten the prompt."
+            f"{what} ({P + longest} tokens) + max_new_tokens ({N}) = {P + longest + N} exceeds "
+            f"the maximum length {limit} (config.max_len={config.max_len}); lower "
+            f"max_new_tokens to at most {limit - P - longest} or shorten the prompt."
         )
     if N == 0:
         z = jnp.zeros((B, 0), jnp.float32)
         return GenerateOutput(
             jnp.zeros((B, 0), jnp.int32), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool)
         )
-    cache_len = min(_round_up(longest + N, CACHE_BUCKET), limit)
-    T = min(_round_up(tokens.shape[1], PROMPT_BUCKET), cache_len)
+    cache_len = min(_round_up(P + longest + N, CACHE_BUCKET), limit)
+    T = min(_round_up(tokens.shape[1], PROMPT_BUCKET), cache_len - P)  # >= longest
     if T > tokens.shape[1]:
         tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])), constant_values=pad_id)
+    tokens = tokens[:, :T]  # an array padded past the cache: only pad slots go
     top_k = 0 if int(top_k) >= V else int(top_k)
     greedy = float(temperature) == 0.0
     use_top_p = float(top_p) < 1.0 and not greedy
@@ -357,6 +378,7 @@ def generate(
         jnp.float32(top_p),
         jnp.asarray(stop),
         jnp.int32(pad_id),
+        prefix_embeds,
     )
 
 
