@@ -40,6 +40,7 @@ flags.DEFINE_float(
 flags.DEFINE_string("mesh", "", "e.g. data:8 (default: all devices on data).")
 flags.DEFINE_string("workdir", "/tmp/align", "Output folder.")
 flags.DEFINE_integer("seed", 0, "Random seed.")
+flags.DEFINE_integer("logits_chunk", 0, "> 0: log-probs with the LM head N positions at a time.")
 
 
 def main(argv):
@@ -69,10 +70,11 @@ def main(argv):
     stop = () if tok.eos_id is None else (tok.eos_id,)
     scfg = SamplerConfig(F.max_new_tokens, stop, tuple(tok.encode(F.prompt)))
     lora = LoraConfig(rank=F.lora_rank, alpha=2.0 * F.lora_rank) if F.lora_rank else None
+    policy_args = (cfg, params, scfg, lora, F.seed, F.logits_chunk)
     mesh, key = make_mesh(F.mesh), jax.random.key(F.seed)
     histories = {}
     with jax.set_mesh(mesh):
-        policy, _, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
+        policy, _, frozen = make_lm_policy(*policy_args)
         *target, ref = estimate_target(
             policy, frozen, cons, key, F.moment_samples, F.batch_size, return_samples=True
         )
@@ -81,7 +83,7 @@ def main(argv):
         kw.update(tokenizer=tok, eval_every=F.eval_every, eval_samples=F.eval_samples)
         kw.update(reference=ref, moment_feedback=F.moment_feedback)
         for m in methods:
-            policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
+            policy, trainable, frozen = make_lm_policy(*policy_args)
             writer = MetricWriter(os.path.join(F.workdir, m))
             tx = optax.adam(policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio))
             _, hist = train(policy, trainable, frozen, cons, tuner(m), tx, **kw, writer=writer)
