@@ -82,19 +82,25 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
-        train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
+    def save(
+        self, step: int, state, data_state: dict, meta: dict, force: bool = False, params_mask=None
+    ) -> bool:
+        """Save `state` (a dataclass with `params`; every other non-None field goes to the
+        `train` item). `params_mask` (tree of bools): save only those parameter leaves (the
+        frozen rest is reloaded from its source on restore, e.g. a LoRA base)."""
+        params, train = state_parts(state)
+        params = prune(params, params_mask)
         if not force and not self.manager.should_save(step):
             return False
         self.wait()  # raises if the previous (async) save failed, before anything is pruned
         manifest = {
-            "params": leaf_hashes(state.params, check_finite=f"step {step} params"),
+            "params": leaf_hashes(params, check_finite=f"step {step} params"),
             "train": leaf_hashes(train, check_finite=f"step {step} optimizer state"),
         }
         saved = self.manager.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
+                params=ocp.args.StandardSave(params),
                 train=ocp.args.StandardSave(train),
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
@@ -138,23 +144,24 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
-    def restore(self, step: int, abstract_state, shardings) -> tuple[Any, dict, dict]:
-        """Restore (state, data_state, meta) at `step` onto `shardings` (any mesh)."""
+    def restore(
+        self, step: int, abstract_state, shardings, params_mask=None, base_params=None
+    ) -> tuple[Any, dict, dict]:
+        """Restore (state, data_state, meta) at `step` onto `shardings` (any mesh).
+        With `params_mask` (as given to `save`), the saved leaves are grafted into
+        `base_params` (the frozen leaves, already placed)."""
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state,
             shardings,
         )
-        check_shapes(step, abstract_state, self.directory)
-        train_target = {
-            "opt_state": target.opt_state,
-            "step": target.step,
-            "skipped": target.skipped,
-        }
+        target_params, train_target = state_parts(target)
+        target_params = prune(target_params, params_mask)
+        check_shapes(step, prune(abstract_state.params, params_mask), self.directory)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target.params),
+                params=ocp.args.StandardRestore(target_params),
                 train=ocp.args.StandardRestore(train_target),
                 data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
@@ -163,20 +170,20 @@ class Checkpointer:
         )
         t = restored["train"]
         verify(restored["manifest"], {"params": restored["params"], "train": t}, step)
-        state = type(abstract_state)(
-            step=t["step"],
-            params=restored["params"],
-            opt_state=t["opt_state"],
-            skipped=t["skipped"],
-        )
+        params = restored["params"]
+        if params_mask is not None:
+            params = graft(base_params, params)
+        state = abstract_state.replace(params=params, **t)
         return state, restored["data"], restored["meta"]
 
-    def restore_latest(self, abstract_state, shardings):
+    def restore_latest(self, abstract_state, shardings, params_mask=None, base_params=None):
         """Newest step that restores; a broken newer step is skipped with a warning."""
         errors = []
         for step in reversed(self.all_steps()):
             try:
-                return step, *self.restore(step, abstract_state, shardings)
+                return step, *self.restore(
+                    step, abstract_state, shardings, params_mask, base_params
+                )
             except CheckpointMismatch:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure means: try an older step
@@ -198,6 +205,46 @@ class Checkpointer:
         return None
 
 
+def state_parts(state) -> tuple[Any, dict]:
+    """(params, {field: value}) of a state dataclass; None fields are left out."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    params = fields.pop("params")
+    return params, {k: v for k, v in fields.items() if v is not None}
+
+
+def prune(tree, mask):
+    """The nested dict `tree` cut to the leaves where `mask` (same structure) is True;
+    subtrees left empty are dropped. `mask=None` keeps everything."""
+    if mask is None:
+        return tree
+    out = _prune(tree, mask)
+    return {} if out is _CUT else out
+
+
+_CUT = object()
+
+
+def _prune(tree, mask):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            kept = _prune(v, mask[k])
+            if kept is not _CUT:
+                out[k] = kept
+        return out or _CUT
+    return tree if bool(mask) else _CUT
+
+
+def graft(base, part):
+    """`base` with the leaves of the (pruned) nested dict `part` put in place."""
+    if not isinstance(part, dict):
+        return part
+    out = dict(base)
+    for k, v in part.items():
+        out[k] = graft(base[k], v)
+    return out
+
+
 def check_writable(directory: str) -> None:
     """CheckpointError unless `directory` can be created and written to (read-only mounts too)."""
     try:
@@ -213,7 +260,7 @@ def check_writable(directory: str) -> None:
         ) from None
 
 
-def check_shapes(step: int, abstract_state, directory: str) -> None:
+def check_shapes(step: int, abstract_params, directory: str) -> None:
     """CheckpointMismatch naming the first leaf whose saved shape differs from the model's."""
     try:
         from etils import epath
@@ -231,7 +278,7 @@ def check_shapes(step: int, abstract_state, directory: str) -> None:
         return
     want = {
         jax.tree_util.keystr(p): tuple(a.shape)
-        for p, a in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     }
     fix = (
         "resume with the model config the checkpoint was saved with (see its meta item), "
