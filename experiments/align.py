@@ -38,11 +38,14 @@ class AlignConfig:
     moment_samples: int = 2048  # base samples for lambda and Z
     eval_samples: int = 256  # policy samples per evaluation
     moment_feedback: float = 0.0  # moment targets: lambda += rate (mu_bar - E_pi[phi]); 0 = off
+    logits_chunk: int = 0  # > 0: policy log-probs with the LM head this many positions at a time
 
     def __post_init__(self):
         for name in ("batch_size", "max_new_tokens", "moment_samples", "eval_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.logits_chunk < 0:
+            raise ConfigError(f"logits_chunk must be >= 0 (0 = off), got {self.logits_chunk}")
         if self.lora_rank < 0:
             raise ConfigError(f"lora_rank must be >= 0 (0 = full), got {self.lora_rank}")
 
@@ -122,9 +125,10 @@ def main(argv):
     stop = () if tok.eos_id is None else (tok.eos_id,)
     scfg = SamplerConfig(ac.max_new_tokens, stop, tuple(tok.encode(F.prompt)))
     lora = LoraConfig(rank=ac.lora_rank, alpha=2.0 * ac.lora_rank) if ac.lora_rank else None
+    policy_args = (cfg, params, scfg, lora, tc.seed, ac.logits_chunk)
     histories = {}
     with jax.set_mesh(mesh):
-        policy, _, frozen = make_lm_policy(cfg, params, scfg, lora, tc.seed)
+        policy, _, frozen = make_lm_policy(*policy_args)
         *target, ref = estimate_target(
             policy, frozen, cons, key, ac.moment_samples, ac.batch_size, return_samples=True
         )
@@ -133,7 +137,7 @@ def main(argv):
         kw.update(mesh=mesh, tokenizer=tok, eval_every=tc.eval_every)
         kw.update(eval_samples=ac.eval_samples, reference=ref, moment_feedback=ac.moment_feedback)
         for m in methods:
-            policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, tc.seed)
+            policy, trainable, frozen = make_lm_policy(*policy_args)
             wd = os.path.join(tc.workdir, m)  # one resumable run per method
             tx = optax.adam(lr())
             kw.update(workdir=wd, save_every=tc.save_every, log_step_details=tc.log_step_details)

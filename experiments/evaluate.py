@@ -29,6 +29,7 @@ flags.DEFINE_integer("shots", None, "sst2: in-context examples (0 = zero-shot)."
 flags.DEFINE_integer("window", None, "perplexity: tokens per context window.")
 flags.DEFINE_integer("stride", None, "perplexity: window stride (< window: sliding).")
 flags.DEFINE_integer("batch_size", None, "Rows per forward pass.")
+flags.DEFINE_integer("logits_chunk", None, "perplexity: LM head N positions at a time (0 = off).")
 flags.DEFINE_integer("train_limit", None, "sst2_head: training examples.")
 flags.DEFINE_string("pool", None, "sst2_head: mean or last.")
 flags.DEFINE_string("out", "", "Write the JSON report here.")
@@ -58,6 +59,7 @@ def main(argv):
             "window",
             "stride",
             "batch_size",
+            "logits_chunk",
             "train_limit",
             "pool",
         )

@@ -32,6 +32,7 @@ import numpy as np
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.transformer import Transformer, init_cache
+from lm_jax.scoring import jitted_score
 from lm_jax.sharding import constrain
 
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer recompiles)
@@ -385,20 +386,6 @@ def generate(
 # --------------------------------------------------------------------------- scoring
 
 
-@functools.lru_cache(maxsize=16)
-def _score_fn(config: ModelConfig):
-    model = Transformer(config)
-
-    def run(params, tokens, scored):
-        logits = model.apply({"params": params}, tokens)  # [B, T, V]
-        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        tok_lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-        tok_lp = jnp.concatenate([jnp.zeros_like(tok_lp[:, :1]), tok_lp], axis=1)
-        return jnp.where(scored, tok_lp, 0.0)
-
-    return jax.jit(run)
-
-
 def sequence_logprobs(
     config: ModelConfig,
     params,
@@ -406,8 +393,10 @@ def sequence_logprobs(
     lengths=None,
     mask=None,
     prompt_lengths=None,
+    chunk: int = 0,
 ) -> jax.Array:
-    """Per-token log-probs [B, T] of given sequences in one forward pass (temperature 1).
+    """Per-token log-probs [B, T] of given sequences in one forward pass (temperature 1), by
+    `lm_jax.scoring` (`chunk` > 0: the head `chunk` positions at a time).
 
     out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where t >= 1, t < lengths[b] (default T),
     t >= prompt_lengths[b] (default 1) and mask[b, t] (default all); 0 elsewhere. Summing a row
@@ -430,7 +419,15 @@ def sequence_logprobs(
     if mask is not None:
         scored &= np.asarray(mask).astype(bool)
     tokens = np.where(ctx, tokens, 0).astype(np.int32)
-    return _score_fn(config)(params, jnp.asarray(tokens), jnp.asarray(scored))
+    if T < 2:
+        return jnp.zeros((B, T), jnp.float32)
+    batch = {
+        "inputs": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "loss_mask": jnp.asarray(scored[:, 1:], jnp.float32),
+    }
+    tok = jitted_score(config, chunk)(params, batch).token_logprobs  # [B, T - 1]
+    return jnp.concatenate([jnp.zeros((B, 1), tok.dtype), tok], axis=1)
 
 
 def continuation_logprobs(

@@ -214,6 +214,7 @@ def task_perplexity(
     window=512,
     stride=None,
     batch_size=4,
+    logits_chunk=0,
     **_,
 ):
     from lm_jax.data import load_texts
@@ -231,6 +232,7 @@ def task_perplexity(
         stride=stride,
         batch_size=batch_size,
         max_tokens=limit,
+        chunk=logits_chunk or 0,
     )
     return {
         "source": data_source,

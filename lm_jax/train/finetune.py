@@ -15,13 +15,12 @@ fine-tuning writes the lm_jax `Checkpointer` layout plus `workdir/tokenizer`, so
 
 Classification by label scoring: the predicted class is the label word (e.g. " positive") with
 the highest log-likelihood after the prompt (`label_logliks`; one forward pass per prompt when
-every label is a single token).
+every label is a single token). Label and completion scoring run on `lm_jax.scoring.Scorer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -37,6 +36,7 @@ from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.nn import lora as lora_lib
 from lm_jax.nn.transformer import Transformer
+from lm_jax.scoring import Scorer
 from lm_jax.train.engine import Task
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -221,26 +221,6 @@ def sst2(split: str, data_dir: str | None = None, limit: int | None = None) -> C
 # --------------------------------------------------------------------------- scoring
 
 
-@functools.lru_cache(maxsize=8)
-def _score_fn(cfg: ModelConfig):
-    model = Transformer(cfg)
-
-    def fn(params, batch, candidates):  # candidates [K] token ids
-        logits = model.apply(
-            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
-        )
-        logits = logits.astype(jnp.float32)  # [B, T, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-        mask = batch["loss_mask"]
-        tgt = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0] - lse
-        row = jnp.sum(jnp.where(mask > 0, tgt, 0.0), axis=1)  # [B]
-        cand = logits[..., candidates] - lse[..., None]  # [B, T, K]
-        cand = jnp.sum(jnp.where(mask[..., None] > 0, cand, 0.0), axis=1)  # [B, K]
-        return row, cand
-
-    return jax.jit(fn)
-
-
 def _put_batch(batch, mesh):
     from lm_jax.sharding import batch_sharding
 
@@ -271,21 +251,20 @@ def label_logliks(
     # single-token labels: one row per prompt, all K candidates read at its last position
     rows = [(i, k) for i in range(len(prompts)) for k in ([0] if single else range(len(labels)))]
     enc = [encode_example(tokenizer, Example(prompts[i], labels[k]), seq_len) for i, k in rows]
-    cand = jnp.asarray([ids[0] for ids in label_ids] if single else [0], jnp.int32)
-    fn = _score_fn(cfg)
+    cand = np.asarray([ids[0] for ids in label_ids], np.int32) if single else None
+    scorer = Scorer(cfg, params, mesh)
     out = np.zeros((len(prompts), len(labels)))
     order = np.argsort([len(e[0]) for e in enc], kind="stable")  # similar lengths together
-    with jax.set_mesh(mesh):
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            batch = make_batch([enc[j] for j in idx], seq_len, length_multiple, rows=batch_size)
-            row, c = jax.device_get(fn(params, _put_batch(batch, mesh), cand))
-            for r, j in enumerate(idx):
-                i, k = rows[j]
-                if single:
-                    out[i] = c[r]
-                else:
-                    out[i, k] = row[r]
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = make_batch([enc[j] for j in idx], seq_len, length_multiple, rows=batch_size)
+        res = scorer.score(batch, cand)
+        for r, j in enumerate(idx):
+            i, k = rows[j]
+            if single:
+                out[i] = res.candidates[r]
+            else:
+                out[i, k] = res.sums[r]
     return out
 
 
@@ -304,14 +283,21 @@ def classify(cfg, params, tokenizer, data: ClassificationSet, **kw) -> dict:
     return out
 
 
-def completion_loss(eval_fn, params, encoded, cfg: FinetuneConfig, mesh) -> float:
-    """Mean NLL per completion token (the training objective) over `encoded` examples."""
+def completion_loss(model_cfg, params, encoded, cfg: FinetuneConfig, mesh) -> float:
+    """Mean NLL per completion token (the training objective) over `encoded` examples, scored
+    by `lm_jax.scoring.Scorer` under `model_cfg` (a ModelConfig; a legacy eval step function
+    returning {nll_sum, tokens} is still accepted)."""
     nll = tokens = 0.0
     B = cfg.batch_size
+    scorer = Scorer(model_cfg, params, mesh) if isinstance(model_cfg, ModelConfig) else None
     for s in range(0, len(encoded), B):
         batch = make_batch(encoded[s : s + B], cfg.seq_len, cfg.length_multiple, rows=B)
-        m = jax.device_get(eval_fn(params, _put_batch(batch, mesh)))
-        nll, tokens = nll + float(m["nll_sum"]), tokens + float(m["tokens"])
+        if scorer is None:
+            m = jax.device_get(model_cfg(params, _put_batch(batch, mesh)))
+            nll, tokens = nll + float(m["nll_sum"]), tokens + float(m["tokens"])
+        else:
+            res = scorer.score(batch)
+            nll, tokens = nll - float(res.sums.sum()), tokens + float(res.counts.sum())
     return nll / max(tokens, 1.0)
 
 
@@ -386,7 +372,7 @@ class SFTTask(Task):
         from lm_jax.optim import make_optimizer
         from lm_jax.sharding import batch_sharding
         from lm_jax.train.state import state_shardings
-        from lm_jax.train.step import jit_eval_step, jit_train_step
+        from lm_jax.train.step import jit_train_step
 
         self.cfg, self.params, self.trainable, self.tok = cfg, params, trainable, tokenizer
         self.train_cfg, self.ft, self.mesh, self.log = train_cfg, ft, mesh, log
@@ -396,7 +382,6 @@ class SFTTask(Task):
         self.abstract, self.shardings = state_shardings(cfg, tx, mesh)
         self.bsh = bsh = batch_sharding(mesh, 2, ft.batch_size)
         self.step_fn = jit_train_step(cfg, train_cfg, tx, self.shardings, bsh, trainable=trainable)
-        self.eval_fn = jit_eval_step(cfg, train_cfg, self.shardings.params, bsh)
         self.data = SFTBatches(enc, ft, train_cfg.seed)
         self.rng = jax.random.key(train_cfg.seed + 1)
         self.score_kw = dict(seq_len=ft.seq_len, batch_size=ft.eval_batch_size, mesh=mesh)
@@ -453,7 +438,7 @@ class SFTTask(Task):
         with jax.set_mesh(self.mesh):
             if self.enc_eval:
                 out["eval/completion_loss"] = completion_loss(
-                    self.eval_fn, state.params, self.enc_eval, self.ft, self.mesh
+                    self.cfg, state.params, self.enc_eval, self.ft, self.mesh
                 )
             if self.cls_eval is not None:
                 rep = classify(self.cfg, state.params, self.tok, self.cls_eval, **self.score_kw)

@@ -17,6 +17,7 @@ from lm_jax.configs.train import TrainConfig
 from lm_jax.data.tokenizer import Tokenizer, load_tokenizer
 from lm_jax.flops import device_peak_flops, flops_per_token
 from lm_jax.optim import make_optimizer
+from lm_jax.scoring import token_byte_lengths
 from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train import engine
 from lm_jax.train.engine import Task, TrainingHalted
@@ -67,24 +68,6 @@ def prepare_tokenizer(exp: Experiment, workdir: str) -> Tokenizer:
     if jax.process_index() == 0:
         tok.save(tok_dir)
     return tok
-
-
-def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (bits per byte over a partial evaluation pass).
-
-    Byte-level ids are one byte each; other tokens are measured by decoding them alone (exact
-    for char and word-piece vocabularies; special ids count 0).
-    """
-    out = np.zeros((vocab_size,), np.float64)
-    if tok.kind == "byte":
-        out[: min(256, vocab_size)] = 1.0
-        return out
-    for i in range(min(tok.vocab_size, vocab_size)):
-        try:
-            out[i] = len(tok.decode([i]).encode("utf-8"))
-        except Exception:  # noqa: BLE001 - special/control ids decode to nothing
-            out[i] = 0
-    return out
 
 
 def params_hash(params) -> str:
