@@ -1,108 +1,156 @@
 r"""Distributional alignment (GDC / DPG and baselines) of a pretrained LM.
 
   python experiments/align.py --base=/tmp/shakespeare --constraint=word:love \
-      --method=dpg,reinforce --steps=100 --workdir=/tmp/align
+      --method=dpg,reinforce --train.steps=100 --train.workdir=/tmp/align
   python experiments/align.py --base=model.gguf --constraint=word:she=0.5 --method=kl_dpg
 
 --base: an lm_jax training workdir, a Hugging Face model folder, or a .gguf file.
 Metrics go to <workdir>/<method>/metrics.jsonl + TensorBoard; <workdir>/align.png plots
 E_pi[phi] and KL(pi||a) per method against the floor KL(p||a).
+Flags: `--train.x` (steps, learning_rate, lr_schedule, min_lr_ratio, eval_every, mesh, seed,
+workdir, save_every, log_step_details), `--align.x` (AlignConfig below), `--tuner.x`
+(lm_jax.align.TunerConfig but method, which is --method). Each method's run checkpoints in
+<workdir>/<method> and a rerun of the same command resumes it. The pre-1.0 spellings (--steps,
+--lr, --batch_size, ...) still work for one release, with a warning.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 
+from lm_jax import cli
+from lm_jax.align.tuners import TunerConfig
+from lm_jax.configs.train import TrainConfig
+from lm_jax.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class AlignConfig:
+    """Sampling and estimation of one alignment run (`--align.<field>`)."""
+
+    batch_size: int = 64  # samples per step
+    lora_rank: int = 8  # LoRA rank of the policy (alpha = 2 * rank); 0 = full-parameter policy
+    max_new_tokens: int = 40  # sampled continuation length
+    moment_samples: int = 2048  # base samples for lambda and Z
+    eval_samples: int = 256  # policy samples per evaluation
+    moment_feedback: float = 0.0  # moment targets: lambda += rate (mu_bar - E_pi[phi]); 0 = off
+    logits_chunk: int = 0  # > 0: policy log-probs with the LM head this many positions at a time
+
+    def __post_init__(self):
+        for name in ("batch_size", "max_new_tokens", "moment_samples", "eval_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.logits_chunk < 0:
+            raise ConfigError(f"logits_chunk must be >= 0 (0 = off), got {self.logits_chunk}")
+        if self.lora_rank < 0:
+            raise ConfigError(f"lora_rank must be >= 0 (0 = full), got {self.lora_rank}")
+
+
+TRAIN_FIELDS = ("steps", "learning_rate", "lr_schedule", "min_lr_ratio", "eval_every")
+TRAIN_FIELDS += ("mesh", "seed", "workdir", "save_every", "log_step_details")
 flags.DEFINE_string("base", None, "Checkpoint workdir, HF model dir or .gguf file.", required=True)
 flags.DEFINE_multi_string("constraint", [], "word:W, regex:R (pointwise) or word:W=0.5 (moment).")
 flags.DEFINE_list("method", ["dpg"], "dpg, kl_dpg, fdpg_{fkl,rkl,tv,js,chi2}, reinforce, kl_pg.")
-flags.DEFINE_integer("steps", 100, "Gradient steps per method.")
-flags.DEFINE_integer("batch_size", 64, "Samples per step.")
-flags.DEFINE_float("lr", 1e-3, "Adam learning rate.")
-flags.DEFINE_enum("lr_schedule", "constant", ["constant", "cosine"], "cosine: to lr*min_lr_ratio.")
-flags.DEFINE_float("min_lr_ratio", 0.1, "Final lr / lr for --lr_schedule=cosine.")
-flags.DEFINE_integer("lora_rank", 8, "LoRA rank; 0 = full-parameter policy.")
-flags.DEFINE_integer("max_new_tokens", 40, "Sampled continuation length.")
 flags.DEFINE_string("prompt", "\n", "Text every sample continues.")
-flags.DEFINE_integer("moment_samples", 2048, "Base samples for lambda and Z.")
-flags.DEFINE_integer("eval_every", 25, "Steps between evaluations (0 = never).")
-flags.DEFINE_integer("eval_samples", 256, "Policy samples per evaluation.")
-flags.DEFINE_integer(
-    "kl_adaptive_every", 10, "kl_dpg: steps between proposal checks (huge = fixed proposal a)."
+cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
+cli.define_config("align", AlignConfig)
+cli.define_config(
+    "tuner", TunerConfig, fields=[f.name for f in dataclasses.fields(TunerConfig)][1:]
 )
-flags.DEFINE_float(
-    "moment_feedback", 0.0, "Moment targets: lambda += rate (mu_bar - E_pi[phi]) per step; 0 = off."
-)
-flags.DEFINE_string("mesh", "", "e.g. data:8 (default: all devices on data).")
-flags.DEFINE_string("workdir", "/tmp/align", "Output folder.")
-flags.DEFINE_integer("seed", 0, "Random seed.")
+for _old in ("steps", "lr_schedule", "min_lr_ratio", "eval_every", "mesh", "seed", "workdir"):
+    cli.deprecate(_old, f"train.{_old}")
+cli.deprecate("lr", "train.learning_rate")
+for _f in dataclasses.fields(AlignConfig):
+    cli.deprecate(_f.name, f"align.{_f.name}")
+cli.deprecate("kl_adaptive_every", "tuner.kl_adaptive_every")
+
+
+def defaults() -> tuple[TrainConfig, AlignConfig]:
+    train = TrainConfig(steps=100, learning_rate=1e-3, lr_schedule="constant", eval_every=25)
+    return train.replace(workdir="/tmp/align", save_every=25), AlignConfig()
+
+
+def check_base(path: str) -> None:
+    """A --base that is no model fails here with what it is and what to give."""
+    from lm_jax.checkpoint import CheckpointError, not_a_workdir
+
+    if path.endswith(".gguf") or os.path.isdir(os.path.join(path, "checkpoints")):
+        return
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        msg = not_a_workdir(path)
+        if "give --checkpoint" in msg:
+            msg = msg.replace("give --checkpoint", "give --base") + " (or an HF folder, a .gguf)"
+        raise CheckpointError(msg)
 
 
 def main(argv):
     import jax
     import optax
 
-    from lm_jax.align import TunerConfig, parse_constraint
-    from lm_jax.align.loop import estimate_target, load_base, plot_histories, train
+    from lm_jax.align import parse_constraint
+    from lm_jax.align.loop import (
+        estimate_target,
+        load_base,
+        plot_histories,
+        rows_by_update,
+        train,
+    )
     from lm_jax.align.moments import check_moment_feedback
     from lm_jax.align.policies import make_lm_policy
     from lm_jax.align.samplers import SamplerConfig
     from lm_jax.configs.lora import LoraConfig
     from lm_jax.optim import policy_lr_schedule
     from lm_jax.sharding import make_mesh
-    from lm_jax.train.metrics import MetricWriter
+    from lm_jax.train.engine import read_history
 
     F = flags.FLAGS
-    if len(argv) > 1 or not F.constraint:
-        raise app.UsageError("give at least one --constraint (and no positional arguments)")
-    tuner = lambda m: TunerConfig(m, kl_adaptive_every=F.kl_adaptive_every)  # noqa: E731
+    if not F.constraint:
+        raise ConfigError("give at least one --constraint, e.g. --constraint=word:love")
+    t0, a0 = defaults()
+    tc, ac = cli.config("train", t0), cli.config("align", a0)
+    tuner = lambda m: cli.config("tuner", TunerConfig(m))  # noqa: E731
     methods = [tuner(m).method for m in F.method]  # validates names before any work
-    policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio)  # and the schedule
+    lr = lambda: policy_lr_schedule(tc.learning_rate, tc.steps, tc.lr_schedule, tc.min_lr_ratio)  # noqa: E731
+    lr()  # and the schedule
+    mesh, key = make_mesh(tc.mesh), jax.random.key(tc.seed)  # and the mesh
+    check_base(F.base)
     cfg, params, tok = load_base(F.base)
     cons = [parse_constraint(s, tok) for s in F.constraint]
     for m in methods:  # before any sampling
-        check_moment_feedback(F.moment_feedback, cons, tuner(m))
+        check_moment_feedback(ac.moment_feedback, cons, tuner(m))
     stop = () if tok.eos_id is None else (tok.eos_id,)
-    scfg = SamplerConfig(F.max_new_tokens, stop, tuple(tok.encode(F.prompt)))
-    lora = LoraConfig(rank=F.lora_rank, alpha=2.0 * F.lora_rank) if F.lora_rank else None
-    mesh, key = make_mesh(F.mesh), jax.random.key(F.seed)
+    scfg = SamplerConfig(ac.max_new_tokens, stop, tuple(tok.encode(F.prompt)))
+    lora = LoraConfig(rank=ac.lora_rank, alpha=2.0 * ac.lora_rank) if ac.lora_rank else None
+    policy_args = (cfg, params, scfg, lora, tc.seed, ac.logits_chunk)
     histories = {}
     with jax.set_mesh(mesh):
-        policy, _, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
+        policy, _, frozen = make_lm_policy(*policy_args)
         *target, ref = estimate_target(
-            policy, frozen, cons, key, F.moment_samples, F.batch_size, return_samples=True
+            policy, frozen, cons, key, ac.moment_samples, ac.batch_size, return_samples=True
         )
         summary = {"target": target[1], "methods": {}}
-        kw = dict(steps=F.steps, batch_size=F.batch_size, key=key, target=tuple(target), mesh=mesh)
-        kw.update(tokenizer=tok, eval_every=F.eval_every, eval_samples=F.eval_samples)
-        kw.update(reference=ref, moment_feedback=F.moment_feedback)
+        kw = dict(steps=tc.steps, batch_size=ac.batch_size, key=key, target=tuple(target))
+        kw.update(mesh=mesh, tokenizer=tok, eval_every=tc.eval_every)
+        kw.update(eval_samples=ac.eval_samples, reference=ref, moment_feedback=ac.moment_feedback)
         for m in methods:
-            policy, trainable, frozen = make_lm_policy(cfg, params, scfg, lora, F.seed)
-            writer = MetricWriter(os.path.join(F.workdir, m))
-            tx = optax.adam(policy_lr_schedule(F.lr, F.steps, F.lr_schedule, F.min_lr_ratio))
-            _, hist = train(policy, trainable, frozen, cons, tuner(m), tx, **kw, writer=writer)
-            writer.close()
+            policy, trainable, frozen = make_lm_policy(*policy_args)
+            wd = os.path.join(tc.workdir, m)  # one resumable run per method
+            tx = optax.adam(lr())
+            kw.update(workdir=wd, save_every=tc.save_every, log_step_details=tc.log_step_details)
+            train(policy, trainable, frozen, cons, tuner(m), tx, **kw)
+            hist = rows_by_update(read_history(wd), tc.steps)  # the whole run, resumed or not
             histories[m] = hist
             ev = [h for h in hist if "eval/kl_pi_a" in h]
             summary["methods"][m] = ev[-1] if ev else hist[-1]
-    plot_histories(histories, target[1]["kl_p_a"], os.path.join(F.workdir, "align.png"))
-    with open(os.path.join(F.workdir, "summary.json"), "w") as f:
+    plot_histories(histories, target[1]["kl_p_a"], os.path.join(tc.workdir, "align.png"))
+    with open(os.path.join(tc.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except Exception as e:  # bad input: one clear line, exit 2
-        from lm_jax.align import FeatureError, MomentError
-        from lm_jax.errors import USER_ERRORS
-
-        if isinstance(e, (*USER_ERRORS, FeatureError, MomentError)):
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    cli.run(main)

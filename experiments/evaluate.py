@@ -12,9 +12,10 @@ multi30k_en_de (greedy translation, BLEU / chrF / ROUGE). See lm_jax/eval/tasks.
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
+
+from lm_jax import cli
 
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir (newest checkpoint).")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder (config.json + safetensors).")
@@ -28,6 +29,7 @@ flags.DEFINE_integer("shots", None, "sst2: in-context examples (0 = zero-shot)."
 flags.DEFINE_integer("window", None, "perplexity: tokens per context window.")
 flags.DEFINE_integer("stride", None, "perplexity: window stride (< window: sliding).")
 flags.DEFINE_integer("batch_size", None, "Rows per forward pass.")
+flags.DEFINE_integer("logits_chunk", None, "perplexity: LM head N positions at a time (0 = off).")
 flags.DEFINE_integer("train_limit", None, "sst2_head: training examples.")
 flags.DEFINE_string("pool", None, "sst2_head: mean or last.")
 flags.DEFINE_string("out", "", "Write the JSON report here.")
@@ -41,8 +43,6 @@ def table(report: dict) -> str:
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --x=y")
     F = flags.FLAGS
     from lm_jax.eval.tasks import get_task, load_model, run_task
 
@@ -59,6 +59,7 @@ def main(argv):
             "window",
             "stride",
             "batch_size",
+            "logits_chunk",
             "train_limit",
             "pool",
         )
@@ -72,13 +73,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except Exception as e:  # bad input: one clear line, exit 2
-        from lm_jax.errors import USER_ERRORS
-        from lm_jax.eval.perplexity import EvalError
-
-        if isinstance(e, (*USER_ERRORS, EvalError)):
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    cli.run(main)

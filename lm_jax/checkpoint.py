@@ -73,19 +73,25 @@ class Checkpointer:
     def all_steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state, data_state: dict, meta: dict, force: bool = False) -> bool:
-        train = {"opt_state": state.opt_state, "step": state.step, "skipped": state.skipped}
+    def save(
+        self, step: int, state, data_state: dict, meta: dict, force: bool = False, params_mask=None
+    ) -> bool:
+        """Save `state` (a dataclass with `params`; every other non-None field goes to the
+        `train` item). `params_mask` (tree of bools): save only those parameter leaves (the
+        frozen rest is reloaded from its source on restore, e.g. a LoRA base)."""
+        params, train = state_parts(state)
+        params = prune(params, params_mask)
         if not force and not self.manager.should_save(step):
             return False
         self.wait()  # raises if the previous (async) save failed, before anything is pruned
         manifest = {
-            "params": leaf_hashes(state.params, check_finite=f"step {step} params"),
+            "params": leaf_hashes(params, check_finite=f"step {step} params"),
             "train": leaf_hashes(train, check_finite=f"step {step} optimizer state"),
         }
         saved = self.manager.save(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardSave(state.params),
+                params=ocp.args.StandardSave(params),
                 train=ocp.args.StandardSave(train),
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
@@ -127,23 +133,24 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.close()
 
-    def restore(self, step: int, abstract_state, shardings) -> tuple[Any, dict, dict]:
-        """Restore (state, data_state, meta) at `step` onto `shardings` (any mesh)."""
+    def restore(
+        self, step: int, abstract_state, shardings, params_mask=None, base_params=None
+    ) -> tuple[Any, dict, dict]:
+        """Restore (state, data_state, meta) at `step` onto `shardings` (any mesh).
+        With `params_mask` (as given to `save`), the saved leaves are grafted into
+        `base_params` (the frozen leaves, already placed)."""
         target = jax.tree.map(
             lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
             abstract_state,
             shardings,
         )
-        check_shapes(step, abstract_state, self.directory)
-        train_target = {
-            "opt_state": target.opt_state,
-            "step": target.step,
-            "skipped": target.skipped,
-        }
+        target_params, train_target = state_parts(target)
+        target_params = prune(target_params, params_mask)
+        check_shapes(step, prune(abstract_state.params, params_mask), self.directory)
         restored = self.manager.restore(
             step,
             args=ocp.args.Composite(
-                params=ocp.args.StandardRestore(target.params),
+                params=ocp.args.StandardRestore(target_params),
                 train=ocp.args.StandardRestore(train_target),
                 data=ocp.args.JsonRestore(),
                 meta=ocp.args.JsonRestore(),
@@ -152,20 +159,20 @@ class Checkpointer:
         )
         t = restored["train"]
         verify(restored["manifest"], {"params": restored["params"], "train": t}, step)
-        state = type(abstract_state)(
-            step=t["step"],
-            params=restored["params"],
-            opt_state=t["opt_state"],
-            skipped=t["skipped"],
-        )
+        params = restored["params"]
+        if params_mask is not None:
+            params = graft(base_params, params)
+        state = abstract_state.replace(params=params, **t)
         return state, restored["data"], restored["meta"]
 
-    def restore_latest(self, abstract_state, shardings):
+    def restore_latest(self, abstract_state, shardings, params_mask=None, base_params=None):
         """Newest step that restores; a broken newer step is skipped with a warning."""
         errors = []
         for step in reversed(self.all_steps()):
             try:
-                return step, *self.restore(step, abstract_state, shardings)
+                return step, *self.restore(
+                    step, abstract_state, shardings, params_mask, base_params
+                )
             except CheckpointMismatch:
                 raise
             except Exception as e:  # noqa: BLE001 - any failure means: try an older step
@@ -182,9 +189,49 @@ class Checkpointer:
             raise CheckpointError(
                 f"no checkpoint in {self.directory} can be restored (steps {steps}); the last "
                 f"error was: {errors[-1][1]}. If the model config changed, restore with the "
-                "config the checkpoint was saved with, or start a new --workdir."
+                "config the checkpoint was saved with, or start a new --train.workdir."
             ) from errors[-1][1]
         return None
+
+
+def state_parts(state) -> tuple[Any, dict]:
+    """(params, {field: value}) of a state dataclass; None fields are left out."""
+    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
+    params = fields.pop("params")
+    return params, {k: v for k, v in fields.items() if v is not None}
+
+
+def prune(tree, mask):
+    """The nested dict `tree` cut to the leaves where `mask` (same structure) is True;
+    subtrees left empty are dropped. `mask=None` keeps everything."""
+    if mask is None:
+        return tree
+    out = _prune(tree, mask)
+    return {} if out is _CUT else out
+
+
+_CUT = object()
+
+
+def _prune(tree, mask):
+    if isinstance(tree, dict):
+        out = {}
+        for k, v in tree.items():
+            kept = _prune(v, mask[k])
+            if kept is not _CUT:
+                out[k] = kept
+        return out or _CUT
+    return tree if bool(mask) else _CUT
+
+
+def graft(base, part):
+    """`base` with the leaves of the (pruned) nested dict `part` put in place."""
+    if not isinstance(part, dict):
+        return part
+    out = dict(base)
+    for k, v in part.items():
+        out[k] = graft(base[k], v)
+    return out
 
 
 def check_writable(directory: str) -> None:
@@ -202,7 +249,7 @@ def check_writable(directory: str) -> None:
         ) from None
 
 
-def check_shapes(step: int, abstract_state, directory: str) -> None:
+def check_shapes(step: int, abstract_params, directory: str) -> None:
     """CheckpointMismatch naming the first leaf whose saved shape differs from the model's."""
     try:
         from etils import epath
@@ -220,7 +267,7 @@ def check_shapes(step: int, abstract_state, directory: str) -> None:
         return
     want = {
         jax.tree_util.keystr(p): tuple(a.shape)
-        for p, a in jax.tree_util.tree_flatten_with_path(abstract_state.params)[0]
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract_params)[0]
     }
     fix = (
         "resume with the model config the checkpoint was saved with (see its meta item), "
@@ -378,19 +425,78 @@ def read_meta(workdir: str, step: int | None = None) -> tuple[int, dict]:
     ckpt = Checkpointer(workdir, read_only=True)
     step = ckpt.latest_step() if step is None else step
     if step is None:
-        raise CheckpointError(f"no checkpoint found under {ckpt.directory}")
-    meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        raise CheckpointError(
+            f"no checkpoint found under {ckpt.directory}; train into that workdir first "
+            "or point to one that has checkpoints"
+        )
+    try:
+        meta = ckpt.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    except (OSError, ValueError, KeyError) as e:
+        raise CheckpointError(
+            f"checkpoint step {step} under {ckpt.directory} is unreadable "
+            f"({type(e).__name__}: {' '.join(str(e).split())[:200]}); delete that step folder "
+            "to use an older one, or retrain"
+        ) from e
     return step, meta["meta"]
+
+
+def workdir_kind(path: str) -> str | None:
+    """What a folder without checkpoints/ holds: 'lora_adapters' (a LoRA fine-tune),
+    'image_text' (experiments/train_image_text.py), 'hf' (a Hugging Face model) or None."""
+    if not os.path.isdir(path):
+        return None
+    if os.path.isfile(os.path.join(path, "adapters", "lora_adapter.json")):
+        return "lora_adapters"
+    names = os.listdir(path)
+    if any(n.endswith("_params.msgpack") for n in names):
+        return "image_text"
+    if "config.json" in names:
+        return "hf"
+    return None
+
+
+KIND_NAMES = {
+    "lora_adapters": "LoRA adapters (experiments/finetune.py)",
+    "image_text": "an image-text run (experiments/train_image_text.py)",
+    "hf": "a Hugging Face model",
+}
+
+
+def not_a_workdir(workdir: str) -> str:
+    """Why `workdir` (without checkpoints/) is no decoder training workdir, and what to give."""
+    want = "give --checkpoint the --train.workdir of an experiments/pretrain.py run"
+    if not os.path.exists(workdir):
+        return f"checkpoint {workdir!r} does not exist; {want}"
+    if not os.path.isdir(workdir):
+        hint = " (a GGUF file: use --gguf)" if workdir.endswith(".gguf") else ""
+        return f"checkpoint {workdir!r} is a file, not a training directory{hint}; {want}"
+    kind = workdir_kind(workdir)
+    if kind == "lora_adapters":
+        return (
+            f"{workdir!r} holds LoRA adapters (experiments/finetune.py), not a whole model; "
+            "load its base model instead, or fine-tune with --nofinetune.lora for a checkpoint"
+        )
+    if kind == "image_text":
+        return (
+            f"{workdir!r} is an image-text workdir (experiments/train_image_text.py), not a "
+            f"decoder checkpoint; {want}"
+        )
+    if kind == "hf":
+        return f"{workdir!r} looks like a Hugging Face model folder: use --hf_dir"
+    return f"{workdir!r} is not an lm_jax training directory (no checkpoints/ inside); {want}"
 
 
 def load_model(workdir: str, step: int | None = None, mesh=None):
     """(ModelConfig, params, tokenizer) from a training workdir (newest step by default)."""
 
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise CheckpointError(
-            f"{workdir!r} is not an lm_jax training directory (no checkpoints/ inside)"
-        )
+    if workdir_kind(workdir) is not None or not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        raise CheckpointError(not_a_workdir(workdir))  # a LoRA run has checkpoints/ too
     step, meta = read_meta(workdir, step)
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise CheckpointError(
+            f"checkpoint step {step} under {workdir!r} records no decoder model config: it is "
+            "no lm_jax decoder checkpoint; give the --train.workdir of a pretrain run"
+        )
     cfg = ModelConfig.from_dict(meta["model"])
     mesh = make_mesh("") if mesh is None else mesh
     boxed = abstract_params(cfg)

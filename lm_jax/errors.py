@@ -1,31 +1,25 @@
-"""The project's error types, on the ground floor: this module imports nothing from lm_jax.
+"""The project's error types, on the ground floor: exception classes only, this module imports
+nothing from lm_jax.
 
-Each is re-exported by the module that raises it (e.g. `lm_jax.configs.base.ConfigError`).
-`USER_ERRORS` are the exceptions that mean "bad input": binaries print them as one line and exit 2.
+`UserError` and its kinds mean "bad input": binaries (lm_jax.cli) print them as one `error:` line
+and exit 2. The modules that raise them re-export them (`lm_jax.configs.ConfigError`,
+`lm_jax.sharding.MeshError`, `lm_jax.checkpoint.CheckpointMismatch`, ...).
 """
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """Bad input: the message names the problem and the fix."""
+
+
+class ConfigError(UserError, ValueError):
     """A configuration value is invalid; the message names the field and the fix."""
 
 
-class TokenizerError(ValueError):
-    """A tokenizer file is missing, corrupt, or does not fit the model."""
-
-
-class DataSourceError(ValueError):
-    """A data source is missing, empty or malformed; the message names it and the fix."""
-
-
-class MeshError(ValueError):
+class MeshError(UserError, ValueError):
     """The requested mesh does not fit the devices."""
 
 
-class FaultSpecError(ValueError):
-    """`LM_JAX_FAULTS` names an unknown fault or gives a value that is not a number."""
-
-
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint cannot be restored; the message says which and what to do."""
 
 
@@ -42,11 +36,21 @@ class AdapterCheckpointError(ConfigError):
     """An adapter checkpoint is missing, malformed, or used as a full-model checkpoint."""
 
 
-USER_ERRORS = (
-    ConfigError,
-    TokenizerError,
-    MeshError,
-    CheckpointError,
-    FaultSpecError,
-    FileNotFoundError,
-)
+class DataSourceError(UserError, ValueError):
+    """A data source spec is malformed or names nothing."""
+
+
+class TokenizerError(UserError, ValueError):
+    """A tokenizer cannot be built, loaded or used on this text."""
+
+
+class FaultSpecError(UserError, ValueError):
+    """LM_JAX_FAULTS is malformed."""
+
+
+class EvalError(UserError, ValueError):
+    """An evaluation cannot run on this model or data."""
+
+
+# What the binaries report as one line (exit 2) rather than a traceback.
+USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError)

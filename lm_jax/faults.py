@@ -29,7 +29,7 @@ import re
 import sys
 import time
 
-from lm_jax.errors import FaultSpecError
+from lm_jax.errors import FaultSpecError  # defined there, re-exported here
 
 ENV = "LM_JAX_FAULTS"
 MARK = "LM_JAX_FAULT"

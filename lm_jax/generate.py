@@ -6,7 +6,9 @@ first token from each row's last prompt position, then a `jax.lax.while_loop` de
 per step for every row at its own position `prompt_length_b + i` and stops early once every row
 has emitted a stop token. Pad slots of short prompts are written to the cache by the prefill but
 are never seen: the cache mask is causal by position and decode overwrites slot `p` before a
-query at position >= p exists.
+query at position >= p exists. With `prefix_embeds` [B, P, D] (e.g. a captioner's projected
+image tokens) the prefill runs [prefix; prompt] at positions 0..P+T-1 and decoding continues
+from position P + prompt_length_b: the one decode loop for LMs and prefix LMs alike.
 
 Sampling is pure (`sampling_logprobs`, `sample_logits`): temperature, then top-k, then top-p
 (nucleus: the smallest set of tokens whose probability reaches p, the top token always kept);
@@ -30,7 +32,10 @@ import numpy as np
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.transformer import Transformer, init_cache
+from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TextInputError
+from lm_jax.nn.vision import check_images
 from lm_jax.sampling import SampleOutput, _check_sampling, _sample, sample_logits, sampling_logprobs
+from lm_jax.scoring import jitted_score
 from lm_jax.sharding import constrain
 from lm_jax.utils import round_up as _round_up
 
@@ -157,13 +162,17 @@ def _generate_fn(
     """The jitted prefill + while_loop decode for one static setting (shapes retrace in jit)."""
     model = Transformer(config)
 
-    def run(params, tokens, lengths, key, temperature, top_p, stop, pad_id):
+    def run(params, tokens, lengths, key, temperature, top_p, stop, pad_id, prefix):
         B, T = tokens.shape
+        P = 0 if prefix is None else prefix.shape[1]  # prefix embeddings before the prompt
         tokens = constrain(tokens, ("batch", "length"))
         cache = init_cache(config, B, cache_len)
         cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), cache)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        logits, cache = model.apply({"params": params}, tokens, positions, cache=cache)
+        positions = jnp.broadcast_to(jnp.arange(P + T, dtype=jnp.int32), (B, P + T))
+        logits, cache = model.apply(
+            {"params": params}, tokens, positions, cache=cache, prefix_embeds=prefix
+        )
+        lengths = lengths + P  # from here on: lengths of [prefix; prompt]
         last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
 
         def sample(lg, i):
@@ -228,12 +237,15 @@ def generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     max_len: int | None = None,
+    prefix_embeds=None,
 ) -> GenerateOutput:
     """Sample up to max_new_tokens continuations of each prompt (see the module docstring).
 
     prompt_tokens: list of token-id lists (ragged) or int array [B, T] right-padded with
-    `prompt_lengths` [B]. `max_len` bounds prompt + new tokens (default config.max_len; RoPE
-    models may pass more). Under `jax.set_mesh(mesh)` with sharded params it runs sharded.
+    `prompt_lengths` [B]. `prefix_embeds` [B, P, d_model] (optional) go before every prompt
+    (`Transformer(prefix_embeds=)`, e.g. image tokens). `max_len` bounds prefix + prompt + new
+    tokens (default config.max_len; RoPE models may pass more). Under `jax.set_mesh(mesh)`
+    with sharded params it runs sharded.
     """
     V = config.vocab_size
     _check_sampling(temperature, top_k, top_p)
@@ -247,29 +259,41 @@ def generate(
     tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, V, pad_id)
     B = tokens.shape[0]
     N = int(max_new_tokens)
+    P = 0
+    if prefix_embeds is not None:
+        prefix_embeds = jnp.asarray(prefix_embeds)
+        shape = tuple(prefix_embeds.shape)
+        if len(shape) != 3 or shape[0] != B or shape[2] != config.d_model:
+            raise ValueError(
+                f"prefix_embeds must be [B={B}, P, d_model={config.d_model}] (one row per "
+                f"prompt), got shape {shape}."
+            )
+        P = shape[1]
     limit = _limit(config, max_len)
     longest = int(lengths.max())
-    if longest > limit:
+    what = f"{P} prefix embeddings + prompt" if P else "prompt"
+    if P + longest > limit:
         raise ValueError(
-            f"prompt longer than the maximum length: the longest prompt has {longest} tokens "
+            f"{what} longer than the maximum length: the longest prompt has {longest} tokens "
             f"but the maximum length is {limit} (config.max_len={config.max_len}); shorten "
             "the prompt."
         )
-    if longest + N > limit:
+    if P + longest + N > limit:
         raise ValueError(
-            f"prompt ({longest} tokens) + max_new_tokens ({N}) = {longest + N} exceeds the "
-            f"maximum length {limit} (config.max_len={config.max_len}); lower max_new_tokens "
-            f"to at most {limit - longest} or shorten the prompt."
+            f"{what} ({P + longest} tokens) + max_new_tokens ({N}) = {P + longest + N} exceeds "
+            f"the maximum length {limit} (config.max_len={config.max_len}); lower "
+            f"max_new_tokens to at most {limit - P - longest} or shorten the prompt."
         )
     if N == 0:
         z = jnp.zeros((B, 0), jnp.float32)
         return GenerateOutput(
             jnp.zeros((B, 0), jnp.int32), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool)
         )
-    cache_len = min(_round_up(longest + N, CACHE_BUCKET), limit)
-    T = min(_round_up(tokens.shape[1], PROMPT_BUCKET), cache_len)
+    cache_len = min(_round_up(P + longest + N, CACHE_BUCKET), limit)
+    T = min(_round_up(tokens.shape[1], PROMPT_BUCKET), cache_len - P)  # >= longest
     if T > tokens.shape[1]:
         tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])), constant_values=pad_id)
+    tokens = tokens[:, :T]  # an array padded past the cache: only pad slots go
     top_k = 0 if int(top_k) >= V else int(top_k)
     greedy = float(temperature) == 0.0
     use_top_p = float(top_p) < 1.0 and not greedy
@@ -283,24 +307,11 @@ def generate(
         jnp.float32(top_p),
         jnp.asarray(stop),
         jnp.int32(pad_id),
+        prefix_embeds,
     )
 
 
 # --------------------------------------------------------------------------- scoring
-
-
-@functools.lru_cache(maxsize=16)
-def _score_fn(config: ModelConfig):
-    model = Transformer(config)
-
-    def run(params, tokens, scored):
-        logits = model.apply({"params": params}, tokens)  # [B, T, V]
-        lp = jax.nn.log_softmax(logits[:, :-1], axis=-1)
-        tok_lp = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-        tok_lp = jnp.concatenate([jnp.zeros_like(tok_lp[:, :1]), tok_lp], axis=1)
-        return jnp.where(scored, tok_lp, 0.0)
-
-    return jax.jit(run)
 
 
 def sequence_logprobs(
@@ -310,8 +321,10 @@ def sequence_logprobs(
     lengths=None,
     mask=None,
     prompt_lengths=None,
+    chunk: int = 0,
 ) -> jax.Array:
-    """Per-token log-probs [B, T] of given sequences in one forward pass (temperature 1).
+    """Per-token log-probs [B, T] of given sequences in one forward pass (temperature 1), by
+    `lm_jax.scoring` (`chunk` > 0: the head `chunk` positions at a time).
 
     out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where t >= 1, t < lengths[b] (default T),
     t >= prompt_lengths[b] (default 1) and mask[b, t] (default all); 0 elsewhere. Summing a row
@@ -334,7 +347,15 @@ def sequence_logprobs(
     if mask is not None:
         scored &= np.asarray(mask).astype(bool)
     tokens = np.where(ctx, tokens, 0).astype(np.int32)
-    return _score_fn(config)(params, jnp.asarray(tokens), jnp.asarray(scored))
+    if T < 2:
+        return jnp.zeros((B, T), jnp.float32)
+    batch = {
+        "inputs": jnp.asarray(tokens[:, :-1]),
+        "targets": jnp.asarray(tokens[:, 1:]),
+        "loss_mask": jnp.asarray(scored[:, 1:], jnp.float32),
+    }
+    tok = jitted_score(config, chunk)(params, batch).token_logprobs  # [B, T - 1]
+    return jnp.concatenate([jnp.zeros((B, 1), tok.dtype), tok], axis=1)
 
 
 def continuation_logprobs(
@@ -383,3 +404,46 @@ __all__ = [
     "sampling_logprobs",
     "sequence_logprobs",
 ]
+
+
+# --------------------------------------------------------------------------- image prefix
+
+
+@functools.lru_cache(maxsize=8)
+def _prefix_fn(cfg: CaptionerConfig):
+    return jax.jit(lambda p, x: Captioner(cfg).apply({"params": p}, x, method=Captioner.prefix))
+
+
+def generate_with_prefix(
+    cfg: CaptionerConfig,
+    params,
+    images,
+    bos_id: int,
+    eos_id: int,
+    max_new_tokens: int,
+    key: jax.Array | None = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    pad_id: int = 0,
+    top_p: float = 1.0,
+):
+    """Caption images [B, H, W, C] with a `Captioner`: `generate` of the decoder (`params['lm']`)
+    from the prompt [BOS] after the image prefix embeddings, until `eos_id`; temperature 0 =
+    greedy (the default), else sampling with top_k / top_p. Returns its `GenerateOutput`
+    (tokens [B, N], pad_id after the stop token; lengths [B] including it; log-probs)."""
+    check_images(images, cfg.vision)
+    limit = cfg.decoder.max_len
+    need = cfg.num_prefix + 1 + int(max_new_tokens)
+    if need > limit:
+        raise TextInputError(
+            f"{cfg.num_prefix} prefix tokens + BOS + max_new_tokens={max_new_tokens} = {need} "
+            f"exceed the decoder's max_len {limit}: lower max_new_tokens to "
+            f"{limit - cfg.num_prefix - 1}."
+        )
+    prefix = _prefix_fn(cfg)(params, jnp.asarray(images))
+    prompts = np.full((prefix.shape[0], 1), bos_id, np.int32)
+    key = jax.random.key(0) if key is None else key
+    return generate(
+        cfg.decoder, params["lm"], prompts, key, max_new_tokens, temperature, top_k, top_p,
+        stop_tokens=(eos_id,), pad_id=pad_id, prefix_embeds=prefix,
+    )  # fmt: skip

@@ -33,11 +33,58 @@ def cross_entropy(
     )
 
 
-def token_log_probs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log softmax(logits)[targets]: [B, T, V], [B, T] -> [B, T] float32."""
+def token_log_probs(
+    logits: jax.Array,  # [B, T, V]
+    targets: jax.Array,  # [B, T] int
+    candidates: jax.Array | None = None,  # [B, K] int: token ids read at every position
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """log softmax(logits) at `targets`: [B, T] float32; with `candidates` also at each row's
+    candidate ids: ([B, T], [B, T, K]). Only log Z [B, T] is reduced over V; no [B, T, V]
+    log-softmax is formed."""
     logits = logits.astype(jnp.float32)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
+    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
+    if candidates is None:
+        return tgt
+    B, T, _ = logits.shape
+    idx = jnp.broadcast_to(candidates[:, None, :], (B, T, candidates.shape[-1]))
+    return tgt, jnp.take_along_axis(logits, idx, axis=-1) - log_z[..., None]
+
+
+def chunked_token_log_probs(
+    hidden: jax.Array,  # [B, T, D] final-norm activations
+    logits_fn: Callable[[jax.Array], jax.Array],  # [B, c, D] -> [B, c, V]
+    targets: jax.Array,  # [B, T] int
+    chunk: int,
+    candidates: jax.Array | None = None,  # [B, K] int
+) -> jax.Array | tuple[jax.Array, jax.Array]:
+    """`token_log_probs(logits_fn(hidden), targets, candidates)` made `chunk` positions at a time.
+
+    A scan over T / chunk slices of the sequence axis (the batch axis, and its sharding, stay
+    whole); each step is rematerialised, so neither the forward nor the backward pass holds more
+    than [B, chunk, V] logits, and gradients flow to `hidden` and the head's weights. T is padded
+    up to a multiple of `chunk` (the padded positions are cut from the outputs).
+    """
+    B, T, _ = hidden.shape
+    pad = -T % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)))
+    n = (T + pad) // chunk
+
+    def split(x):  # [B, n * c, ...] -> [n, B, c, ...]
+        return jnp.moveaxis(x.reshape(B, n, chunk, *x.shape[2:]), 1, 0)
+
+    def merge(x):  # [n, B, c, ...] -> [B, T, ...]
+        return jnp.moveaxis(x, 0, 1).reshape(B, n * chunk, *x.shape[3:])[:, :T]
+
+    @jax.checkpoint
+    def step(cand, xs):
+        h, t = xs
+        return cand, token_log_probs(logits_fn(h), t, cand)
+
+    _, out = jax.lax.scan(step, candidates, (split(hidden), split(targets)))
+    return jax.tree.map(merge, out)
 
 
 def chunked_cross_entropy(

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from lm_jax.errors import MeshError
+from lm_jax.errors import MeshError  # defined there, re-exported here
 
 MESH_AXES = ("data", "fsdp", "tensor", "expert")
 
@@ -47,7 +47,7 @@ def parse_mesh_spec(spec: str) -> dict[str, int]:
         if not sep or name not in MESH_AXES or not size.lstrip("-").isdigit():
             raise MeshError(
                 f"malformed mesh entry {part!r} in {spec!r}: use 'axis:size' with axis in "
-                f"{MESH_AXES}, e.g. --mesh=data:2,fsdp:2,tensor:2"
+                f"{MESH_AXES}, e.g. --train.mesh=data:2,fsdp:2,tensor:2"
             )
         if int(size) <= 0 and int(size) != -1:
             raise MeshError(f"mesh axis {name!r} size must be > 0 (or -1 = the rest), got {size}")
@@ -78,7 +78,7 @@ def make_mesh(spec: str | dict[str, int] = "", devices: Sequence | None = None) 
     if total != len(devices):
         raise MeshError(
             f"mesh {sizes} needs {total} devices but {len(devices)} are visible; make the axis "
-            f"sizes multiply to {len(devices)} (or use -1 for one axis), e.g. --mesh=data:-1"
+            f"sizes multiply to {len(devices)} (or use -1 for one axis), e.g. --train.mesh=data:-1"
         )
     shape = tuple(sizes.get(a, 1) for a in MESH_AXES)
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from lm_jax.configs import gpt2_style, llama_style
+from lm_jax.configs import MoEConfig, gpt2_style, llama_style
 from lm_jax.generate import (
     continuation_logprobs,
     generate,
@@ -308,6 +308,55 @@ def test_sharded_forward_and_generate_equal_single_device():
         np.testing.assert_array_equal(out.lengths, ref.lengths)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
         np.testing.assert_allclose(out.sample_logprobs, ref.sample_logprobs, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- prefix embeds
+
+PREFIX_CONFIGS = {
+    "gpt2": CONFIGS["gpt2"],  # learned positions cover the prefix too
+    "llama_gqa": CONFIGS["llama_gqa"],
+    "moe_every_2": llama_style(
+        vocab_size=97,
+        d_model=32,
+        num_heads=4,
+        num_kv_heads=2,
+        num_layers=2,
+        max_len=64,
+        mlp_dim=48,
+        moe=MoEConfig(num_experts=4, top_k=2, every=2),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PREFIX_CONFIGS))
+def test_prefix_embeds_greedy_equals_full_forward_argmax(name):
+    """generate(prefix_embeds=) on a ragged batch = argmax of no-cache full forwards of
+    [prefix; prompt; generated so far]; log-probs too."""
+    cfg = PREFIX_CONFIGS[name]
+    params = _params(cfg)
+    P, n, width = 5, 7, 24
+    prefix = jax.random.normal(jax.random.key(3), (len(PROMPTS), P, cfg.d_model))
+    out = generate(cfg, params, PROMPTS, jax.random.key(0), n, 0.0, prefix_embeds=prefix)
+    fwd = jax.jit(lambda p, t: Transformer(cfg).apply({"params": p}, t, prefix_embeds=prefix))
+    seqs = [list(q) for q in PROMPTS]
+    for j in range(n):
+        arr = np.zeros((len(seqs), width), np.int32)
+        for b, q in enumerate(seqs):
+            arr[b, : len(q)] = q
+        logits = np.asarray(fwd(params, jnp.asarray(arr)))
+        for b, q in enumerate(seqs):
+            last = logits[b, P + len(q) - 1]
+            q.append(int(np.argmax(last)))
+            assert int(out.tokens[b, j]) == q[-1], (b, j)
+            lp = float(jax.nn.log_softmax(jnp.asarray(last))[q[-1]])
+            np.testing.assert_allclose(float(out.logprobs[b, j]), lp, atol=1e-5)
+    # the prefix matters, and bad shapes / lengths are clear errors
+    other = generate(cfg, params, PROMPTS, jax.random.key(0), n, 0.0, prefix_embeds=prefix * 0)
+    assert float(jnp.max(jnp.abs(out.logprobs - other.logprobs))) > 1e-4
+    with pytest.raises(ValueError, match=r"prefix_embeds must be \[B=4, P, d_model=32\]"):
+        generate(cfg, params, PROMPTS, jax.random.key(0), n, prefix_embeds=prefix[:2])
+    with pytest.raises(ValueError, match=r"5 prefix embeddings \+ prompt \(12 tokens\)"):
+        generate(cfg, params, PROMPTS, jax.random.key(0), 60, prefix_embeds=prefix)
 
 
 # ----------------------------------------------------------------------------- bad input

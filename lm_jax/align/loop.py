@@ -3,6 +3,7 @@ with any tuner, logging alignment metrics and diversity (Distinct-n, Self-BLEU).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ from lm_jax.align.samplers import Samples, shard_batch
 from lm_jax.align.tuners import TunerConfig, init_state, jit_align_step
 from lm_jax.convert.sources import load_any
 from lm_jax.eval.generation_metrics import distinct_n, self_bleu
+from lm_jax.train.engine import Task
 
 
 def scorer(policy: LMPolicy, constraints: Sequence[Constraint]):
@@ -98,6 +100,124 @@ def decode_samples(tokenizer, s: Samples) -> list[str]:
     ]
 
 
+class AlignTask(Task):
+    """Sample -> score (log a, phi) -> update, as a task of the one loop (`engine.run`).
+
+    Update `i` samples with `fold_in(k_train, i)` and evaluation after `i` updates with
+    `fold_in(k_eval, i)`, so a resumed run draws the same samples; the adapted lambda of
+    `moment_feedback` is host state saved with every checkpoint.
+    """
+
+    metric_prefix = ""
+    metrics_every_step = True
+
+    def __init__(self, policy, trainable, frozen, constraints, tcfg, tx, *, batch_size, key,
+                 target, mesh, tokenizer, eval_every, eval_samples, reference,
+                 moment_feedback, log):  # fmt: skip
+        self.policy, self.trainable, self.frozen = policy, trainable, frozen
+        self.constraints, self.tcfg, self.tx, self.mesh = constraints, tcfg, tx, mesh
+        self.batch_size, self.tokenizer, self.log = batch_size, tokenizer, log
+        self.eval_every, self.eval_samples = eval_every, eval_samples
+        self.reference, self.moment_feedback = reference, moment_feedback
+        self.eval_at_start = eval_every > 0
+        self.score = scorer(policy, constraints)
+        _, self.k_train, self.k_eval = jax.random.split(key, 3)
+        self.ebm, self.info = target
+        self.ebm_fit = self.ebm  # the I-projection p: evaluations measure KL(p||pi) against it
+        log(f"target: {self.info}")
+        check_moment_feedback(moment_feedback, constraints, tcfg)
+        if moment_feedback and reference is None:
+            raise ValueError("moment_feedback needs `reference` base samples to re-estimate log Z.")
+        self.step_fn = jit_align_step(tcfg, tx, policy.logprob_fn, mesh)
+        self.ref_logprob = jax.jit(policy.logprob_fn)
+        self.t0 = time.perf_counter()
+
+    def init_state(self):
+        return init_state(self.trainable, self.tx, self.tcfg, log_z=self.info["log_z"],
+                          z_count=self.info["samples"])  # fmt: skip
+
+    def meta(self) -> dict:
+        return {
+            "align": {
+                "method": self.tcfg.method,
+                "tuner": dataclasses.asdict(self.tcfg),
+                "batch_size": self.batch_size,
+                "moment_feedback": self.moment_feedback,
+                "constraints": [repr(c) for c in self.constraints],
+            }
+        }
+
+    def host_state(self) -> dict:
+        return {"lambda": [float(x) for x in np.asarray(self.ebm.lam)]}
+
+    def set_host_state(self, state: dict) -> None:
+        if "lambda" in state:
+            self.ebm = self.ebm.replace_lam(np.asarray(state["lambda"], np.float32))
+
+    def train_step(self, state, step: int):
+        policy, frozen = self.policy, self.frozen
+        src = state.proposal if self.tcfg.off_policy else state.params
+        s = policy.sample(src, frozen, jax.random.fold_in(self.k_train, step), self.batch_size)
+        log_a, phi = self.score(frozen, s.tokens, s.mask)
+        batch = {"tokens": s.tokens, "mask": s.mask, "log_q": s.log_q, "log_a": log_a, "phi": phi}
+        state, m = self.step_fn(state, shard_batch(batch, self.mesh), frozen, self.ebm)
+        m = {k: np.asarray(v).tolist() for k, v in jax.device_get(m).items()}
+        if not m["z_valid"]:  # Z^ = 0 on this batch: KL^/TVD^ are not estimable (inf)
+            for k in ("kl_p_pi", "tvd_p_pi", "log_z", "kl_p_q"):
+                m.pop(k, None)
+        if self.moment_feedback:
+            ref = self.reference
+            self.ebm = dual_ascent(self.ebm, self.constraints, m["phi_pi"], self.moment_feedback)
+            log_z = log_z_on_base(self.ebm, ref["phi"], ref["log_a"])
+            z = est.ZState.create(log_z, len(ref["log_a"]))
+            state = state.replace(z=z.replace(skipped=state.z.skipped))
+            m["lambda"] = np.asarray(self.ebm.lam).tolist()
+            m["log_z_target"] = log_z
+        m["wall_s"] = time.perf_counter() - self.t0  # since the loop began (compiles included)
+        return state, m
+
+    def evaluate(self, state, step: int) -> dict:
+        if not self.eval_every:
+            return {}
+        policy, frozen, bs, ref = self.policy, self.frozen, self.batch_size, self.reference
+        s = sample_many(
+            lambda k, b: policy.sample(state.params, frozen, k, b),
+            jax.random.fold_in(self.k_eval, step),
+            self.eval_samples,
+            bs,
+        )
+        log_a, phi = self.score(frozen, s.tokens, s.mask)
+        row = {
+            "eval/kl_pi_a": float(est.kl_pi_a(s.log_q, log_a)),
+            "eval/phi_pi": np.asarray(phi.mean(0)).tolist(),
+        }
+        if ref is not None:
+            n = len(ref["log_a"])
+            log_pi = np.concatenate([
+                np.asarray(self.ref_logprob(state.params, frozen, ref["tokens"][j : j + bs],
+                                            ref["mask"][j : j + bs]))
+                for j in range(0, n, bs)
+            ])  # fmt: skip
+            row.update(reference_metrics(self.ebm_fit, ref, log_pi))
+        if self.tokenizer is not None:
+            texts = decode_samples(self.tokenizer, s)
+            row.update({f"eval/{k}": v for k, v in diversity(texts).items()})
+        return row
+
+    def step_record(self, step: int, metrics: dict, state) -> dict:
+        from lm_jax.train.loop import params_hash
+
+        return {
+            "step": step,
+            "loss_hex": float(metrics["loss"]).hex(),
+            "params_hash": params_hash(state.params),
+        }
+
+
+_LOG_KEYS = ("kl_pi_a", "phi_pi", "kl_p_pi", "eval/kl_pi_a", "eval/phi_pi", "eval/kl_p_pi",
+             "eval/distinct_2", "lambda", "wall_s")  # fmt: skip
+
+
 def train(
     policy: LMPolicy,
     trainable,
@@ -112,124 +232,80 @@ def train(
     target: tuple[EBM, dict] | None = None,
     moment_samples: int = 1024,
     mesh=None,
-    writer=None,
+    workdir: str | None = None,
+    save_every: int = 0,
     tokenizer=None,
     eval_every: int = 0,
     eval_samples: int = 256,
     reference: dict | None = None,
     moment_feedback: float = 0.0,
+    log_step_details: bool = False,
     log: Callable[[str], None] = print,
 ):
-    """Align `trainable` towards the EBM of `constraints`; returns (state, history rows).
+    """Align `trainable` towards the EBM of `constraints` on the one loop; returns (state,
+    history rows). Row i holds the evaluation after i updates and the metrics of update i + 1.
+
+    `workdir`: metrics, and checkpoints every `save_every` steps (and at the end) from which
+    the same call resumes exactly; None = a temporary folder and no checkpoints.
     `reference` (base samples from `estimate_target(..., return_samples=True)`) adds KL(p||pi)
     and TVD(p, pi) estimated on them to every evaluation (always against the fitted target p).
     `moment_feedback` > 0 adapts lambda after every step on the policy's batch moment
     (`moments.dual_ascent`) and re-estimates log Z on the reference samples (needs `reference`)."""
-    score = scorer(policy, constraints)
-    k_target, k_train, k_eval = jax.random.split(key, 3)
+    import tempfile
+
+    from lm_jax.configs.train import TrainConfig
+    from lm_jax.train import engine
+
     if target is None:
-        target = estimate_target(
-            policy, frozen, constraints, k_target, moment_samples, batch_size, score
-        )
-    ebm, info = target
-    ebm_fit = ebm  # the I-projection p: evaluations measure KL(p||pi) against it
-    log(f"target: {info}")
-    check_moment_feedback(moment_feedback, constraints, tcfg)
-    if moment_feedback and reference is None:
-        raise ValueError("moment_feedback needs `reference` base samples to re-estimate log Z.")
-    state = init_state(trainable, tx, tcfg, log_z=info["log_z"], z_count=info["samples"])
-    step = jit_align_step(tcfg, tx, policy.logprob_fn, mesh)
-    history = []
-    ref_logprob = jax.jit(policy.logprob_fn)
+        k_target = jax.random.split(key, 3)[0]
+        target = estimate_target(policy, frozen, constraints, k_target, moment_samples,
+                                 batch_size, scorer(policy, constraints))  # fmt: skip
+    task = AlignTask(policy, trainable, frozen, constraints, tcfg, tx, batch_size=batch_size,
+                     key=key, target=target, mesh=mesh, tokenizer=tokenizer,
+                     eval_every=eval_every, eval_samples=eval_samples, reference=reference,
+                     moment_feedback=moment_feedback, log=log)  # fmt: skip
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lm_jax_align_")
+        workdir = tmp.name
+    loop_cfg = TrainConfig(
+        steps=steps,
+        workdir=workdir,
+        eval_every=eval_every,
+        save_every=save_every,
+        log_every=10,
+        progress_bar=False,
+        log_step_details=log_step_details,
+        async_checkpointing=False,
+    )
 
-    def evaluate(i):
-        s = sample_many(
-            lambda k, b: policy.sample(state.params, frozen, k, b),
-            jax.random.fold_in(k_eval, i),
-            eval_samples,
-            batch_size,
-        )
-        log_a, phi = score(frozen, s.tokens, s.mask)
-        row = {
-            "eval/kl_pi_a": float(est.kl_pi_a(s.log_q, log_a)),
-            "eval/phi_pi": np.asarray(phi.mean(0)).tolist(),
-        }
-        if reference is not None:
-            n = len(reference["log_a"])
-            log_pi = np.concatenate(
-                [
-                    np.asarray(
-                        ref_logprob(
-                            state.params,
-                            frozen,
-                            reference["tokens"][j : j + batch_size],
-                            reference["mask"][j : j + batch_size],
-                        )
-                    )
-                    for j in range(0, n, batch_size)
-                ]
-            )
-            row.update(reference_metrics(ebm_fit, reference, log_pi))
-        if tokenizer is not None:
-            row.update({f"eval/{k}": v for k, v in diversity(decode_samples(tokenizer, s)).items()})
-        return row
+    def loop_log(line: str) -> None:  # resume/save/SIGTERM lines; the rows below are the rest
+        if not line.startswith("step "):
+            log(line)
 
-    t0 = time.perf_counter()
-    for i in range(steps + 1):
-        row = {}
-        if eval_every and (i % eval_every == 0 or i == steps):
-            row.update(evaluate(i))
-        if i < steps:
-            src = state.proposal if tcfg.off_policy else state.params
-            s = policy.sample(src, frozen, jax.random.fold_in(k_train, i), batch_size)
-            log_a, phi = score(frozen, s.tokens, s.mask)
-            batch = {
-                "tokens": s.tokens,
-                "mask": s.mask,
-                "log_q": s.log_q,
-                "log_a": log_a,
-                "phi": phi,
-            }
-            state, m = step(state, shard_batch(batch, mesh), frozen, ebm)
-            m = {k: np.asarray(v).tolist() for k, v in jax.device_get(m).items()}
-            if not m["z_valid"]:  # Z^ = 0 on this batch: KL^/TVD^ are not estimable (inf)
-                for k in ("kl_p_pi", "tvd_p_pi", "log_z", "kl_p_q"):
-                    m.pop(k, None)
-            row.update(m)
-            if moment_feedback:
-                ebm = dual_ascent(ebm, constraints, m["phi_pi"], moment_feedback)
-                log_z = log_z_on_base(ebm, reference["phi"], reference["log_a"])
-                z = est.ZState.create(log_z, len(reference["log_a"]))
-                state = state.replace(z=z.replace(skipped=state.z.skipped))
-                row["lambda"] = np.asarray(ebm.lam).tolist()
-                row["log_z_target"] = log_z
-        row["wall_s"] = time.perf_counter() - t0  # since the loop began (compiles included)
-        if writer is not None:
-            writer.write(i, row)
-        history.append({"step": i, **row})
-        if i % 10 == 0 or i == steps:
-            log(
-                " | ".join(
-                    [f"step {i}"]
-                    + [
-                        f"{k} {np.round(v, 4)}"
-                        for k, v in row.items()
-                        if k
-                        in (
-                            "kl_pi_a",
-                            "phi_pi",
-                            "kl_p_pi",
-                            "eval/kl_pi_a",
-                            "eval/phi_pi",
-                            "eval/kl_p_pi",
-                            "eval/distinct_2",
-                            "lambda",
-                            "wall_s",
-                        )
-                    ]
-                )
-            )
-    return state, history
+    try:
+        res = engine.run(task, loop_cfg, loop_log, save=tmp is None)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    history = rows_by_update(res.history, steps)
+    for h in history:
+        if h["step"] % 10 == 0 or h["step"] == steps:
+            parts = [f"{k} {np.round(v, 4)}" for k, v in h.items() if k in _LOG_KEYS]
+            log(" | ".join([f"step {h['step']}", *parts]))
+    return res.state, history
+
+
+def rows_by_update(rows: list[dict], steps: int) -> list[dict]:
+    """Loop rows (metrics of update s and the evaluation after it, at step s) -> the
+    alignment convention: row i = evaluation after i updates + metrics of update i + 1."""
+    evals = {r["step"]: {k: v for k, v in r.items() if k.startswith("eval/")} for r in rows}
+    trains = {
+        r["step"]: {k: v for k, v in r.items() if k != "step" and not k.startswith("eval/")}
+        for r in rows
+    }
+    out = [{"step": i, **evals.get(i, {}), **trains.get(i + 1, {})} for i in range(steps + 1)]
+    return [r for r in out if len(r) > 1]
 
 
 def load_base(path: str):

@@ -191,12 +191,12 @@ def check_moment_feedback(rate: float, constraints: Sequence[Constraint], tuner)
     if all(c.pointwise for c in constraints):
         raise MomentError(
             "moment_feedback adapts the lambda of moment targets, but every constraint is "
-            "pointwise: add a target such as word:she=0.5, or drop --moment_feedback."
+            "pointwise: add a target such as word:she=0.5, or drop --align.moment_feedback."
         )
     if not tuner.uses_z:
         raise MomentError(
             f"moment_feedback moves the EBM's lambda, which {tuner.method} ignores: use dpg, "
-            "kl_dpg or an fdpg_* method, or drop --moment_feedback."
+            "kl_dpg or an fdpg_* method, or drop --align.moment_feedback."
         )
 
 

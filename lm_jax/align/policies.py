@@ -21,14 +21,16 @@ from lm_jax.align.samplers import SamplerConfig, Samples
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.generate import generate
 from lm_jax.nn.transformer import Transformer
+from lm_jax.scoring import score
 
 
-def sequence_logprob(cfg: ModelConfig, params, tokens: jax.Array, mask: jax.Array) -> jax.Array:
-    """Pure, jittable log p(masked tokens | everything before): [B, T], [B, T] -> [B]."""
-    logits = Transformer(cfg).apply({"params": params}, tokens[:, :-1])  # [B, T-1, V]
-    lp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    tok = jnp.take_along_axis(lp, tokens[:, 1:, None], axis=-1)[..., 0]  # [B, T-1]
-    return jnp.sum(jnp.where(mask[:, 1:] > 0, tok, 0.0), axis=1)
+def sequence_logprob(
+    cfg: ModelConfig, params, tokens: jax.Array, mask: jax.Array, chunk: int = 0
+) -> jax.Array:
+    """Pure, jittable, differentiable log p(masked tokens | everything before): [B, T], [B, T]
+    -> [B] (`lm_jax.scoring.score`; `chunk` > 0: the head `chunk` positions at a time)."""
+    batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "loss_mask": mask[:, 1:]}
+    return score(cfg, params, batch, chunk=chunk).sums
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,6 +40,7 @@ class LMPolicy:
     config: ModelConfig
     base_config: ModelConfig
     sampler: SamplerConfig
+    logits_chunk: int = 0  # > 0: log-probs with the head applied this many positions at a time
 
     @property
     def uses_lora(self) -> bool:
@@ -48,11 +51,12 @@ class LMPolicy:
 
     def logprob_fn(self, trainable, frozen, tokens, mask):
         """log pi(x) (the tuners' `logprob_fn`)."""
-        return sequence_logprob(self.config, self.full_params(trainable, frozen), tokens, mask)
+        params = self.full_params(trainable, frozen)
+        return sequence_logprob(self.config, params, tokens, mask, self.logits_chunk)
 
     def base_logprob(self, frozen, tokens, mask):
         """log a(x): the backbone with adapters off (or the frozen base copy)."""
-        return sequence_logprob(self.base_config, frozen, tokens, mask)
+        return sequence_logprob(self.base_config, frozen, tokens, mask, self.logits_chunk)
 
     def sample(self, trainable, frozen, key, batch_size: int) -> Samples:
         """Ancestral samples of pi (or of a proposal snapshot) laid out as [prompt | new]."""
@@ -89,13 +93,18 @@ def make_lm_policy(
     sampler: SamplerConfig,
     lora: lora_lib.LoraConfig | None = None,
     seed: int = 0,
+    logits_chunk: int = 0,
 ) -> tuple[LMPolicy, Any, Any]:
     """(policy, trainable, frozen). With `lora`: trainable = fresh adapters (B = 0, so pi = a at
-    start), frozen = the backbone. Without: trainable = a copy of params, frozen = params."""
+    start), frozen = the backbone. Without: trainable = a copy of params, frozen = params.
+    `logits_chunk` > 0: log-probs never build [B, T, V] logits (`sequence_logprob`)."""
+    if logits_chunk < 0:
+        raise ConfigError(f"logits_chunk must be >= 0 (0 = off), got {logits_chunk}.")
     params = nn.unbox(params)
     base_cfg = cfg.replace(lora=None)
     if lora is None:
-        return LMPolicy(base_cfg, base_cfg, sampler), jax.tree.map(jnp.copy, params), params
+        policy = LMPolicy(base_cfg, base_cfg, sampler, logits_chunk)
+        return policy, jax.tree.map(jnp.copy, params), params
     frozen, extra = lora_lib.split_lora(params)
     if extra:
         raise ConfigError(
@@ -106,4 +115,4 @@ def make_lm_policy(
     tokens = jnp.zeros((1, 2), jnp.int32)
     init = nn.unbox(Transformer(pcfg).init(jax.random.key(seed), tokens)["params"])
     _, adapters = lora_lib.split_lora(init)
-    return LMPolicy(pcfg, base_cfg, sampler), adapters, frozen
+    return LMPolicy(pcfg, base_cfg, sampler, logits_chunk), adapters, frozen

@@ -14,8 +14,9 @@ from lm_jax.data.pipeline import (
     make_train_dataset,
     tokenize_documents,
 )
-from lm_jax.data.sources import DataSourceError, load_texts
+from lm_jax.data.sources import DataSourceError
 from lm_jax.data.sp_tokenizer import SentencePieceTokenizer
+from lm_jax.data.streaming import load_texts
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 __all__ = [

@@ -13,8 +13,9 @@ from lm_jax.data.sources import DataSourceError, parse_source
 class DataConfig:
     """Data for pretraining; every field is a `--data.<field>` flag."""
 
-    # shakespeare | tinyshakespeare:<path> | file:<glob> | paragraphs:<glob> | tfds:<name>[:key]
-    # | tfds_dir:<path>[:key]  (see lm_jax/data/sources.py)
+    # in memory: shakespeare | tinyshakespeare:<path> | file:<glob> | paragraphs:<glob>
+    # streamed: stream:<glob> | stream_lines:<glob> | array_record:<glob> | tfds:<name>[:key]
+    # | tfds_dir:<path>[:key]; mixtures: mix:0.7*stream:/a.txt,0.3*tfds:lm1b (see sources.py)
     source: str = "shakespeare"
     # char | byte | sentencepiece:<bpe|unigram>:<vocab> | dir:<saved tokenizer folder>
     # (char-level: the embedded corpus has ~80 distinct characters, as nanoGPT's shakespeare_char)
@@ -26,6 +27,7 @@ class DataConfig:
     num_workers: int = 0  # 0: rows made in this process; >0: grain worker processes, same batches
     val_fraction: float | None = None  # validation share of each document; None: source default
     epoch_offsets: bool = True  # from the 2nd epoch on, shift the row cut points by a seeded offset
+    block_bytes: int = 1 << 20  # streamed text files: bytes per block (the unit shuffled/sharded)
 
     def __post_init__(self):
         try:
@@ -48,6 +50,11 @@ class DataConfig:
             raise ConfigError(
                 f"data.val_fraction must be in (0, 1) or unset, got {self.val_fraction}; "
                 "e.g. --data.val_fraction=0.05"
+            )
+        if self.block_bytes < 256:
+            raise ConfigError(
+                f"data.block_bytes must be >= 256, got {self.block_bytes}; "
+                "e.g. --data.block_bytes=1048576"
             )
         if not 0 <= self.seed < 2**32:
             raise ConfigError(f"data.seed must be in [0, 2**32), got {self.seed}")

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 
 from lm_jax.data.byte_tokenizer import ByteTokenizer
 from lm_jax.data.char_tokenizer import CharTokenizer
-from lm_jax.data.sources import load_texts
 from lm_jax.data.sp_tokenizer import SentencePieceTokenizer
+from lm_jax.data.streaming import is_lazy, iter_documents, load_texts
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
 
 SPEC_HELP = "byte, char, sentencepiece:<bpe|unigram>:<vocab size> or dir:<saved tokenizer folder>"
@@ -60,5 +60,10 @@ def build_tokenizer_for(cfg) -> Tokenizer:
     if kind in ("byte", "dir"):
         return build_tokenizer(cfg.tokenizer)
     splits = ("train", "validation") if kind == "char" else ("train",)
-    texts = (t for s in splits for _, t in load_texts(cfg.source, s, val_fraction=cfg.val_fraction))
+    if is_lazy(cfg.source):  # streamed (one unit at a time): reads the whole split once
+        texts = (t for s in splits for _, t in iter_documents(cfg, s))
+    else:
+        texts = (
+            t for s in splits for _, t in load_texts(cfg.source, s, val_fraction=cfg.val_fraction)
+        )
     return build_tokenizer(cfg.tokenizer, texts)

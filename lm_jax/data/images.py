@@ -22,6 +22,8 @@ import os
 
 import numpy as np
 
+from lm_jax.errors import UserError
+
 FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_CLASSES = (
     "t-shirt", "trouser", "pullover", "dress", "coat",
@@ -31,7 +33,7 @@ DIGIT_CLASSES = ("zero", "one", "two", "three", "four", "five", "six", "seven", 
 SPLITS = ("train", "test")
 
 
-class ImageSourceError(ValueError):
+class ImageSourceError(UserError, ValueError):
     """An image source is unknown, missing or malformed."""
 
 

@@ -42,7 +42,8 @@ import numpy as np
 
 from lm_jax.configs.base import ConfigError
 from lm_jax.data.config import DataConfig
-from lm_jax.data.sources import DataSourceError, load_texts
+from lm_jax.data.sources import DataSourceError
+from lm_jax.data.streaming import StreamIterator, is_lazy, load_texts, make_stream_dataset
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError
 
 STATE_VERSION = 1
@@ -359,9 +360,22 @@ def make_text_dataset(
     process_index: int = 0,
     process_count: int = 1,
     repeat: bool | None = None,
-) -> TextIterator:
+) -> TextIterator | StreamIterator:
     """Local batches of `split`: training style (shuffled, endless) when `repeat` (the default
-    for 'train'), else one evaluation pass (the default for 'validation')."""
+    for 'train'), else one evaluation pass (the default for 'validation').
+
+    Lazy sources (stream:, stream_lines:, array_record:, tfds:, tfds_dir:, mix:) are packed from
+    a stream of documents (lm_jax/data/streaming.py: same batch dict and packing, resumable
+    state; nothing holds the split in memory); the others from the in-memory token stream."""
     repeat = split == "train" if repeat is None else repeat
+    if is_lazy(cfg.source):
+        return make_stream_dataset(
+            cfg,
+            tokenizer,
+            split,
+            process_index=process_index,
+            process_count=process_count,
+            repeat=repeat,
+        )
     make = make_train_dataset if repeat else make_eval_dataset
     return make(cfg, tokenizer, split, process_index=process_index, process_count=process_count)

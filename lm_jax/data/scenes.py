@@ -33,6 +33,7 @@ from lm_jax.data.images import (
     resolve_source,
 )
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError, register
+from lm_jax.errors import UserError
 
 POSITIONS = (
     "top left", "top middle", "top right",
@@ -57,7 +58,7 @@ TRAIN_PHRASINGS = tuple(i for i in range(len(PHRASINGS)) if i != HELDOUT_PHRASIN
 PROMPT_TEMPLATES = ("a photo of a {cls}", "a {cls}", "an image of a {cls}", "a picture of a {cls}")
 
 
-class SceneError(ValueError):
+class SceneError(UserError, ValueError):
     """Bad scene settings or captions that do not fit."""
 
 

@@ -18,18 +18,31 @@ Source strings (`DataConfig.source`):
 - "tfds_dir:<path>[:text_key]": a prepared tfds builder directory (e.g. from
   `lm_jax.data.tfds_text.build_text_dataset`), read with `tfds.builder_from_directory`.
 
-Every source returns the whole split in memory (fine for the corpora used here; lm1b-sized
-tfds sets need a streaming source, not provided).
+The sources above (except tfds) are read whole into memory by `load_memory_texts` (fine for
+small corpora; `lm_jax.data.load_texts`, in lm_jax/data/streaming.py, is the entry point for
+every kind). Lazy sources, streamed unit by unit by the pipeline (see lm_jax/data/streaming.py),
+never hold a split in memory:
+- "stream:<path or glob>": large text files read by byte ranges; documents are blank-line
+  separated paragraphs; the last `val_fraction` (5%) of each file's bytes is validation.
+- "stream_lines:<path or glob>": as "stream:", one document per non-empty line.
+- "array_record:<path or glob>": array_record files whose records are UTF-8 documents; the last
+  5% of the records is validation.
+- "tfds:..." and "tfds_dir:..." above are streamed too (record by record through tfds's
+  array_record data source); `load_memory_texts` still reads them whole for small sets
+  (`lm_jax.data.load_texts` also reads stream:, stream_lines: and array_record: whole).
+- "mix:<w>*<source>,<w>*<source>,...": a weighted mixture, e.g.
+  "mix:0.7*stream:/data/web.txt,0.3*tfds_dir:/data/books" (weights > 0, normalised; no nesting).
 """
 
 from __future__ import annotations
 
 import glob
 import importlib.util
+import math
 import os
 import re
 
-from lm_jax.errors import DataSourceError
+from lm_jax.errors import DataSourceError  # defined there, re-exported here
 
 SPLITS = ("train", "validation")
 DEFAULT_VAL_FRACTION = {
@@ -38,7 +51,20 @@ DEFAULT_VAL_FRACTION = {
     "file": 0.05,
     "paragraphs": 0.05,
 }
-KINDS = ("shakespeare", "tinyshakespeare", "file", "paragraphs", "tfds", "tfds_dir")
+KINDS = (
+    "shakespeare",
+    "tinyshakespeare",
+    "file",
+    "paragraphs",
+    "tfds",
+    "tfds_dir",
+    "stream",
+    "stream_lines",
+    "array_record",
+    "mix",
+)
+
+_MIX_SPLIT = re.compile(r",(?=\s*[^,*]*\*)")
 
 
 def parse_source(source: str) -> tuple[str, str]:
@@ -47,12 +73,44 @@ def parse_source(source: str) -> tuple[str, str]:
     if kind not in KINDS:
         raise DataSourceError(
             f"unknown data source {source!r}: use shakespeare, tinyshakespeare:<path>, "
-            "file:<path or glob>, paragraphs:<path or glob>, tfds:<name>[:text_key] or "
-            "tfds_dir:<path>[:text_key]"
+            "file:<path or glob>, paragraphs:<path or glob>, tfds:<name>[:text_key], "
+            "tfds_dir:<path>[:text_key], stream:<glob>, stream_lines:<glob>, "
+            "array_record:<glob> or mix:<w>*<source>,<w>*<source>"
         )
     if kind != "shakespeare" and not arg:
         raise DataSourceError(f"data source {source!r} needs an argument: {kind}:<...>")
+    if kind == "mix":
+        parse_mixture(arg)
     return kind, arg
+
+
+def parse_mixture(arg: str) -> list[tuple[float, str]]:
+    """'0.7*stream:/a.txt,0.3*tfds:lm1b' -> [(0.7, 'stream:/a.txt'), (0.3, 'tfds:lm1b')]."""
+    fix = "write mix:<w>*<source>,<w>*<source>, e.g. mix:0.7*stream:/a.txt,0.3*shakespeare"
+    parts = [p.strip() for p in _MIX_SPLIT.split(arg) if p.strip()]
+    if not parts:
+        raise DataSourceError(f"empty mixture {arg!r}: {fix}")
+    out = []
+    for p in parts:
+        w, star, src = p.partition("*")
+        if not star or not src.strip():
+            raise DataSourceError(f"mixture part {p!r} has no '<weight>*': {fix}")
+        try:
+            weight = float(w)
+        except ValueError:
+            raise DataSourceError(
+                f"mixture weight {w!r} (in {p!r}) is not a number: {fix}"
+            ) from None
+        if not (math.isfinite(weight) and weight > 0):
+            raise DataSourceError(
+                f"mixture weight {w!r} (in {p!r}) must be a positive number, e.g. 0.3*{src}"
+            )
+        src = src.strip()
+        if src.startswith("mix:"):
+            raise DataSourceError(f"mixtures do not nest ({p!r}): list every source in one mix:")
+        parse_source(src)
+        out.append((weight, src))
+    return out
 
 
 def shakespeare_files() -> list[str]:
@@ -103,14 +161,19 @@ def _files(kind: str, arg: str) -> list[str]:
     files = [pattern] if kind == "tinyshakespeare" else sorted(glob.glob(pattern))
     files = [f for f in files if os.path.isfile(f)]
     if not files:
-        raise DataSourceError(f"data source {kind}:{arg}: no such file(s) {pattern!r}")
+        raise DataSourceError(
+            f"data source {kind}:{arg}: no such file(s) {pattern!r}; fix the path "
+            "(--data.source=file:<glob> | tinyshakespeare:<path> | ...)"
+        )
     return files
 
 
-def load_texts(
+def load_memory_texts(
     source: str, split: str, *, val_fraction: float | None = None
 ) -> list[tuple[int, str]]:
-    """Documents of `split` ('train' or 'validation') as a list of (example_id, text).
+    """Documents of `split` ('train' or 'validation') of an in-memory or tfds source as a list of
+    (example_id, text); `lm_jax.data.load_texts` (lm_jax.data.streaming) also reads streamed
+    sources whole.
 
     `val_fraction` overrides the source's validation share (file-based sources only).
     """
@@ -119,6 +182,15 @@ def load_texts(
     kind, arg = parse_source(source)
     if kind in ("tfds", "tfds_dir"):
         return _tfds_texts(kind, arg, split)
+    if kind == "mix":
+        raise DataSourceError(
+            f"data source {source!r} is a mixture: load its sources one by one, or stream it "
+            "with make_text_dataset"
+        )
+    if kind in ("stream", "stream_lines", "array_record"):
+        raise DataSourceError(
+            f"data source {source!r} is streamed: read it with lm_jax.data.load_texts"
+        )
     frac = DEFAULT_VAL_FRACTION[kind] if val_fraction is None else val_fraction
     if not 0.0 < frac < 1.0:
         raise DataSourceError(f"val_fraction must be in (0, 1), got {frac}")
@@ -131,7 +203,7 @@ def load_texts(
         elif part.strip():
             docs.append((i, part))
     if kind == "paragraphs" and split == "validation":  # ids after all training paragraphs
-        n_train = len(load_texts(source, "train", val_fraction=val_fraction))
+        n_train = len(load_memory_texts(source, "train", val_fraction=val_fraction))
         docs = [(n_train + i, t) for i, t in docs]
     if not docs:
         raise DataSourceError(
@@ -151,7 +223,8 @@ def _text_of(example, key: str, where: str) -> str:
     return t.decode("utf-8") if isinstance(t, bytes) else str(t)
 
 
-def _tfds_texts(kind: str, arg: str, split: str) -> list[tuple[int, str]]:
+def _tfds_source(kind: str, arg: str, split: str):
+    """(tfds random-access data source, text key, description) of a tfds/tfds_dir split."""
     import tensorflow_datasets as tfds
 
     location, _, key = arg.partition(":")
@@ -179,7 +252,11 @@ def _tfds_texts(kind: str, arg: str, split: str) -> list[tuple[int, str]]:
             f"({type(e).__name__}: {str(e).strip().splitlines()[0][:300]}); "
             "tfds:<name> needs the internet to download once; offline, use tfds_dir:<path>"
         ) from e
-    where = f"tfds dataset {location!r}"
+    return src, key, f"tfds dataset {location!r}"
+
+
+def _tfds_texts(kind: str, arg: str, split: str) -> list[tuple[int, str]]:
+    src, key, where = _tfds_source(kind, arg, split)
     docs, has_ids = [], True
     for i in range(len(src)):
         ex = src[i]

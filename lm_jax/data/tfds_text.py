@@ -5,7 +5,7 @@
     tfds.data_source("my_corpus", data_dir="/tmp/tfds", split="train")  # or tfds directly
 
 Features: {"id": int64 (example id), "text": Text}. Without TensorFlow, "text" reads back as
-UTF-8 bytes: decode it (`sources.load_texts` does).
+UTF-8 bytes: decode it (`sources.load_memory_texts` does).
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ import os
 
 import numpy as np
 
-from lm_jax.errors import TokenizerError
+from lm_jax.errors import TokenizerError  # defined there, re-exported here
 
 MANIFEST = "lm_jax_tokenizer.json"
 

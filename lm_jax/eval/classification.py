@@ -14,8 +14,9 @@ import numpy as np
 import optax
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.eval.perplexity import EvalError, Scorer, batch_rows
+from lm_jax.eval.perplexity import batch_rows
 from lm_jax.nn.transformer import Transformer
+from lm_jax.scoring import EvalError, Scorer
 from lm_jax.utils import round_up as _round_up
 
 LENGTH_BUCKET = 16  # padded sequence lengths are multiples of this (fewer recompiles)
@@ -92,10 +93,10 @@ def option_loglikelihoods(
             if n_cont >= len(seq):
                 raise EvalError(f"option {o!r} is longer than the model's max_len")
             pieces.append((np.asarray(seq, np.int32), n_cont))
-    if single_token_fast_path and all(len(opt_cache[o]) == 1 for o in opt_cache):
-        return _single_token_options(cfg, params, pieces, K, batch_size)
-    order = np.argsort([len(s) for s, _ in pieces], kind="stable")  # similar lengths together
     scorer = scorer or Scorer(cfg, params, mesh)
+    if single_token_fast_path and all(len(opt_cache[o]) == 1 for o in opt_cache):
+        return _single_token_options(scorer, cfg, pieces, K, batch_size)
+    order = np.argsort([len(s) for s, _ in pieces], kind="stable")  # similar lengths together
     ll = np.zeros(len(pieces))
     cnt = np.zeros(len(pieces))
     for start in range(0, len(order), batch_size):
@@ -120,37 +121,31 @@ def option_loglikelihoods(
     return ll.reshape(len(prompts), K), cnt.reshape(len(prompts), K)
 
 
-@functools.lru_cache(maxsize=8)
-def _last_logprobs_fn(cfg: ModelConfig):
-    model = Transformer(cfg)
-
-    def run(params, tokens, lengths, option_ids):
-        logits = model.apply({"params": params}, tokens)  # [B, T, V]
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
-        logp = jax.nn.log_softmax(last.astype(jnp.float32), axis=-1)
-        return jnp.take_along_axis(logp, option_ids, axis=1)  # [B, K]
-
-    return jax.jit(run)
-
-
-def _single_token_options(cfg, params, pieces, K, batch_size):
-    """pieces are (prompt + option token, 1) for every (prompt, option), options innermost."""
+def _single_token_options(scorer, cfg, pieces, K, batch_size):
+    """pieces are (prompt + option token, 1) for every (prompt, option), options innermost: one
+    row per prompt, every option read from its last position (`Scores.candidates`)."""
     N = len(pieces) // K
     ctx = [pieces[i * K][0][:-1] for i in range(N)]
     opts = np.asarray([[pieces[i * K + k][0][-1] for k in range(K)] for i in range(N)], np.int32)
-    fn, params = _last_logprobs_fn(cfg), nn.unbox(params)
     out = np.zeros((N, K))
     order = np.argsort([len(c) for c in ctx], kind="stable")
     for start in range(0, N, batch_size):
         idx = order[start : start + batch_size]
         T = min(_round_up(max(len(ctx[i]) for i in idx), LENGTH_BUCKET), cfg.max_len)
-        tokens = np.zeros((batch_size, T), np.int32)
-        lengths = np.ones((batch_size,), np.int32)
-        option_ids = np.zeros((batch_size, K), np.int32)
+        rows, cand = [], np.zeros((batch_size, K), np.int32)
         for j, i in enumerate(idx):
-            tokens[j, : len(ctx[i])], lengths[j], option_ids[j] = ctx[i], len(ctx[i]), opts[i]
-        lp = fn(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(option_ids))
-        out[idx] = np.asarray(lp, np.float64)[: len(idx)]
+            n = len(ctx[i])
+            row = {
+                "inputs": np.zeros(T, np.int32),
+                "targets": np.zeros(T, np.int32),
+                "loss_mask": np.zeros(T, np.float32),
+            }
+            row["inputs"][:n] = ctx[i]
+            row["targets"][n - 1], row["loss_mask"][n - 1] = opts[i, 0], 1.0  # read at n - 1
+            rows.append(row)
+            cand[j] = opts[i]
+        (batch,) = batch_rows(rows, batch_size)
+        out[idx] = scorer.score(batch, cand).candidates[: len(idx)]
     return out, np.ones((N, K))
 
 

@@ -17,22 +17,21 @@ With `add_bos` (and a tokenizer BOS) t_0 is scored too, given BOS.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.nn.transformer import Transformer
-from lm_jax.sharding import batch_sharding, params_shardings, replicated
-
-
-class EvalError(ValueError):
-    """Bad evaluation input (empty data, mismatched lengths, unknown task): says what to fix."""
+from lm_jax.data import load_texts
+from lm_jax.scoring import (  # noqa: F401 - re-exported: the scorer lives in lm_jax.scoring
+    EvalError,
+    LogitsFn,
+    Scorer,
+    complete_batch,
+    data_parallel_size,
+    token_byte_lengths,
+)
 
 
 @dataclasses.dataclass
@@ -84,121 +83,6 @@ class PerplexityResult:
         }
 
 
-# --------------------------------------------------------------------------- scoring on device
-
-LogitsFn = Callable  # (params, inputs [B,T], positions [B,T], segment_ids [B,T]) -> logits [B,T,V]
-
-
-def transformer_logits_fn(cfg: ModelConfig) -> LogitsFn:
-    model = Transformer(cfg)
-
-    def fn(params, inputs, positions, segment_ids):
-        return model.apply({"params": params}, inputs, positions, segment_ids)
-
-    return fn
-
-
-def _row_sums(logits_fn, params, batch):
-    """Per-row summed NLL and counted tokens: [B], [B] float32."""
-    logits = logits_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
-    logits = logits.astype(jnp.float32)  # [B, T, V]
-    log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    tgt = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0]  # [B, T]
-    mask = batch["loss_mask"].astype(jnp.float32)
-    nll = jnp.where(mask > 0, log_z - tgt, 0.0)  # padding can hold any value (no NaN leaks)
-    return jnp.sum(nll * mask, axis=1), jnp.sum(mask, axis=1)
-
-
-@functools.lru_cache(maxsize=8)
-def _jitted(cfg: ModelConfig):
-    return jax.jit(functools.partial(_row_sums, transformer_logits_fn(cfg)))
-
-
-def data_parallel_size(mesh) -> int:
-    if mesh is None:
-        return 1
-    return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-
-
-class Scorer:
-    """Sums NLL per row of batches {inputs, targets, positions?, segment_ids?, loss_mask?}.
-
-    With `mesh`, parameters are placed by `lm_jax.sharding.params_shardings` and the batch is
-    split over the data axes (rows padded to a multiple of their size with masked rows).
-    `logits_fn` replaces the Transformer (any function of ids giving logits; params replicated).
-    """
-
-    def __init__(
-        self, cfg: ModelConfig | None, params, mesh=None, logits_fn: LogitsFn | None = None
-    ):
-        if logits_fn is None and cfg is None:
-            raise EvalError("Scorer needs a ModelConfig (or an explicit logits_fn)")
-        self.cfg, self.mesh = cfg, mesh
-        params = nn.unbox(params)
-        if logits_fn is None:
-            self.fn = _jitted(cfg)
-        else:
-            self.fn = jax.jit(functools.partial(_row_sums, logits_fn))
-        if mesh is not None:
-            if logits_fn is None:
-                from lm_jax.nn.transformer import abstract_params
-
-                shardings = params_shardings(abstract_params(cfg), mesh)
-            else:
-                shardings = jax.tree.map(lambda _: replicated(mesh), params)
-            params = jax.device_put(params, shardings)
-        self.params = params
-
-    def row_sums(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
-        """(nll [B], tokens [B]) float64 for one batch."""
-        batch = complete_batch(batch)
-        B = batch["inputs"].shape[0]
-        if self.cfg is not None and batch["positions"].size:
-            hi = int(batch["positions"].max())
-            if hi >= self.cfg.max_len:
-                raise EvalError(
-                    f"a row reaches position {hi} but the model's max_len is {self.cfg.max_len}: "
-                    "use a shorter window / seq_len"
-                )
-        dp = data_parallel_size(self.mesh)
-        pad = (-B) % dp
-        if pad:
-            batch = {
-                k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-                for k, v in batch.items()
-            }
-        if self.mesh is None:
-            nll, cnt = self.fn(self.params, {k: jnp.asarray(v) for k, v in batch.items()})
-        else:
-            sh = batch_sharding(self.mesh, 2, B + pad)
-            arrays = {k: jax.device_put(v, sh) for k, v in batch.items()}
-            with jax.set_mesh(self.mesh):
-                nll, cnt = self.fn(self.params, arrays)
-        nll = np.asarray(jax.device_get(nll), np.float64)[:B]
-        cnt = np.asarray(jax.device_get(cnt), np.float64)[:B]
-        return nll, cnt
-
-
-def complete_batch(batch: dict) -> dict:
-    """numpy copies of the model keys, with default positions/segments/mask filled in."""
-    if "inputs" not in batch or "targets" not in batch:
-        raise EvalError(f"a batch needs 'inputs' and 'targets', got keys {sorted(batch)}")
-    inputs = np.asarray(batch["inputs"], np.int32)
-    targets = np.asarray(batch["targets"], np.int32)
-    if inputs.ndim != 2 or inputs.shape != targets.shape:
-        raise EvalError(
-            f"inputs and targets must both be [B, T], got {inputs.shape} and {targets.shape}"
-        )
-    B, T = inputs.shape
-    out = {"inputs": inputs, "targets": targets}
-    out["positions"] = np.asarray(
-        batch.get("positions", np.broadcast_to(np.arange(T), (B, T))), np.int32
-    )
-    out["segment_ids"] = np.asarray(batch.get("segment_ids", np.ones((B, T))), np.int32)
-    out["loss_mask"] = np.asarray(batch.get("loss_mask", np.ones((B, T))), np.float32)
-    return out
-
-
 def evaluate_batches(
     cfg: ModelConfig | None,
     params,
@@ -209,13 +93,15 @@ def evaluate_batches(
     limit: int | None = None,
     logits_fn: LogitsFn | None = None,
     scorer: Scorer | None = None,
+    chunk: int = 0,
 ) -> PerplexityResult:
     """Perplexity over batches from `lm_jax.data.make_text_dataset` (or any dict batches).
 
     Bytes (for bits per byte) are `byte_lens[targets] * loss_mask` when `byte_lens` [V] is given
-    (see `token_byte_lengths`), or a batch's own "target_bytes" [B, T].
+    (see `token_byte_lengths`), or a batch's own "target_bytes" [B, T]. Scored by
+    `lm_jax.scoring.Scorer` (`chunk` > 0: the head `chunk` positions at a time).
     """
-    scorer = scorer or Scorer(cfg, params, mesh, logits_fn)
+    scorer = scorer or Scorer(cfg, params, mesh, logits_fn, chunk)
     res = PerplexityResult()
     for i, batch in enumerate(batches):
         if limit is not None and i >= limit:
@@ -356,6 +242,7 @@ def perplexity(
     logits_fn: LogitsFn | None = None,
     limit: int | None = None,
     max_tokens: int | None = None,
+    chunk: int = 0,
 ) -> PerplexityResult:
     """Perplexity / bits per byte of texts (each scored on its own) under a window policy.
 
@@ -363,6 +250,7 @@ def perplexity(
     (non-overlapping), smaller = HF-style sliding window. Short windows are packed into rows of
     `window` tokens (`pack`); rows are batched `batch_size` at a time, sharded over `mesh`.
     `limit` keeps the first texts, `max_tokens` the first scored tokens (bytes follow).
+    `chunk` > 0 applies the LM head `chunk` positions at a time (no [B, T, V] logits).
     """
     if isinstance(texts, str):
         texts = [texts]
@@ -391,7 +279,7 @@ def perplexity(
     if not pieces:
         raise EvalError("the texts tokenize to fewer than 2 tokens each: nothing to score")
     batches = batch_rows(pack_pieces(pieces, window, pack), batch_size)
-    res = evaluate_batches(cfg, params, batches, mesh=mesh, logits_fn=logits_fn)
+    res = evaluate_batches(cfg, params, batches, mesh=mesh, logits_fn=logits_fn, chunk=chunk)
     return dataclasses.replace(res, bytes=float(nbytes), windows=len(pieces))
 
 
@@ -405,31 +293,5 @@ def dataset_perplexity(
 ) -> PerplexityResult:
     """`perplexity` of every document of an `lm_jax.data` text source (e.g.
     'tinyshakespeare:<path>'), each document scored on its own."""
-    from lm_jax.data import load_texts
-
     docs = load_texts(source, split)
     return perplexity(cfg, params, tokenizer, [t for _, t in docs], **kw)
-
-
-def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 bytes each token id stands for inside running text (0 for specials).
-
-    SentencePiece pieces count their '▁' as a space and '<0xNN>' byte pieces as one byte (plain
-    per-token decoding drops a leading space); everything else uses `decode([id])`.
-    """
-    out = np.zeros((vocab_size,), np.float64)
-    sp = getattr(tokenizer, "sp", None)
-    for i in range(min(tokenizer.vocab_size, vocab_size)):
-        if sp is not None:
-            if sp.IsControl(i) or sp.IsUnknown(i):
-                continue
-            piece = sp.IdToPiece(i)
-            out[i] = 1 if sp.IsByte(i) else len(piece.replace("\u2581", " ").encode("utf-8"))
-            continue
-        if i in (tokenizer.bos_id, tokenizer.eos_id):
-            continue
-        try:
-            out[i] = len(tokenizer.decode([i]).encode("utf-8"))
-        except Exception:  # noqa: BLE001 - special/control ids may not decode
-            out[i] = 0
-    return out

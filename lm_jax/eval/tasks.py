@@ -63,9 +63,14 @@ def load_sst2(data_dir: str, split: str) -> tuple[list[str], np.ndarray]:
         raise EvalError(f"SST-2 file {path!r} not found: pass --data_dir=<folder with sst2/>")
     texts, labels = [], []
     with open(path, encoding="utf-8") as f:
-        for line in f:
+        for i, line in enumerate(f, 1):
             label, _, text = line.strip().partition(" ")
             if text:
+                if label not in ("0", "1"):
+                    raise EvalError(
+                        f"{path}:{i}: SST-2 lines are '<0|1> <text>', got label {label[:20]!r}; "
+                        "fix or replace the file"
+                    )
                 texts.append(text)
                 labels.append(int(label))
     return texts, np.asarray(labels)
@@ -208,6 +213,7 @@ def task_perplexity(
     window=512,
     stride=None,
     batch_size=4,
+    logits_chunk=0,
     **_,
 ):
     if not data_source:
@@ -223,6 +229,7 @@ def task_perplexity(
         stride=stride,
         batch_size=batch_size,
         max_tokens=limit,
+        chunk=logits_chunk or 0,
     )
     return {
         "source": data_source,

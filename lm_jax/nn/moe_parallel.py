@@ -28,7 +28,8 @@ def check_moe_mesh(cfg: ModelConfig, mesh) -> None:
     if E % ep:
         raise ConfigError(
             f"moe.num_experts ({E}) is not divisible by the mesh's expert axis ({ep}): choose an "
-            f"expert axis size that divides {E} (e.g. --mesh=expert:{math.gcd(E, ep)},data:-1)."
+            f"expert axis size that divides {E} "
+            f"(e.g. --train.mesh=expert:{math.gcd(E, ep)},data:-1)."
         )
 
 

@@ -13,15 +13,10 @@ from lm_jax.nn.layers import Dense, Embed, Norm, normal_init
 from lm_jax.nn.lora import lora_delta
 from lm_jax.nn.mlp import MLP
 from lm_jax.nn.moe import MoE
+from lm_jax.nn.scan import remat_block, scan_blocks
 from lm_jax.sharding import constrain
 
 ACT_NAMES = ("batch", "length", "act_embed")
-
-REMAT_POLICIES = {
-    "none": None,
-    "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
-    "full": jax.checkpoint_policies.nothing_saveable,
-}
 
 
 def feed_forward(cfg: ModelConfig, deterministic: bool = True, moe: bool | None = None):
@@ -52,12 +47,6 @@ class Block(nn.Module):
         return x, cache
 
 
-def _block_class(cfg: ModelConfig):
-    if cfg.remat == "none":
-        return Block
-    return nn.remat(Block, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-
-
 class LayerGroup(nn.Module):
     """`cfg.moe.every` = k consecutive blocks (`block_0` .. `block_{k-1}`), the last with the MoE
     feed-forward; scanned over L / k groups when k > 1. cache: k, v [k, B, S, K, H]."""
@@ -68,7 +57,7 @@ class LayerGroup(nn.Module):
     @nn.compact
     def __call__(self, x, positions, segment_ids, cache):
         k = self.cfg.moe.every
-        block, new = _block_class(self.cfg), []
+        block, new = remat_block(Block, self.cfg.remat), []
         for i in range(k):
             c = None if cache is None else LayerCache(cache.k[i], cache.v[i])
             x, c = block(self.cfg, self.deterministic, i == k - 1, name=f"block_{i}")(
@@ -104,6 +93,11 @@ class Transformer(nn.Module):
 
     With `cache` (from `init_cache`), keys/values are written at `positions` and
     `(logits, new_cache)` is returned: prefill and one-token decode are the same call.
+
+    `prefix_embeds` [B, P, D] (e.g. projected image features) are placed before the token
+    embeddings: the sequence is [prefix; tokens] of length P + T, and `positions` /
+    `segment_ids` (default 0..P+T-1 / none), the learned positions, the cache and the outputs
+    ([B, P + T, ...]) all cover it. No params are added, so a plain LM's tree is unchanged.
     """
 
     cfg: ModelConfig
@@ -118,14 +112,22 @@ class Transformer(nn.Module):
         deterministic: bool = True,
         return_hidden: bool = False,
         skip_head: bool = False,  # return the final-norm activations [B, T, D], no logits
+        prefix_embeds: jax.Array | None = None,  # [B, P, D] before the tokens
     ):
         cfg = self.cfg
-        B, T = tokens.shape
+        embed = Embed(cfg.vocab_size, cfg, name="embed_tokens")
+        x = embed(tokens)  # [B, T, D]
+        if prefix_embeds is not None:
+            if prefix_embeds.ndim != 3 or prefix_embeds.shape[::2] != (x.shape[0], x.shape[2]):
+                raise ValueError(
+                    f"prefix_embeds must be [B={x.shape[0]}, P, D={x.shape[2]}], got shape "
+                    f"{tuple(prefix_embeds.shape)}."
+                )
+            x = jnp.concatenate([prefix_embeds.astype(x.dtype), x], axis=1)  # [B, P + T, D]
+        B, T = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         check_positions(positions, cfg.max_len if cache is None else cache.k.shape[2])
-        embed = Embed(cfg.vocab_size, cfg, name="embed_tokens")
-        x = embed(tokens)  # [B, T, D]
         if cfg.position == "learned":
             wpe = self.param(
                 "embed_positions",
@@ -143,15 +145,10 @@ class Transformer(nn.Module):
         n = cfg.num_layers // every
         if every > 1 and cache is not None:  # [L, ...] -> [L / k, k, ...]
             cache = jax.tree.map(lambda c: c.reshape(n, every, *c.shape[1:]), cache)
-        layers = nn.scan(
-            LayerGroup if every > 1 else _block_class(cfg),
-            variable_axes={"params": 0, "intermediates": 0, "aux": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
-            length=n,
-            unroll=min(cfg.scan_unroll, n),
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, name="layers")
+        if every > 1:  # each LayerGroup remats its own blocks
+            layers = scan_blocks(LayerGroup, cfg, deterministic, length=n, remat=False)
+        else:
+            layers = scan_blocks(Block, cfg, deterministic)
         x, cache = layers(x, positions, segment_ids, cache)
         if every > 1 and cache is not None:
             cache = jax.tree.map(lambda c: c.reshape(n * every, *c.shape[2:]), cache)

@@ -5,18 +5,16 @@ bidirectional, EOS / last-token / mean pooling) -> linear projections -> L2-norm
 embeddings; a learnable temperature `logit_scale` (log of the multiplier, clipped at
 `max_logit_scale` as in CLIP) and, for the sigmoid loss, a learnable `logit_bias`.
 
-Captioner: ViT tokens -> projector -> prefix embeddings for a decoder LM whose params are
-exactly a `Transformer`'s (`PrefixLM`), trained with next-token loss on the caption; decoding
-prefills [prefix; BOS] through `PrefixLM` and then runs one-token steps of the ordinary
-`Transformer` on the KV cache (`generate_with_prefix`).
+Captioner: ViT tokens -> projector -> prefix embeddings for the decoder `Transformer`
+(`prefix_embeds`), trained with next-token loss on the caption; decoding is
+`lm_jax.generate.generate` with the image prefix (`lm_jax.generate.generate_with_prefix`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import flax.linen as nn
 import jax
@@ -25,9 +23,9 @@ import numpy as np
 
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.nn.layers import Dense, Embed, Norm, normal_init
-from lm_jax.nn.transformer import ACT_NAMES, Transformer, _block_class, init_cache
-from lm_jax.nn.vision import VisionConfig, ViT, check_images, encoder_layers
-from lm_jax.sampling import sample_logits
+from lm_jax.nn.scan import scan_blocks
+from lm_jax.nn.transformer import ACT_NAMES, Block, Transformer
+from lm_jax.nn.vision import VisionConfig, ViT
 from lm_jax.sharding import constrain
 
 
@@ -119,7 +117,8 @@ class TextTower(nn.Module):
             x = x + wpe[:T].astype(cfg.compute_dtype)[None]
         x = constrain(x, ACT_NAMES)
         segments = None if mask is None else mask.astype(jnp.int32)  # padding = segment 0
-        x, _ = encoder_layers(cfg, tc.causal, deterministic)(x, positions, segments, None)
+        layers = scan_blocks(Block, cfg, deterministic, False, tc.causal)
+        x, _ = layers(x, positions, segments, None)
         x = Norm(cfg, name="norm")(x)
         return pool_text(x, tokens, mask, tc.pooling, tc.eos_id), x
 
@@ -230,7 +229,11 @@ class CaptionerConfig:
         if self.projector not in ("linear", "mlp"):
             raise ConfigError(f"projector must be 'linear' or 'mlp', got {self.projector!r}.")
         if self.decoder.moe is not None:
-            raise ConfigError("the captioner's decoder does not support MoE.")
+            raise ConfigError(
+                "the captioner's decoder is a Transformer (MoE layers run), but its training "
+                "loss (lm_jax.train.image_text.caption_loss_fn) does not add the MoE auxiliary "
+                "losses: use a dense decoder (decoder.moe=None)."
+            )
         if self.decoder.max_len <= self.num_prefix:
             raise ConfigError(
                 f"decoder.max_len ({self.decoder.max_len}) must exceed the {self.num_prefix} "
@@ -242,57 +245,10 @@ class CaptionerConfig:
         return self.vision.num_tokens
 
 
-class PrefixLM(nn.Module):
-    """The decoder `Transformer` with optional prefix embeddings [B, P, D] before the tokens.
-
-    Its params tree is exactly `Transformer(cfg)`'s, so `Transformer` can continue decoding
-    from the KV cache this module fills. Returns logits [B, P + T, V] (and the cache).
-    """
-
-    cfg: ModelConfig
-
-    @nn.compact
-    def __call__(self, tokens, prefix=None, positions=None, cache=None, deterministic=True):
-        cfg = self.cfg
-        embed = Embed(cfg.vocab_size, cfg, name="embed_tokens")
-        x = embed(tokens)  # [B, T, D]
-        if prefix is not None:
-            x = jnp.concatenate([prefix.astype(x.dtype), x], axis=1)  # [B, P + T, D]
-        B, T = x.shape[:2]
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if cfg.position == "learned":
-            wpe = self.param(
-                "embed_positions",
-                nn.with_logical_partitioning(normal_init(0.01), (None, "embed")),
-                (cfg.max_len, cfg.d_model),
-                cfg.weight_dtype,
-            )
-            x = x + jnp.take(wpe.astype(cfg.compute_dtype), positions, axis=0)
-        x = nn.Dropout(cfg.dropout)(x, deterministic=deterministic)
-        x = constrain(x, ACT_NAMES)
-        layers = nn.scan(
-            _block_class(cfg),
-            variable_axes={"params": 0, "intermediates": 0, "aux": 0},
-            split_rngs={"params": True, "dropout": True},
-            in_axes=(nn.broadcast, nn.broadcast, 0),
-            length=cfg.num_layers,
-            unroll=min(cfg.scan_unroll, cfg.num_layers),
-            metadata_params={nn.PARTITION_NAME: "layers"},
-        )(cfg, deterministic, name="layers")
-        x, cache = layers(x, positions, None, cache)
-        x = Norm(cfg, name="norm")(x)
-        if cfg.tie_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
-        logits = logits.astype(jnp.float32)
-        return logits if cache is None else (logits, cache)
-
-
 class Captioner(nn.Module):
     """`apply(v, images, tokens [B, T])` -> next-token logits [B, T, V] at the caption positions
-    (the image prefix comes first). Params: `vision`, `projector`, `lm` (a Transformer tree)."""
+    (the image prefix comes first). Params: `vision`, `projector_in` (mlp), `projector_out`,
+    `lm` (the decoder: a `Transformer`, fed the projected image tokens as `prefix_embeds`)."""
 
     cfg: CaptionerConfig
 
@@ -303,7 +259,7 @@ class Captioner(nn.Module):
         if c.projector == "mlp":
             self.projector_in = Dense(D, ("embed", "mlp"), c.decoder, True)
         self.projector_out = Dense(D, ("mlp", "embed"), c.decoder, True)
-        self.lm = PrefixLM(c.decoder)
+        self.lm = Transformer(c.decoder)
 
     def prefix(self, images, deterministic: bool = True):
         """images -> prefix embeddings [B, P, D_lm]."""
@@ -315,84 +271,6 @@ class Captioner(nn.Module):
     def __call__(self, images, tokens, deterministic: bool = True):
         P = self.cfg.num_prefix
         check_text(tokens, None, self.cfg.decoder.max_len - P, "decoder (after the image prefix)")
-        logits = self.lm(tokens, self.prefix(images, deterministic), deterministic=deterministic)
+        prefix = self.prefix(images, deterministic)
+        logits = self.lm(tokens, deterministic=deterministic, prefix_embeds=prefix)
         return logits[:, P:]
-
-
-class CaptionOutput(NamedTuple):
-    tokens: jax.Array  # [B, N] int32, pad_id after the stop token
-    lengths: jax.Array  # [B] generated tokens including the stop token
-
-
-@functools.lru_cache(maxsize=8)
-def _caption_fn(cfg: CaptionerConfig, cache_len: int, max_new: int, greedy: bool, top_k: int):
-    dec = cfg.decoder
-    P = cfg.num_prefix
-
-    def run(params, images, key, temperature, bos, stop, pad):
-        B = images.shape[0]
-        prefix = Captioner(cfg).apply({"params": params}, images, method=Captioner.prefix)
-        cache = init_cache(dec, B, cache_len)
-        toks = jnp.full((B, 1), bos, jnp.int32)
-        pos = jnp.broadcast_to(jnp.arange(P + 1, dtype=jnp.int32), (B, P + 1))
-        logits, cache = PrefixLM(dec).apply({"params": params["lm"]}, toks, prefix, pos, cache)
-
-        def pick(lg, i):
-            if greedy:
-                return jnp.argmax(lg, -1).astype(jnp.int32)
-            return sample_logits(lg, jax.random.fold_in(key, i), temperature, top_k).tokens
-
-        def body(s):
-            i, tok, cache, done, lengths, out = s
-            active = ~done
-            out = out.at[:, i].set(jnp.where(active, tok, pad))
-            lengths = lengths + active.astype(jnp.int32)
-            done = done | (active & (tok == stop))
-            pos = jnp.full((B, 1), P + 1 + i, jnp.int32)
-            lm = {"params": params["lm"]}
-            lg, cache = Transformer(dec).apply(lm, tok[:, None], pos, cache=cache)
-            return i + 1, pick(lg[:, 0], i + 1), cache, done, lengths, out
-
-        s = (
-            jnp.int32(0), pick(logits[:, -1], 0), cache, jnp.zeros((B,), bool),
-            jnp.zeros((B,), jnp.int32), jnp.full((B, max_new), pad, jnp.int32),
-        )  # fmt: skip
-        s = jax.lax.while_loop(lambda s: (s[0] < max_new) & ~jnp.all(s[3]), body, s)
-        return CaptionOutput(s[5], s[4])
-
-    return jax.jit(run)
-
-
-def generate_with_prefix(
-    cfg: CaptionerConfig,
-    params,
-    images,
-    bos_id: int,
-    eos_id: int,
-    max_new_tokens: int,
-    key: jax.Array | None = None,
-    temperature: float = 0.0,
-    top_k: int = 0,
-    pad_id: int = 0,
-) -> CaptionOutput:
-    """Caption images: prefill [image prefix; BOS] into a KV cache, then decode one token per
-    step with the decoder `Transformer` until `eos_id` (temperature 0 = greedy; sampling with
-    `lm_jax.sampling.sample_logits`). A separate entry point: `generate()` is unchanged."""
-    check_images(images, cfg.vision)
-    limit = cfg.decoder.max_len
-    need = cfg.num_prefix + 1 + int(max_new_tokens)
-    if need > limit:
-        raise TextInputError(
-            f"{cfg.num_prefix} prefix tokens + BOS + max_new_tokens={max_new_tokens} = {need} "
-            f"exceed the decoder's max_len {limit}: lower max_new_tokens to "
-            f"{limit - cfg.num_prefix - 1}."
-        )
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}.")
-    greedy = temperature == 0.0
-    key = jax.random.key(0) if key is None else key
-    fn = _caption_fn(cfg, limit, int(max_new_tokens), greedy, int(top_k))
-    return fn(
-        params, jnp.asarray(images), key, jnp.float32(max(temperature, 1e-6)),
-        jnp.int32(bos_id), jnp.int32(eos_id), jnp.int32(pad_id),
-    )  # fmt: skip

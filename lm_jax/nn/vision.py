@@ -23,7 +23,8 @@ import numpy as np
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.nn.layers import Dense, Norm, normal_init
 from lm_jax.nn.mlp import MLP
-from lm_jax.nn.transformer import ACT_NAMES, _block_class
+from lm_jax.nn.scan import scan_blocks
+from lm_jax.nn.transformer import ACT_NAMES, Block
 from lm_jax.sharding import constrain
 
 
@@ -128,23 +129,6 @@ def patchify(images: jax.Array, p: int) -> jax.Array:
     return x.reshape(B, (H // p) * (W // p), p * p * C)
 
 
-def encoder_layers(cfg: ModelConfig, causal: bool = False, deterministic: bool = True):
-    """L scanned pre-LN `Block`s (the decoder's), causal or bidirectional, named `layers`.
-
-    Call as `encoder_layers(cfg)(x [B,T,D], positions [B,T], segment_ids [B,T] | None, None)`
-    inside a compact module -> (x, None); params `layers/...` with a leading L axis.
-    """
-    return nn.scan(
-        _block_class(cfg),
-        variable_axes={"params": 0, "intermediates": 0},
-        split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),
-        length=cfg.num_layers,
-        unroll=min(cfg.scan_unroll, cfg.num_layers),
-        metadata_params={nn.PARTITION_NAME: "layers"},
-    )(cfg, deterministic, False, causal, name="layers")
-
-
 class MAPHead(nn.Module):
     """Multihead attention pooling (SigLIP): a learned probe attends over the tokens, then
     x + MLP(LN(x)). Projections carry biases (torch nn.MultiheadAttention)."""
@@ -222,7 +206,8 @@ class ViT(nn.Module):
             x = Norm(cfg, name="pre_norm")(x)
         x = constrain(x, ACT_NAMES)
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        x, _ = encoder_layers(cfg, False, deterministic)(x, positions, None, None)
+        layers = scan_blocks(Block, cfg, deterministic, False, False)  # bidirectional
+        x, _ = layers(x, positions, None, None)
         x = Norm(cfg, name="norm")(x)  # [B, T, D]
         if vc.pooling == "cls":
             pooled = x[:, 0]

@@ -15,13 +15,12 @@ fine-tuning writes the lm_jax `Checkpointer` layout plus `workdir/tokenizer`, so
 
 Classification by label scoring: the predicted class is the label word (e.g. " positive") with
 the highest log-likelihood after the prompt (`label_logliks`; one forward pass per prompt when
-every label is a single token).
+every label is a single token). Label and completion scoring run on `lm_jax.scoring.Scorer`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -37,6 +36,8 @@ from lm_jax import adapters as lora_lib
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.nn.transformer import Transformer
+from lm_jax.scoring import Scorer
+from lm_jax.train.engine import Task
 from lm_jax.utils import round_up as _round_up
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -155,6 +156,7 @@ class SFTBatches:
             raise ConfigError("no training examples.")
         self.encoded, self.cfg, self.seed = encoded, cfg, seed
         self.epoch, self.index = 0, 0
+        self.last_indices: list[int] = []  # example indices of the last batch
 
     def _order(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.encoded))
@@ -165,12 +167,22 @@ class SFTBatches:
             if self.index >= len(order):
                 self.epoch, self.index = self.epoch + 1, 0
                 order = self._order()
-            picked.append(self.encoded[order[self.index]])
+            picked.append(int(order[self.index]))
             self.index += 1
+        self.last_indices = picked
+        picked = [self.encoded[i] for i in picked]
         return make_batch(picked, self.cfg.seq_len, self.cfg.length_multiple)
 
     def get_state(self) -> dict:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
+
+    def set_state(self, state: dict) -> None:
+        if int(state.get("seed", self.seed)) != self.seed:
+            raise ConfigError(
+                f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}: "
+                "rerun with the saved --train.seed or start a new --train.workdir."
+            )
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
 def read_jsonl(path: str) -> list[Example]:
@@ -206,26 +218,6 @@ def sst2(split: str, data_dir: str | None = None, limit: int | None = None) -> C
 # --------------------------------------------------------------------------- scoring
 
 
-@functools.lru_cache(maxsize=8)
-def _score_fn(cfg: ModelConfig):
-    model = Transformer(cfg)
-
-    def fn(params, batch, candidates):  # candidates [K] token ids
-        logits = model.apply(
-            {"params": params}, batch["inputs"], batch["positions"], batch["segment_ids"]
-        )
-        logits = logits.astype(jnp.float32)  # [B, T, V]
-        lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-        mask = batch["loss_mask"]
-        tgt = jnp.take_along_axis(logits, batch["targets"][..., None], axis=-1)[..., 0] - lse
-        row = jnp.sum(jnp.where(mask > 0, tgt, 0.0), axis=1)  # [B]
-        cand = logits[..., candidates] - lse[..., None]  # [B, T, K]
-        cand = jnp.sum(jnp.where(mask[..., None] > 0, cand, 0.0), axis=1)  # [B, K]
-        return row, cand
-
-    return jax.jit(fn)
-
-
 def _put_batch(batch, mesh):
     from lm_jax.sharding import batch_sharding
 
@@ -256,21 +248,20 @@ def label_logliks(
     # single-token labels: one row per prompt, all K candidates read at its last position
     rows = [(i, k) for i in range(len(prompts)) for k in ([0] if single else range(len(labels)))]
     enc = [encode_example(tokenizer, Example(prompts[i], labels[k]), seq_len) for i, k in rows]
-    cand = jnp.asarray([ids[0] for ids in label_ids] if single else [0], jnp.int32)
-    fn = _score_fn(cfg)
+    cand = np.asarray([ids[0] for ids in label_ids], np.int32) if single else None
+    scorer = Scorer(cfg, params, mesh)
     out = np.zeros((len(prompts), len(labels)))
     order = np.argsort([len(e[0]) for e in enc], kind="stable")  # similar lengths together
-    with jax.set_mesh(mesh):
-        for s in range(0, len(order), batch_size):
-            idx = order[s : s + batch_size]
-            batch = make_batch([enc[j] for j in idx], seq_len, length_multiple, rows=batch_size)
-            row, c = jax.device_get(fn(params, _put_batch(batch, mesh), cand))
-            for r, j in enumerate(idx):
-                i, k = rows[j]
-                if single:
-                    out[i] = c[r]
-                else:
-                    out[i, k] = row[r]
+    for s in range(0, len(order), batch_size):
+        idx = order[s : s + batch_size]
+        batch = make_batch([enc[j] for j in idx], seq_len, length_multiple, rows=batch_size)
+        res = scorer.score(batch, cand)
+        for r, j in enumerate(idx):
+            i, k = rows[j]
+            if single:
+                out[i] = res.candidates[r]
+            else:
+                out[i, k] = res.sums[r]
     return out
 
 
@@ -289,14 +280,21 @@ def classify(cfg, params, tokenizer, data: ClassificationSet, **kw) -> dict:
     return out
 
 
-def completion_loss(eval_fn, params, encoded, cfg: FinetuneConfig, mesh) -> float:
-    """Mean NLL per completion token (the training objective) over `encoded` examples."""
+def completion_loss(model_cfg, params, encoded, cfg: FinetuneConfig, mesh) -> float:
+    """Mean NLL per completion token (the training objective) over `encoded` examples, scored
+    by `lm_jax.scoring.Scorer` under `model_cfg` (a ModelConfig; a legacy eval step function
+    returning {nll_sum, tokens} is still accepted)."""
     nll = tokens = 0.0
     B = cfg.batch_size
+    scorer = Scorer(model_cfg, params, mesh) if isinstance(model_cfg, ModelConfig) else None
     for s in range(0, len(encoded), B):
         batch = make_batch(encoded[s : s + B], cfg.seq_len, cfg.length_multiple, rows=B)
-        m = jax.device_get(eval_fn(params, _put_batch(batch, mesh)))
-        nll, tokens = nll + float(m["nll_sum"]), tokens + float(m["tokens"])
+        if scorer is None:
+            m = jax.device_get(model_cfg(params, _put_batch(batch, mesh)))
+            nll, tokens = nll + float(m["nll_sum"]), tokens + float(m["tokens"])
+        else:
+            res = scorer.score(batch)
+            nll, tokens = nll - float(res.sums.sum()), tokens + float(res.counts.sum())
     return nll / max(tokens, 1.0)
 
 
@@ -357,6 +355,127 @@ def _count(tree) -> int:
 # --------------------------------------------------------------------------- training
 
 
+class SFTTask(Task):
+    """Supervised fine-tuning (full or LoRA) as a task of the one loop (`engine.run`).
+
+    LoRA checkpoints hold the adapters and their optimizer state only (the frozen base comes
+    back from the model source); every save also writes `workdir/adapters` (`save_adapters`).
+    Full fine-tuning checkpoints hold every parameter, plus `workdir/tokenizer`, so
+    `lm_jax.checkpoint.load_model(workdir)` loads the result.
+    """
+
+    def __init__(self, cfg, params, trainable, tokenizer, enc, train_cfg, ft, *, mesh,
+                 enc_eval=(), cls_eval=None, test=None, base_name=None, log=print):  # fmt: skip
+        from lm_jax.optim import make_optimizer
+        from lm_jax.sharding import batch_sharding
+        from lm_jax.train.state import state_shardings
+        from lm_jax.train.step import jit_train_step
+
+        self.cfg, self.params, self.trainable, self.tok = cfg, params, trainable, tokenizer
+        self.train_cfg, self.ft, self.mesh, self.log = train_cfg, ft, mesh, log
+        self.enc_eval, self.cls_eval, self.test = enc_eval, cls_eval, test
+        self.base_name = base_name
+        self.tx = tx = make_optimizer(train_cfg, trainable=trainable)
+        self.abstract, self.shardings = state_shardings(cfg, tx, mesh)
+        self.bsh = bsh = batch_sharding(mesh, 2, ft.batch_size)
+        self.step_fn = jit_train_step(cfg, train_cfg, tx, self.shardings, bsh, trainable=trainable)
+        self.data = SFTBatches(enc, ft, train_cfg.seed)
+        self.rng = jax.random.key(train_cfg.seed + 1)
+        self.score_kw = dict(seq_len=ft.seq_len, batch_size=ft.eval_batch_size, mesh=mesh)
+        self.step_times: list[float] = []
+        self.n_examples = len(enc)
+
+    def init_state(self):
+        from lm_jax.train.state import init_train_state
+
+        state, _ = init_train_state(self.cfg, self.tx, self.mesh, self.train_cfg.seed,
+                                    params=self.params)  # fmt: skip
+        return state
+
+    def abstract_state(self):
+        # LoRA: the frozen base is grafted from a fresh state, so the loop makes one anyway
+        return None if self.ft.lora is not None else (self.abstract, self.shardings)
+
+    def params_mask(self, state):
+        return None if self.ft.lora is None else lora_lib.trainable_mask(self.abstract.params)
+
+    def meta(self) -> dict:
+        from lm_jax.checkpoint import meta_dict
+
+        extra = {"finetune": _jsonable(self.ft), "base": self.base_name}
+        return meta_dict(self.cfg, self.train_cfg, None, extra)
+
+    def host_state(self) -> dict:
+        return self.data.get_state()
+
+    def set_host_state(self, state: dict) -> None:
+        self.data.set_state(state)
+
+    def train_step(self, state, step: int):
+        batch = {k: jax.device_put(v, self.bsh) for k, v in next(self.data).items()}
+        t0 = time.perf_counter()
+        with jax.set_mesh(self.mesh):
+            state, m = self.step_fn(state, batch, self.rng)
+        m = jax.device_get(m)
+        self.step_times.append(time.perf_counter() - t0)
+        return state, m
+
+    def step_record(self, step: int, metrics: dict, state) -> dict:
+        from lm_jax.train.loop import params_hash
+
+        return {
+            "step": step,
+            "loss_hex": float(metrics["loss"]).hex(),
+            "example_ids": self.data.last_indices,
+            "params_hash": params_hash(state.params),
+        }
+
+    def evaluate(self, state, step: int) -> dict:
+        out = {}
+        with jax.set_mesh(self.mesh):
+            if self.enc_eval:
+                out["eval/completion_loss"] = completion_loss(
+                    self.cfg, state.params, self.enc_eval, self.ft, self.mesh
+                )
+            if self.cls_eval is not None:
+                rep = classify(self.cfg, state.params, self.tok, self.cls_eval, **self.score_kw)
+                out["eval/accuracy"] = rep["accuracy"]
+        return out
+
+    def final_evaluate(self, state, step: int) -> dict:
+        out = self.evaluate(state, step)
+        ft, workdir = self.ft, self.train_cfg.workdir
+        if ft.save and ft.lora is not None and ft.export_peft:
+            from lm_jax.convert.peft import save_peft_adapters
+
+            adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
+            save_peft_adapters(os.path.join(workdir, "peft"), adapters, self.cfg, None,
+                               self.base_name)  # fmt: skip
+            self.log(f"peft adapters written to {os.path.join(workdir, 'peft')}")
+        if self.test is not None:
+            t0 = time.perf_counter()
+            with jax.set_mesh(self.mesh):
+                rep = classify(self.cfg, state.params, self.tok, self.test, **self.score_kw)
+            out.update({f"test/{k}": v for k, v in rep.items() if isinstance(v, int | float)})
+            out["test/seconds"] = time.perf_counter() - t0
+            self.test_report = rep
+            self.log(f"test: {rep}")
+        return out
+
+    def on_save(self, state, step: int) -> None:
+        if self.ft.lora is None:
+            return
+        adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
+        nbytes = lora_lib.save_adapters(
+            os.path.join(self.train_cfg.workdir, "adapters"),
+            adapters,
+            self.ft.lora,
+            extra={"step": step, "base": self.base_name,
+                   "model": self.cfg.replace(lora=None).to_dict()},
+        )  # fmt: skip
+        self.log(f"saved adapters ({nbytes:,} bytes) at step {step}")
+
+
 def finetune(
     base_cfg: ModelConfig,
     params,
@@ -372,19 +491,17 @@ def finetune(
     mesh=None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Fine-tune on `mesh` (default `make_mesh(train_cfg.mesh)`); returns {model_config,
-    params, state, stats, history, final}.
+    """Fine-tune (or resume fine-tuning in `train_cfg.workdir`) on `mesh` (default
+    `make_mesh(train_cfg.mesh)`) through the one loop; returns {model_config, params, state,
+    stats, history, final}.
 
     Every `train_cfg.eval_every` steps (and at the end): completion loss on `eval_examples` and
     label accuracy on `classification` (both cut to `ft.eval_examples`); at the very end,
     accuracy on `test` (all of it). Metrics go to `workdir/metrics.jsonl` (MetricWriter).
+    With `ft.save=False` nothing is written to `workdir` but the metrics.
     """
-    from lm_jax.checkpoint import Checkpointer, meta_dict
-    from lm_jax.optim import make_optimizer
-    from lm_jax.sharding import batch_sharding, make_mesh
-    from lm_jax.train.metrics import MetricWriter, format_metrics
-    from lm_jax.train.state import init_train_state, state_shardings
-    from lm_jax.train.step import jit_eval_step, jit_train_step
+    from lm_jax.sharding import make_mesh
+    from lm_jax.train import engine
 
     mesh = make_mesh(train_cfg.mesh) if mesh is None else mesh
     dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
@@ -403,125 +520,51 @@ def finetune(
     enc_eval = [encode_example(tokenizer, e, ft.seq_len, ft.add_eos) for e in eval_examples]
     enc_eval = enc_eval[: ft.eval_examples or None]
     cls_eval = classification.head(ft.eval_examples) if classification is not None else None
-
-    tx = make_optimizer(train_cfg, trainable=trainable)
-    _, shardings = state_shardings(cfg, tx, mesh)
-    state, _ = init_train_state(cfg, tx, mesh, train_cfg.seed, params=params)
+    task = SFTTask(cfg, params, trainable, tokenizer, enc, train_cfg, ft, mesh=mesh,
+                   enc_eval=enc_eval, cls_eval=cls_eval, test=test, base_name=base_name,
+                   log=log)  # fmt: skip
     del params
-    bsh = batch_sharding(mesh, 2, ft.batch_size)
-    step_fn = jit_train_step(cfg, train_cfg, tx, shardings, bsh, trainable=trainable)
-    eval_fn = jit_eval_step(cfg, train_cfg, shardings.params, bsh)
-    data = SFTBatches(enc, ft, train_cfg.seed)
-
-    n_total = _count(state.params)
-    n_train = _count(lora_lib.split_lora(state.params)[1]) if ft.lora else n_total
+    n_total = _count(task.abstract.params)
+    n_train = _count(lora_lib.split_lora(task.abstract.params)[1]) if ft.lora else n_total
+    opt_bytes = _nbytes(task.abstract.opt_state)
     stats = {
         "mode": f"lora_r{ft.lora.rank}" if ft.lora else "full",
         "params": n_total,
         "trainable_params": n_train,
         "trainable_pct": 100.0 * n_train / n_total,
-        "param_bytes": _nbytes(state.params),
-        "optimizer_state_bytes": _nbytes(state.opt_state),
+        "param_bytes": _nbytes(task.abstract.params),
+        "optimizer_state_bytes": opt_bytes,
         "train_examples": len(enc),
         "mesh": dict(mesh.shape),
     }
     log(
         f"{stats['mode']}: {n_train:,} of {n_total:,} params trainable "
-        f"({stats['trainable_pct']:.3f}%), optimizer state {stats['optimizer_state_bytes']:,} B"
+        f"({stats['trainable_pct']:.3f}%), optimizer state {opt_bytes:,} B"
     )
-    workdir = train_cfg.workdir
-    writer = MetricWriter(workdir, tensorboard=False, enabled=jax.process_index() == 0)
-    writer.write(0, {k: v for k, v in stats.items() if isinstance(v, int | float)}, "setup/")
-    ckpt = None
-    if ft.save and ft.lora is None:
-        ckpt = Checkpointer(workdir, keep=train_cfg.keep_checkpoints, async_save=False)
-        tokenizer.save(os.path.join(workdir, "tokenizer"))
-    meta = meta_dict(cfg, train_cfg, None, {"finetune": _jsonable(ft), "base": base_name})
-    score_kw = dict(seq_len=ft.seq_len, batch_size=ft.eval_batch_size, mesh=mesh)
-
-    def evaluate(step: int) -> dict:
-        out = {}
-        if enc_eval:
-            out["completion_loss"] = completion_loss(eval_fn, state.params, enc_eval, ft, mesh)
-        if cls_eval is not None:
-            out["accuracy"] = classify(cfg, state.params, tokenizer, cls_eval, **score_kw)[
-                "accuracy"
-            ]
-        if out:
-            writer.write(step, out, "eval/")
-            log(format_metrics(step, {f"eval/{k}": v for k, v in out.items()}))
-        return out
-
-    def save(step: int) -> None:
-        if not ft.save:
-            return
-        if ft.lora is not None:
-            adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
-            nbytes = lora_lib.save_adapters(
-                os.path.join(workdir, "adapters"),
-                adapters,
-                ft.lora,
-                extra={"step": step, "base": base_name, "model": cfg.replace(lora=None).to_dict()},
-            )
-            log(f"saved adapters ({nbytes:,} bytes) at step {step}")
-        else:
-            ckpt.save(step, state, data.get_state(), meta, force=True)
-            ckpt.wait()
-            log(f"saved checkpoint step {step}")
-
-    history, rng = [], jax.random.key(train_cfg.seed + 1)
-    step_times, t_log, row = [], time.perf_counter(), {}
-    with jax.set_mesh(mesh):
-        for step in range(1, train_cfg.steps + 1):
-            batch = {k: jax.device_put(v, bsh) for k, v in next(data).items()}
-            t0 = time.perf_counter()
-            state, m = step_fn(state, batch, rng)
-            m = jax.device_get(m)
-            step_times.append(time.perf_counter() - t0)
-            if not m["finite"]:
-                raise FloatingPointError(
-                    f"non-finite loss at step {step}: lower --learning_rate or check the data."
-                )
-            history.append(float(m["loss"]))
-            if step % train_cfg.log_every == 0 or step == train_cfg.steps:
-                dt = time.perf_counter() - t_log
-                row = writer.write(step, {"loss": m["loss"], "tokens": m["tokens"]}, "train/")
-                row["train/steps_per_s"] = train_cfg.log_every / max(dt, 1e-9)
-                log(format_metrics(step, row))
-                t_log = time.perf_counter()
-            if train_cfg.eval_every and step % train_cfg.eval_every == 0 and step < train_cfg.steps:
-                evaluate(step)
-            if train_cfg.save_every and step % train_cfg.save_every == 0:
-                save(step)
-        final = evaluate(train_cfg.steps)
-        if not (train_cfg.save_every and train_cfg.steps % train_cfg.save_every == 0):
-            save(train_cfg.steps)
-        if ft.lora is not None and ft.export_peft:
-            from lm_jax.convert.peft import save_peft_adapters
-
-            adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
-            save_peft_adapters(os.path.join(workdir, "peft"), adapters, cfg, None, base_name)
-            log(f"peft adapters written to {os.path.join(workdir, 'peft')}")
-        if test is not None:
-            t0 = time.perf_counter()
-            rep = classify(cfg, state.params, tokenizer, test, **score_kw)
-            final = {**final, **{f"test_{k}": v for k, v in rep.items()}}
-            final["test_seconds"] = time.perf_counter() - t0
-            writer.write(train_cfg.steps, rep, "test/")
-            log(f"test: {rep}")
-    if ckpt is not None:
-        ckpt.close()
-    writer.close()
+    if ft.save:
+        if ft.lora is None and jax.process_index() == 0:
+            tokenizer.save(os.path.join(train_cfg.workdir, "tokenizer"))
+        run_cfg = train_cfg
+    else:  # metrics only: never a checkpoint
+        run_cfg = train_cfg.replace(save_every=0)
+    res = engine.run(task, run_cfg, log, save=ft.save)
+    final = {k.split("/", 1)[1]: v for k, v in res.eval.items() if k.startswith("eval/")}
+    if getattr(task, "test_report", None) is not None:
+        final.update({f"test_{k}": v for k, v in task.test_report.items()})
+        final["test_seconds"] = res.eval.get("test/seconds")
     # steady-state step time: the first steps compile (one compile per padded length)
-    warm = sorted(step_times[min(5, len(step_times) - 1) :])
+    times = task.step_times
+    warm = sorted(times[min(5, len(times) - 1) :]) if times else []
     stats["step_time_s_median"] = float(warm[len(warm) // 2]) if warm else math.nan
+    history = [float(r["train/loss"]) for r in res.history if "train/loss" in r]
     return {
         "model_config": cfg,
-        "params": state.params,
-        "state": state,
+        "params": res.state.params,
+        "state": res.state,
         "stats": stats,
         "history": history,
         "final": final,
+        "resumed_from": res.resumed_from,
     }
 
 

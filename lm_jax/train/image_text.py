@@ -9,7 +9,9 @@ Captioning batches hold BOS + caption (`tokens`, `mask`); targets are the tokens
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import json
 import math
 import textwrap
 from collections.abc import Sequence
@@ -29,6 +31,7 @@ from lm_jax.losses_contrastive import contrastive_loss
 from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TextConfig, TwoTowerConfig, TwoTowers
 from lm_jax.nn.vision import VisionConfig
 from lm_jax.sharding import batch_sharding, params_shardings
+from lm_jax.train.engine import Task
 from lm_jax.train.state import TrainState, opt_state_shardings
 
 
@@ -101,6 +104,7 @@ def train_step(state: TrainState, batch, rng, *, cfg, tx):
         params = dict(params)
         params["logit_scale"] = jnp.minimum(params["logit_scale"], math.log(cfg.max_logit_scale))
     metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["finite"] = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     new = TrainState(state.step + 1, params, opt_state, state.skipped)
     return new, metrics
 
@@ -224,18 +228,84 @@ def tiny_configs(vocab: int, canvas: int = 48, width: int = 64, layers: int = 3,
     return two, CaptionerConfig(vision, dec, "mlp")
 
 
-def fit(cfg, tx, batches, steps: int, mesh, seed: int = 0, log_every: int = 100, log=print):
-    """Train `steps` steps on an iterator of host batches; returns (state, last metrics)."""
-    state, sh = init_state(cfg, tx, mesh, seed)
-    step = jit_train_step(cfg, tx, sh, mesh)
-    rng = jax.random.key(seed + 1)
-    metrics = {}
-    with jax.set_mesh(mesh):
-        for i in range(steps):
-            state, metrics = step(state, device_batch(next(batches)), rng)
-            if (i + 1) % log_every == 0 or i + 1 == steps:
-                log(f"step {i + 1}: " + " ".join(f"{k}={float(v):.4f}" for k, v in metrics.items()))
-    return state, {k: float(v) for k, v in metrics.items()}
+class ImageTextTask(Task):
+    """Contrastive or captioning training on a resumable (grain) batch iterator."""
+
+    def __init__(self, cfg, tx, batches, mesh, seed: int = 0):
+        self.cfg, self.tx, self.batches, self.mesh, self.seed = cfg, tx, batches, mesh, seed
+        self.rng = jax.random.key(seed + 1)
+        self._step_fn = None
+        self._batch: dict = {}
+
+    def init_state(self):
+        state, sh = init_state(self.cfg, self.tx, self.mesh, self.seed)
+        self._step_fn = jit_train_step(self.cfg, self.tx, sh, self.mesh)
+        return state
+
+    def meta(self) -> dict:
+        return {"image_text": json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))}
+
+    def host_state(self) -> dict:
+        return _jsonable_state(self.batches.get_state())
+
+    def set_host_state(self, state: dict) -> None:
+        self.batches.set_state(state)
+
+    def train_step(self, state, step: int):
+        self._batch = batch = device_batch(next(self.batches))
+        with jax.set_mesh(self.mesh):
+            return self._step_fn(state, batch, self.rng)
+
+    def step_record(self, step: int, metrics: dict, state) -> dict:
+        import hashlib
+
+        from lm_jax.train.loop import params_hash
+
+        h = hashlib.sha256()
+        for k in sorted(self._batch):
+            h.update(np.asarray(self._batch[k]).tobytes())
+        return {
+            "step": step,
+            "loss_hex": float(metrics["loss"]).hex(),
+            "batch_hash": h.hexdigest()[:16],
+            "params_hash": params_hash(state.params),
+        }
+
+
+def _jsonable_state(state):
+    if isinstance(state, bytes):  # grain iterators may hand back serialised bytes
+        return {"bytes": state.decode("latin-1")}
+    return json.loads(json.dumps(state))
+
+
+def fit(cfg, tx, batches, steps: int, mesh, seed: int = 0, log_every: int = 100, log=print, *,
+        workdir: str | None = None, save_every: int = 0, log_step_details: bool = False,
+        progress_bar: bool = False):  # fmt: skip
+    """Train `steps` steps on a resumable iterator of host batches (`get_state`/`set_state`,
+    e.g. a grain iterator) through the one loop; returns (state, last metrics). With
+    `workdir`, checkpoints every `save_every` steps and at the end, and the same call resumes
+    exactly; None = a temporary folder and no checkpoints."""
+    import tempfile
+
+    from lm_jax.configs.train import TrainConfig
+    from lm_jax.train import engine
+
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="lm_jax_image_text_")
+        workdir = tmp.name
+    loop_cfg = TrainConfig(
+        steps=steps, workdir=workdir, log_every=log_every, save_every=save_every, eval_every=0,
+        progress_bar=progress_bar, log_step_details=log_step_details, async_checkpointing=False,
+    )  # fmt: skip
+    task = ImageTextTask(cfg, tx, batches, mesh, seed)
+    try:
+        res = engine.run(task, loop_cfg, log, save=tmp is None)
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    last = {k.removeprefix("train/"): v for k, v in res.train.items()}
+    return res.state, {k: float(v) for k, v in last.items() if np.ndim(v) == 0}
 
 
 def save_caption_grid(path: str, images, captions: Sequence[str], cols: int = 4) -> None:

@@ -3,31 +3,26 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import math
 import os
-import signal
-import time
 from typing import Any
 
 import jax
 import numpy as np
 
-from lm_jax.checkpoint import Checkpointer, check_resume_config, meta_dict
+from lm_jax.checkpoint import meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.data.tokenizer import Tokenizer, load_tokenizer
 from lm_jax.flops import device_peak_flops, flops_per_token
 from lm_jax.optim import make_optimizer
+from lm_jax.scoring import token_byte_lengths
 from lm_jax.sharding import batch_sharding, make_mesh
-from lm_jax.train.metrics import MetricWriter, format_metrics
+from lm_jax.train import engine
+from lm_jax.train.engine import Task, TrainingHalted
 from lm_jax.train.state import init_train_state, state_shardings
 from lm_jax.train.step import jit_eval_step, jit_train_step
-
-
-class TrainingHalted(RuntimeError):
-    """Training stopped on a non-finite loss (the message says at which step and why)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +50,8 @@ def check_batch(exp: Experiment, mesh) -> None:
     if (B // n) % dp:
         raise ConfigError(
             f"microbatch size {B // n} (batch_size {B} / grad_accum {n}) is not divisible by the "
-            f"{dp} data-parallel devices of mesh {dict(mesh.shape)}; change --batch_size or --mesh"
+            f"{dp} data-parallel devices of mesh {dict(mesh.shape)}; "
+            "change --data.batch_size or --train.mesh"
         )
     if B % jax.process_count():
         raise ConfigError(f"batch_size {B} must divide over {jax.process_count()} processes")
@@ -74,60 +70,11 @@ def prepare_tokenizer(exp: Experiment, workdir: str) -> Tokenizer:
     return tok
 
 
-def token_byte_lengths(tok: Tokenizer, vocab_size: int) -> np.ndarray:
-    """UTF-8 bytes each token id stands for (bits per byte over a partial evaluation pass).
-
-    Byte-level ids are one byte each; other tokens are measured by decoding them alone (exact
-    for char and word-piece vocabularies; special ids count 0).
-    """
-    out = np.zeros((vocab_size,), np.float64)
-    if tok.kind == "byte":
-        out[: min(256, vocab_size)] = 1.0
-        return out
-    for i in range(min(tok.vocab_size, vocab_size)):
-        try:
-            out[i] = len(tok.decode([i]).encode("utf-8"))
-        except Exception:  # noqa: BLE001 - special/control ids decode to nothing
-            out[i] = 0
-    return out
-
-
 def params_hash(params) -> str:
     h = hashlib.sha256()
     for leaf in jax.tree.leaves(params):
         h.update(np.asarray(jax.device_get(leaf)).tobytes())
     return h.hexdigest()[:16]
-
-
-class _Preemption:
-    """SIGTERM sets a flag; the loop saves a checkpoint and exits cleanly."""
-
-    def __init__(self):
-        self.requested = False
-        self._old = None
-
-    def __enter__(self):
-        try:
-            self._old = signal.signal(signal.SIGTERM, self._handle)
-        except ValueError:  # not the main thread
-            self._old = None
-        return self
-
-    def _handle(self, *_):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGTERM, self._old)
-
-
-def global_batch(bsh, batch: dict) -> dict:
-    """The model's batch keys of a host-local batch as global arrays sharded by `bsh`."""
-    return {
-        k: jax.make_array_from_process_local_data(bsh, np.asarray(v))
-        for k, v in batch.items()
-        if k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
-    }
 
 
 def evaluate(params, exp: Experiment, tok, eval_fn, to_global, byte_lens) -> dict:
@@ -161,180 +108,139 @@ def evaluate(params, exp: Experiment, tok, eval_fn, to_global, byte_lens) -> dic
     return out
 
 
-def train(exp: Experiment, log=print) -> dict:
-    """Run (or resume) training; returns the final metrics."""
-    tcfg = exp.train
-    workdir = tcfg.workdir
-    mesh = make_mesh(tcfg.mesh)
-    check_batch(exp, mesh)
-    tok = prepare_tokenizer(exp, workdir)
-    model_cfg = exp.model
-    if exp.vocab_from_tokenizer and model_cfg.vocab_size != tok.vocab_size:
-        model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
-    tok.check_fits(model_cfg.vocab_size)
-    if exp.data.seq_len > model_cfg.max_len:
-        raise ConfigError(
-            f"data seq_len {exp.data.seq_len} exceeds the model's max_len {model_cfg.max_len}"
+def _to_global_fn(bsh):
+    def to_global(batch):
+        return {
+            k: jax.make_array_from_process_local_data(bsh, np.asarray(v))
+            for k, v in batch.items()
+            if k in ("inputs", "targets", "positions", "segment_ids", "loss_mask")
+        }
+
+    return to_global
+
+
+class PretrainTask(Task):
+    """Next-token prediction on the packed text stream of `exp.data`."""
+
+    def __init__(self, exp: Experiment, log=print):
+        tcfg = exp.train
+        self.exp, self.log = exp, log
+        self.mesh = mesh = make_mesh(tcfg.mesh)
+        check_batch(exp, mesh)
+        self.tok = tok = prepare_tokenizer(exp, tcfg.workdir)
+        model_cfg = exp.model
+        if exp.vocab_from_tokenizer and model_cfg.vocab_size != tok.vocab_size:
+            model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
+        tok.check_fits(model_cfg.vocab_size)
+        if exp.data.seq_len > model_cfg.max_len:
+            raise ConfigError(
+                f"data seq_len {exp.data.seq_len} exceeds the model's max_len {model_cfg.max_len}"
+            )
+        if model_cfg.moe is not None:
+            from lm_jax.nn.moe import check_moe_mesh
+
+            check_moe_mesh(model_cfg, mesh)
+        from lm_jax.data import make_text_dataset
+
+        self.model_cfg = model_cfg
+        self.tx = tx = make_optimizer(tcfg)
+        self.abstract, self.shardings = state_shardings(model_cfg, tx, mesh)
+        self.train_it = make_text_dataset(
+            exp.data,
+            tok,
+            "train",
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
         )
-    if model_cfg.moe is not None:
-        from lm_jax.nn.moe import check_moe_mesh
+        st = self.train_it.stats
+        if st.get("streaming"):
+            log(
+                f"data: streamed from {exp.data.source} ({st.get('bytes') or 0:,} bytes), read "
+                f"lazily in rows of {exp.data.seq_len} (packing: nothing truncated or dropped)"
+            )
+        else:
+            log(
+                f"data: {st['documents']} documents, {st['tokens']} tokens, {st['rows']} rows of "
+                f"{exp.data.seq_len} per epoch; {st['split_documents']} documents longer than "
+                "the rest of their row continue in the next row (packing: nothing truncated or "
+                "dropped)"
+            )
+        self.bsh = bsh = batch_sharding(mesh, 2, exp.data.batch_size)
+        self.to_global = _to_global_fn(bsh)
+        self.step_fn = jit_train_step(model_cfg, tcfg, tx, self.shardings, bsh)
+        if tcfg.print_memory:
+            log(memory_report(self.step_fn, self.abstract, exp.data.batch_size,
+                              exp.data.seq_len, bsh))  # fmt: skip
+        self.flops_tok = flops_per_token(model_cfg, exp.data.seq_len)
+        self.peak = tcfg.peak_flops or device_peak_flops() or 0.0
+        self.bad_fn = (
+            jit_train_step(model_cfg, tcfg, tx, self.shardings, bsh, inject_nonfinite=True)
+            if exp.debug_nonfinite_step >= 0
+            else None
+        )
+        self.eval_fn = jit_eval_step(model_cfg, tcfg, self.shardings.params, bsh)
+        self.byte_lens = token_byte_lengths(tok, model_cfg.vocab_size)
+        self.rng = jax.random.key(tcfg.seed + 1)
+        self._batch: dict = {}
 
-        check_moe_mesh(model_cfg, mesh)
+    def abstract_state(self):
+        return self.abstract, self.shardings
 
-    from lm_jax.data import make_text_dataset
+    def init_state(self):
+        return init_train_state(self.model_cfg, self.tx, self.mesh, self.exp.train.seed)[0]
 
-    tx = make_optimizer(tcfg)
-    abstract, shardings = state_shardings(model_cfg, tx, mesh)
-    ckpt = Checkpointer(workdir, keep=tcfg.keep_checkpoints, async_save=tcfg.async_checkpointing)
-    train_it = make_text_dataset(
-        exp.data,
-        tok,
-        "train",
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    meta = meta_dict(model_cfg, tcfg, exp.data)
-    restored = ckpt.restore_latest(abstract, shardings) if ckpt.all_steps() else None
-    if restored is not None:
-        step0, state, data_state, saved_meta = restored
-        changes = check_resume_config(step0, ckpt.directory, saved_meta, meta)
-        train_it.set_state(data_state)
-        log(f"resumed from step {step0} in {ckpt.directory}")
-        if changes:
-            log("config changed since that checkpoint: " + ", ".join(changes))
-    else:
-        state, _ = init_train_state(model_cfg, tx, mesh, tcfg.seed)
-    st = train_it.stats
-    log(
-        f"data: {st['documents']} documents, {st['tokens']} tokens, {st['rows']} rows of "
-        f"{exp.data.seq_len} per epoch; {st['split_documents']} documents longer than the rest "
-        "of their row continue in the next row (packing: nothing truncated or dropped)"
-    )
+    def meta(self) -> dict:
+        return meta_dict(self.model_cfg, self.exp.train, self.exp.data)
 
-    bsh = batch_sharding(mesh, 2, exp.data.batch_size)
+    def host_state(self) -> dict:
+        return self.train_it.get_state()
 
-    to_global = functools.partial(global_batch, bsh)
+    def set_host_state(self, state: dict) -> None:
+        self.train_it.set_state(state)
 
-    step_fn = jit_train_step(model_cfg, tcfg, tx, shardings, bsh)
-    if tcfg.print_memory:
-        log(memory_report(step_fn, state, exp.data.batch_size, exp.data.seq_len, bsh))
-    flops_tok = flops_per_token(model_cfg, exp.data.seq_len)
-    peak = tcfg.peak_flops or device_peak_flops() or 0.0
-    bad_fn = (
-        jit_train_step(model_cfg, tcfg, tx, shardings, bsh, inject_nonfinite=True)
-        if exp.debug_nonfinite_step >= 0
-        else None
-    )
-    eval_fn = jit_eval_step(model_cfg, tcfg, shardings.params, bsh)
-    byte_lens = token_byte_lengths(tok, model_cfg.vocab_size)
-    writer = MetricWriter(workdir, enabled=jax.process_index() == 0)
-    rng = jax.random.key(tcfg.seed + 1)
-    step = int(jax.device_get(state.step))
-    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
-    log(
-        f"model: {n_params / 1e6:.2f}M params, mesh {dict(mesh.shape)}, "
-        f"tokenizer {tok.kind} (vocab {tok.vocab_size}), start step {step}/{tcfg.steps}"
-    )
+    def describe(self, state) -> str:
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+        tok = self.tok
+        return (
+            f"model: {n / 1e6:.2f}M params, mesh {dict(self.mesh.shape)}, "
+            f"tokenizer {tok.kind} (vocab {tok.vocab_size})"
+        )
 
-    bar = None
-    if tcfg.progress_bar and jax.process_index() == 0:
-        from tqdm.auto import tqdm
+    def train_step(self, state, step: int):
+        self._batch = batch = next(self.train_it)
+        exp = self.exp
+        bad = 0 <= step - exp.debug_nonfinite_step < exp.debug_nonfinite_count
+        fn = self.bad_fn if bad else self.step_fn
+        return fn(state, self.to_global(batch), self.rng)
 
-        bar = tqdm(total=tcfg.steps, initial=step, desc="train", dynamic_ncols=True)
-    consecutive_bad, last_eval, t0, tokens_seen = 0, {}, time.perf_counter(), 0.0
-    details = open(os.path.join(workdir, "steps.jsonl"), "a") if tcfg.log_step_details else None  # noqa: SIM115
-    row: dict = {}
+    def rates(self, window: dict) -> dict:
+        if not (self.peak and window["seconds"]):
+            return {}
+        tps = window["tokens"] / window["seconds"]
+        return {"mfu": tps * self.flops_tok / (self.peak * jax.device_count())}
 
-    def save(s, force=False):
-        if not ckpt.save(s, state, train_it.get_state(), meta, force=force):
-            return
-        log(f"saved checkpoint step {s}")
+    def step_record(self, step: int, metrics: dict, state) -> dict:
+        return _step_record(step, metrics, self._batch, state)
 
-    with _Preemption() as preempt:
-        while step < tcfg.steps:
-            if tcfg.profile_steps and step == tcfg.profile_start:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            if tcfg.profile_steps and step == tcfg.profile_start + tcfg.profile_steps:
-                jax.profiler.stop_trace()
-            batch = next(train_it)
-            bad = 0 <= step - exp.debug_nonfinite_step < exp.debug_nonfinite_count
-            fn = bad_fn if bad else step_fn
-            state, m = fn(state, to_global(batch), rng)
-            step += 1
-            finite = bool(m["finite"])
-            if details is not None:
-                details.write(_step_record(step, m, batch, state) + "\n")
-                details.flush()
-            if not finite:
-                consecutive_bad += 1
-                if tcfg.nonfinite == "halt" or consecutive_bad >= tcfg.max_consecutive_skips:
-                    ckpt.wait()
-                    raise TrainingHalted(
-                        f"non-finite loss/gradient at step {step} ({consecutive_bad} in a row; "
-                        f"policy {tcfg.nonfinite!r}). The last good checkpoint is kept in "
-                        f"{ckpt.directory}. Lower the learning rate, check the data, or use "
-                        "--nonfinite=skip."
-                    )
-                log(f"step {step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
-                continue
-            consecutive_bad = 0
-            tokens_seen += float(m["tokens"])
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                dt = time.perf_counter() - t0
-                row = writer.write(step, {k: v for k, v in m.items() if k != "finite"}, "train/")
-                row["train/tokens_per_s"] = tokens_seen / max(dt, 1e-9)
-                if peak:
-                    row["train/mfu"] = (
-                        row["train/tokens_per_s"] * flops_tok / (peak * jax.device_count())
-                    )
-                writer.write(step, {k: row[k] for k in row if k in _RATE_KEYS})
-                if bar is not None:
-                    bar.set_postfix(
-                        loss=f"{row['train/loss']:.4f}", tok_s=f"{row['train/tokens_per_s']:.0f}"
-                    )
-                else:
-                    log(format_metrics(step, row))
-                t0, tokens_seen = time.perf_counter(), 0.0
-            if bar is not None:
-                bar.update(1)
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                last_eval = evaluate(state.params, exp, tok, eval_fn, to_global, byte_lens)
-                writer.write(step, last_eval, "eval/")
-                log(format_metrics(step, {f"eval/{k}": v for k, v in last_eval.items()}))
-            if tcfg.save_every and step % tcfg.save_every == 0:
-                save(step)
-            if preempt.requested:
-                if ckpt.latest_step() != step:
-                    save(step, force=True)
-                ckpt.wait()
-                log(f"SIGTERM: saved step {step} and stopped; rerun the same command to resume")
-                break
-    if bar is not None:
-        bar.close()
-    finished = step >= tcfg.steps
-    if finished and ckpt.latest_step() != step:
-        save(step, force=True)
-    ckpt.wait()
-    ckpt.close()
-    if details is not None:
-        details.close()
-    if finished:
-        last_eval = evaluate(state.params, exp, tok, eval_fn, to_global, byte_lens)
-        writer.write(step, last_eval, "eval/")
-        log(format_metrics(step, {f"eval/{k}": v for k, v in last_eval.items()}))
-    writer.close()
+    def evaluate(self, state, step: int) -> dict:
+        out = evaluate(state.params, self.exp, self.tok, self.eval_fn, self.to_global,
+                       self.byte_lens)  # fmt: skip
+        return {f"eval/{k}": v for k, v in out.items()}
+
+
+def train(exp: Experiment, log=print) -> dict:
+    """Run (or resume) pretraining on the one loop (`engine.run`); returns the final metrics."""
+    task = PretrainTask(exp, log)
+    res = engine.run(task, exp.train, log)
     return {
-        "step": step,
-        "finished": finished,
-        "eval": last_eval,
-        "train": row,
-        "state": state,
-        "model_config": model_cfg,
-        "tokenizer": tok,
+        "step": res.step,
+        "finished": res.finished,
+        "eval": {k.removeprefix("eval/"): v for k, v in res.eval.items()},
+        "train": res.train,
+        "state": res.state,
+        "model_config": task.model_cfg,
+        "tokenizer": task.tok,
     }
-
-
-_RATE_KEYS = ("train/tokens_per_s", "train/mfu")
 
 
 def memory_report(step_fn, state, batch_size: int, seq_len: int, bsh) -> str:
@@ -362,13 +268,11 @@ def memory_report(step_fn, state, batch_size: int, seq_len: int, bsh) -> str:
     )
 
 
-def _step_record(step: int, m: dict, batch: dict, state) -> str:
-    import json
-
+def _step_record(step: int, m: dict, batch: dict, state) -> dict:
     loss = float(m["loss"])
     ids, counts = np.unique(batch.get("example_ids", np.zeros((0,), np.int32)), return_counts=True)
     keep = ids >= 0
-    return json.dumps(
+    return dict(
         {
             "step": step,
             "loss_hex": loss.hex(),
@@ -413,7 +317,7 @@ def sample_text(
     ]
 
 
-__all__ = ["Experiment", "TrainingHalted", "evaluate", "sample_text", "train"]
+__all__ = ["Experiment", "PretrainTask", "TrainingHalted", "evaluate", "sample_text", "train"]
 
 
 def print_samples(result: dict, exp: Experiment, prompts=("\n", "ROMEO:")) -> list[str]:
@@ -454,9 +358,5 @@ def evaluate_checkpoint(exp: Experiment) -> dict:
 
     p_sh = params_shardings(abstract_params(model_cfg), mesh)
     eval_fn = jit_eval_step(model_cfg, exp.train, p_sh, bsh)
-
-    to_global = functools.partial(global_batch, bsh)
-
-    return evaluate(
-        params, exp, tok, eval_fn, to_global, token_byte_lengths(tok, model_cfg.vocab_size)
-    )
+    byte_lens = token_byte_lengths(tok, model_cfg.vocab_size)
+    return evaluate(params, exp, tok, eval_fn, _to_global_fn(bsh), byte_lens)

@@ -35,18 +35,19 @@ def align(base, workdir, *extra):
         sys.executable,
         str(REPO / "experiments" / "align.py"),
         f"--base={base}",
-        f"--workdir={workdir}",
-        "--batch_size=8",
-        "--max_new_tokens=8",
-        "--moment_samples=64",
-        "--eval_samples=16",
+        f"--train.workdir={workdir}",
+        "--align.batch_size=8",
+        "--align.max_new_tokens=8",
+        "--align.moment_samples=64",
+        "--align.eval_samples=16",
         *extra,
     ]
 
 
 def test_dpg_steps_with_cosine_schedule_write_summary(tiny_base, tmp_path):
-    args = ["--constraint=word:e", "--method=dpg", "--steps=3", "--eval_every=3"]
-    r = run(align(tiny_base, tmp_path, *args, "--lr_schedule=cosine", "--min_lr_ratio=0.1"))
+    args = ["--constraint=word:e", "--method=dpg", "--train.steps=3", "--train.eval_every=3"]
+    schedule = ["--train.lr_schedule=cosine", "--train.min_lr_ratio=0.1"]
+    r = run(align(tiny_base, tmp_path, *args, *schedule))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     final = summary["methods"]["dpg"]
@@ -58,12 +59,15 @@ def test_dpg_steps_with_cosine_schedule_write_summary(tiny_base, tmp_path):
     "flags, names",
     [
         (["--constraint=colour:blue"], "colour"),
-        (["--constraint=word:e", "--lr_schedule=cosine", "--min_lr_ratio=-1"], "min_lr_ratio"),
-        (["--constraint=word:e", "--moment_feedback=0.1"], "moment_feedback"),
+        (
+            ["--constraint=word:e", "--train.lr_schedule=cosine", "--train.min_lr_ratio=-1"],
+            "min_lr_ratio",
+        ),
+        (["--constraint=word:e", "--align.moment_feedback=0.1"], "moment_feedback"),
     ],
 )
 def test_bad_input_is_one_clear_line(tiny_base, tmp_path, flags, names):
-    r = run(align(tiny_base, tmp_path, *flags, "--steps=1"))
+    r = run(align(tiny_base, tmp_path, *flags, "--train.steps=1"))
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and names in last

@@ -7,13 +7,13 @@ import pytest
 
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.data.scenes import SceneError, WordTokenizer, encode_texts
+from lm_jax.generate import generate_with_prefix
 from lm_jax.nn.two_towers import (
     CaptionerConfig,
     TextConfig,
     TextInputError,
     TwoTowerConfig,
     TwoTowers,
-    generate_with_prefix,
 )
 from lm_jax.nn.vision import ImageInputError, VisionConfig
 

@@ -1,0 +1,351 @@
+"""The one scorer: log-probabilities of given target tokens under a decoder LM.
+
+Every forward-and-score in lm_jax goes through here: perplexity / bits per byte
+(`lm_jax.eval.perplexity`), option and label scoring (`lm_jax.eval.classification`,
+`lm_jax.train.finetune.label_logliks` / `completion_loss`), `lm_jax.generate.sequence_logprobs`
+and the alignment policies' log pi(x) (`lm_jax.align.policies.sequence_logprob`).
+
+A batch is {inputs [B, T], targets [B, T], loss_mask [B, T], positions?, segment_ids?}: position
+t predicts targets[b, t] from inputs[b, :t + 1]. `score` returns `Scores`:
+
+  token_logprobs [B, T]  log p(targets[b, t]) where loss_mask > 0, else 0
+  sums [B]               sum_t token_logprobs * loss_mask  (log p(continuation | context))
+  counts [B]             sum_t loss_mask
+  candidates [B, K]      with candidate ids [K] or [B, K]: sum over masked positions of
+                         log p(candidate k) (single-token label scoring: mask one position)
+
+Layers, by use:
+  `score(cfg, params, batch, chunk=, candidates=)`  pure and differentiable (jit it, take
+      gradients through it inside a loss; LoRA params work as in `Transformer`);
+  `jitted_score(cfg, chunk)`  the one jit cache, keyed by the model config (and chunk);
+  `Scorer(cfg, params, mesh, chunk=)`  host-side batches: parameters placed on the mesh by
+      `params_shardings`, rows padded to a multiple of the data-parallel size and split over the
+      data axes (`batch_sharding`), results returned as float64 numpy trimmed to the real rows.
+
+`chunk` > 0 runs the LM head and log-softmax `chunk` positions at a time (scan + remat,
+`lm_jax.losses.chunked_token_log_probs`), so [B, T, V] logits never exist at once.
+
+`token_byte_lengths` is the one UTF-8 byte count per token id behind bits per byte (pretraining
+evaluation and `lm_jax.eval`).
+
+Nothing in `lm_jax.nn` imports this module.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import re
+from collections.abc import Callable
+from typing import NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm_jax.configs.base import ModelConfig
+from lm_jax.data.hf_tokenizer import _bytes_to_unicode
+from lm_jax.errors import EvalError
+from lm_jax.losses import chunked_token_log_probs, token_log_probs
+from lm_jax.nn.transformer import Transformer, head_logits_fn
+from lm_jax.sharding import batch_sharding, params_shardings, replicated
+
+# (params, inputs [B,T], positions [B,T], segment_ids [B,T]) -> logits [B,T,V]
+LogitsFn = Callable
+
+
+class Scores(NamedTuple):
+    """Per-token and per-row log-probabilities of a batch's targets (module docstring)."""
+
+    token_logprobs: jax.Array  # [B, T]
+    sums: jax.Array  # [B]
+    counts: jax.Array  # [B]
+    candidates: jax.Array | None = None  # [B, K]
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+def _candidate_ids(candidates, B: int):
+    if candidates is None:
+        return None
+    candidates = jnp.asarray(candidates, jnp.int32)
+    return jnp.broadcast_to(candidates, (B, candidates.shape[-1]))
+
+
+def reduce_scores(tok, cand, loss_mask) -> Scores:
+    """`Scores` from per-position log-probs: tok [B, T] (and cand [B, T, K]) under `loss_mask`.
+
+    Unmasked positions may hold anything (padding: garbage targets, NaN); they read as 0.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    tok = jnp.where(mask > 0, tok, 0.0)
+    sums, counts = jnp.sum(tok * mask, axis=1), jnp.sum(mask, axis=1)
+    if cand is not None:
+        cand = jnp.sum(jnp.where(mask[..., None] > 0, cand, 0.0) * mask[..., None], axis=1)
+    return Scores(tok, sums, counts, cand)
+
+
+def score_logits(logits, targets, loss_mask, candidates=None) -> Scores:
+    """`Scores` from given logits [B, T, V] (any model's)."""
+    cand = _candidate_ids(candidates, logits.shape[0])
+    out = token_log_probs(logits, targets, cand)
+    tok, cand_lp = out if cand is not None else (out, None)
+    return reduce_scores(tok, cand_lp, loss_mask)
+
+
+def score(
+    cfg: ModelConfig,
+    params,
+    batch: dict,
+    *,
+    chunk: int = 0,
+    candidates=None,
+    deterministic: bool = True,
+    rngs: dict | None = None,
+) -> Scores:
+    """`Scores` of `batch` under `Transformer(cfg)` with `params` (pure: jit / grad it).
+
+    `positions` / `segment_ids` default as in `Transformer`; `loss_mask` defaults to all ones.
+    `chunk` > 0: the head runs `chunk` positions at a time (no [B, T, V] logits).
+    """
+    inputs, targets = batch["inputs"], batch["targets"]
+    mask = batch.get("loss_mask")
+    mask = jnp.ones(targets.shape, jnp.float32) if mask is None else mask
+    out = Transformer(cfg).apply(
+        {"params": params},
+        inputs,
+        batch.get("positions"),
+        batch.get("segment_ids"),
+        deterministic=deterministic,
+        skip_head=chunk > 0,
+        rngs=rngs,
+    )
+    cand = _candidate_ids(candidates, inputs.shape[0])
+    if chunk > 0:  # out: final-norm activations [B, T, D]
+        res = chunked_token_log_probs(out, head_logits_fn(params, cfg), targets, chunk, cand)
+    else:  # out: logits [B, T, V]
+        res = token_log_probs(out, targets, cand)
+    tok, cand_lp = res if cand is not None else (res, None)
+    return reduce_scores(tok, cand_lp, mask)
+
+
+@functools.lru_cache(maxsize=16)
+def jitted_score(cfg: ModelConfig, chunk: int = 0):
+    """jit(score) for `cfg`: fn(params, batch, candidates=None) -> Scores (one cache)."""
+    check_chunk(chunk)
+
+    def fn(params, batch, candidates=None):
+        return score(cfg, params, batch, chunk=chunk, candidates=candidates)
+
+    return jax.jit(fn)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_logits_score(logits_fn: LogitsFn):
+    def fn(params, batch, candidates=None):
+        logits = logits_fn(params, batch["inputs"], batch["positions"], batch["segment_ids"])
+        return score_logits(logits, batch["targets"], batch["loss_mask"], candidates)
+
+    return jax.jit(fn)
+
+
+def check_chunk(chunk: int) -> None:
+    if not isinstance(chunk, int) or chunk < 0:
+        raise EvalError(f"chunk must be an int >= 0 (0 = the whole head at once), got {chunk!r}")
+
+
+# --------------------------------------------------------------------------- host-side batches
+
+
+def data_parallel_size(mesh) -> int:
+    if mesh is None:
+        return 1
+    return mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
+
+
+def complete_batch(batch: dict) -> dict:
+    """numpy copies of the model keys, with default positions/segments/mask filled in."""
+    if "inputs" not in batch or "targets" not in batch:
+        raise EvalError(f"a batch needs 'inputs' and 'targets', got keys {sorted(batch)}")
+    inputs = np.asarray(batch["inputs"], np.int32)
+    targets = np.asarray(batch["targets"], np.int32)
+    if inputs.ndim != 2 or inputs.shape != targets.shape:
+        raise EvalError(
+            f"inputs and targets must both be [B, T], got {inputs.shape} and {targets.shape}"
+        )
+    B, T = inputs.shape
+    out = {"inputs": inputs, "targets": targets}
+    out["positions"] = np.asarray(
+        batch.get("positions", np.broadcast_to(np.arange(T), (B, T))), np.int32
+    )
+    out["segment_ids"] = np.asarray(batch.get("segment_ids", np.ones((B, T))), np.int32)
+    out["loss_mask"] = np.asarray(batch.get("loss_mask", np.ones((B, T))), np.float32)
+    return out
+
+
+def _abstract_params(cfg: ModelConfig):
+    tokens = jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
+    return jax.eval_shape(lambda r: Transformer(cfg).init(r, tokens)["params"], jax.random.key(0))
+
+
+class Scorer:
+    """Scores host batches {inputs, targets, positions?, segment_ids?, loss_mask?}.
+
+    With `mesh`, parameters are placed by `lm_jax.sharding.params_shardings` and the batch is
+    split over the data axes (rows padded to a multiple of their size with masked rows).
+    `logits_fn` replaces the Transformer (any function of ids giving logits; params replicated).
+    `chunk` > 0: the Transformer's head runs `chunk` positions at a time (same numbers).
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig | None,
+        params,
+        mesh=None,
+        logits_fn: LogitsFn | None = None,
+        chunk: int = 0,
+    ):
+        if logits_fn is None and cfg is None:
+            raise EvalError("Scorer needs a ModelConfig (or an explicit logits_fn)")
+        check_chunk(chunk)
+        if chunk and logits_fn is not None:
+            raise EvalError("chunk applies to the Transformer's head only, not to a logits_fn")
+        self.cfg, self.mesh, self.chunk = cfg, mesh, chunk
+        params = nn.unbox(params)
+        self.fn = jitted_score(cfg, chunk) if logits_fn is None else _jitted_logits_score(logits_fn)
+        if mesh is not None:
+            if logits_fn is None:
+                shardings = params_shardings(_abstract_params(cfg), mesh)
+            else:
+                shardings = jax.tree.map(lambda _: replicated(mesh), params)
+            params = jax.device_put(params, shardings)
+        self.params = params
+
+    def score(self, batch: dict, candidates=None) -> Scores:
+        """`Scores` of one batch as float64 numpy; `candidates` [K] or [B, K] token ids."""
+        batch = complete_batch(batch)
+        B = batch["inputs"].shape[0]
+        if self.cfg is not None and batch["positions"].size:
+            hi = int(batch["positions"].max())
+            if hi >= self.cfg.max_len:
+                raise EvalError(
+                    f"a row reaches position {hi} but the model's max_len is {self.cfg.max_len}: "
+                    "use a shorter window / seq_len"
+                )
+        if candidates is not None:
+            candidates = np.asarray(candidates, np.int32)
+            batch["candidates"] = np.broadcast_to(candidates, (B, candidates.shape[-1]))
+        pad = (-B) % data_parallel_size(self.mesh)
+        if pad:
+            batch = {
+                k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+                for k, v in batch.items()
+            }
+        cand = batch.pop("candidates", None)
+        if self.mesh is None:
+            arrays = jax.tree.map(jnp.asarray, (batch, cand))
+            out = self.fn(self.params, *arrays)
+        else:
+            sh = batch_sharding(self.mesh, 2, B + pad)
+            arrays = jax.tree.map(lambda v: jax.device_put(v, sh), (batch, cand))
+            with jax.set_mesh(self.mesh):
+                out = self.fn(self.params, *arrays)
+        out = jax.device_get(out)
+        return Scores(*(None if x is None else np.asarray(x, np.float64)[:B] for x in out))
+
+    def row_sums(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
+        """(nll [B], tokens [B]) float64 for one batch."""
+        s = self.score(batch)
+        return -s.sums, s.counts
+
+
+# --------------------------------------------------------------------------- bytes per token
+
+_BYTE_PIECE = re.compile(r"<0x[0-9A-Fa-f]{2}>")
+_SPACE = "\u2581"  # SentencePiece's '▁' (a space in running text)
+
+
+def _decoded_len(tokenizer, i: int) -> int:
+    try:
+        return len(tokenizer.decode([i]).encode("utf-8"))
+    except Exception:  # noqa: BLE001 - special/control ids may not decode
+        return 0
+
+
+def _decoder_types(tk) -> set[str]:
+    found: set[str] = set()
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("type"), str):
+                found.add(node["type"])
+            for v in node.values():
+                walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(json.loads(tk.to_str()).get("decoder"))
+    return found
+
+
+def _hf_byte_lengths(tokenizer, out: np.ndarray) -> None:
+    tk = tokenizer.tk
+    types = _decoder_types(tk)
+    alphabet = set(_bytes_to_unicode().values())
+    added = tk.get_added_tokens_decoder()  # {id: AddedToken}
+    for i in range(len(out)):
+        if i in added:  # matched whole and decoded as their content
+            a = added[i]
+            out[i] = 0 if a.special else len(a.content.encode("utf-8"))
+            continue
+        piece = tk.id_to_token(i)
+        if piece is None or i in (tokenizer.bos_id, tokenizer.eos_id):
+            continue
+        if "ByteLevel" in types and set(piece) <= alphabet:
+            out[i] = len(piece)  # one byte per character of GPT-2's byte alphabet
+        elif "ByteFallback" in types and _BYTE_PIECE.fullmatch(piece):
+            out[i] = 1
+        elif _SPACE in piece or "Metaspace" in types:
+            out[i] = len(piece.replace(_SPACE, " ").encode("utf-8"))
+        else:
+            out[i] = _decoded_len(tokenizer, i)
+
+
+def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
+    """UTF-8 bytes each token id stands for inside running text: [vocab_size] float64, 0 for
+    specials (BOS, EOS, control, unknown) and ids past the tokenizer's vocabulary.
+
+    Summed over a token sequence this is the UTF-8 length of its decoded text, which decoding
+    tokens one at a time does not give:
+      byte tokenizer    ids 0..255 are one byte each (a lone byte >= 0x80 decodes to U+FFFD);
+      SentencePiece     a piece's '▁' is the space it stands for (per-token decoding drops a
+                        leading one), '<0xNN>' byte pieces are one byte;
+      HF `tokenizers`   byte-level BPE pieces are one byte per character of GPT-2's byte
+                        alphabet; SentencePiece-style vocabularies as above; added tokens their
+                        content (special ones 0);
+      others (char)     `decode([id])`.
+    """
+    out = np.zeros((vocab_size,), np.float64)
+    n = min(tokenizer.vocab_size, vocab_size)
+    kind = getattr(tokenizer, "kind", None)
+    if kind == "byte":
+        out[: min(256, n)] = 1.0
+        return out
+    sp = getattr(tokenizer, "sp", None)
+    if sp is not None:
+        for i in range(n):
+            if sp.IsControl(i) or sp.IsUnknown(i):
+                continue
+            piece = sp.IdToPiece(i)
+            out[i] = 1 if sp.IsByte(i) else len(piece.replace(_SPACE, " ").encode("utf-8"))
+        return out
+    if hasattr(tokenizer, "tk"):
+        _hf_byte_lengths(tokenizer, out[:n])
+        return out
+    for i in range(n):
+        if i not in (tokenizer.bos_id, tokenizer.eos_id):
+            out[i] = _decoded_len(tokenizer, i)
+    return out

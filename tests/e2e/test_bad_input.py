@@ -1,0 +1,351 @@
+"""The bad-input matrix of every binary in experiments/ (lm_jax/cli.py's exit policy): a
+missing file, a malformed file, a wrong checkpoint kind, a bad flag value and a mesh that does
+not fit the devices each exit 2 with exactly one `error:` line naming the problem and no
+traceback; a bad flag on a workdir that holds a run leaves its files as they were; old flag
+spellings still work with one `warning:` line. Each case is a subprocess that fails before
+anything compiles (the shared tiny checkpoint is the only training)."""
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TIMEOUT = 120
+
+
+def env():
+    e = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    e["JAX_PLATFORMS"] = "cpu"
+    e.pop("LM_JAX_FAULTS", None)
+    return e
+
+
+def binary(name, *args):
+    return subprocess.run(
+        [sys.executable, str(REPO / "experiments" / f"{name}.py"), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=env(),
+        cwd=REPO,
+    )
+
+
+def one_error_line(r, pattern: str) -> str:
+    """Exit 2, exactly one `error:` line (matching `pattern`), no traceback."""
+    out = r.stdout + r.stderr
+    assert r.returncode == 2, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    lines = [x for x in out.splitlines() if x.startswith("error:")]
+    assert len(lines) == 1, out[-3000:]
+    assert re.search(pattern, lines[0]), lines[0]
+    return lines[0]
+
+
+def tree_hash(folder) -> str:
+    h = hashlib.sha256()
+    for p in sorted(pathlib.Path(folder).rglob("*")):
+        h.update(str(p.relative_to(folder)).encode())
+        if p.is_file():
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A 2-step tiny pretraining run (checkpoint at step 2) on the embedded corpus: a decoder
+    checkpoint to point at."""
+    wd = tmp_path_factory.mktemp("base") / "w"
+    r = subprocess.run(
+        [sys.executable, str(REPO / "experiments" / "pretrain.py"), "--preset=tiny"]
+        + [f"--train.workdir={wd}", "--train.steps=2", "--train.save_every=2"]
+        + ["--train.num_samples=0", "--train.eval_batches=1", "--train.progress_bar=false"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env(),
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return wd
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """Missing, malformed and wrong-kind inputs, made by hand (nothing trains)."""
+    d = tmp_path_factory.mktemp("inputs")
+    (d / "adapters" / "adapters").mkdir(parents=True)  # a LoRA fine-tune's workdir
+    (d / "adapters" / "adapters" / "lora_adapter.json").write_text('{"format": "x"}')
+    (d / "adapters" / "metrics.jsonl").write_text('{"step": 1}\n')
+    (d / "image_text").mkdir()  # an experiments/train_image_text.py workdir
+    (d / "image_text" / "contrastive_params.msgpack").write_bytes(b"\x80")
+    (d / "image_text" / "contrastive.json").write_text("{}")
+    (d / "empty").mkdir()
+    (d / "junk" / "checkpoints" / "1").mkdir(parents=True)  # a step folder without a checkpoint
+    (d / "junk" / "checkpoints" / "1" / "x").write_text("junk")
+    (d / "bad.gguf").write_bytes(b"not a gguf file at all")
+    (d / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
+    (d / "nokey.jsonl").write_text('{"prompt": "a"}\n')
+    (d / "good.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    (d / "sst2" / "sst2").mkdir(parents=True)
+    for split in ("train", "dev", "test"):
+        (d / "sst2" / "sst2" / f"stsa.binary.{split}").write_text("positive a fine film\n")
+    (d / "a_file").write_text("x")
+    return d
+
+
+MISSING = "/nonexistent/lm_jax_bad_input"
+
+# ---------------------------------------------------------------- pretrain
+
+PRETRAIN = {
+    "missing_corpus": (["--data.source=file:/nonexistent/corpus*.txt"], r"no such file"),
+    "malformed_tokenizer": ([], r"tokenizer"),  # the workdir's tokenizer manifest is not JSON
+    "adapter_dir_as_workdir": (["--train.workdir={adapters}"], r"LoRA adapters.*folder of its"),
+    "image_text_dir_as_workdir": (["--train.workdir={image_text}"], r"image-text run"),
+    "bad_flag_value": (["--train.steps=abc"], r"--train\.steps=abc"),
+    "bad_config_value": (["--train.steps=0"], r"steps must be > 0.*--train\.steps"),
+    "unknown_flag": (["--train.stepz=3"], r"train\.stepz.*train\.steps"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+    "malformed_mesh": (["--train.mesh=data=2"], r"malformed mesh.*--train\.mesh="),
+    "positional": (["extra"], r"positional"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PRETRAIN))
+def test_pretrain(case, files, tmp_path):
+    args, pattern = PRETRAIN[case]
+    wd = tmp_path / "w"
+    if case == "malformed_tokenizer":
+        (wd / "tokenizer").mkdir(parents=True)
+        (wd / "tokenizer" / "lm_jax_tokenizer.json").write_text("{not json")
+    args = [a.format(**{k: files / k for k in ("adapters", "image_text")}) for a in args]
+    r = binary("pretrain", "--preset=tiny", f"--train.workdir={wd}", *args)
+    one_error_line(r, pattern)
+    assert not (wd / "checkpoints").exists()
+
+
+@pytest.mark.parametrize(
+    "args, pattern",
+    [
+        (["--train.steps=abc"], r"--train\.steps=abc"),
+        (["--model.d_model=32"], r"has shape .* but the model config gives"),
+        (["--train.mesh=data:3"], r"needs 3 devices"),
+        (["--data.seq_len=32"], r"another row stream: data\.seq_len"),
+    ],
+)
+def test_pretrain_resume_with_a_bad_flag_leaves_the_checkpoint_intact(
+    base, tmp_path, args, pattern
+):
+    wd = tmp_path / "w"
+    shutil.copytree(base, wd)
+    before = tree_hash(wd)
+    r = binary("pretrain", "--preset=tiny", f"--train.workdir={wd}", "--train.steps=4", *args)
+    one_error_line(r, pattern)
+    assert tree_hash(wd) == before
+
+
+# ---------------------------------------------------------------- finetune
+
+FINETUNE = {
+    "missing_train_file": (["--train_file=/nonexistent/train.jsonl"], r"not found"),
+    "malformed_jsonl": (["--train_file={bad.jsonl}"], r"bad\.jsonl:2: .*JSON object"),
+    "jsonl_without_completion": (["--train_file={nokey.jsonl}"], r"nokey\.jsonl:1"),
+    "missing_checkpoint": ([f"--checkpoint={MISSING}"], r"does not exist"),
+    "adapters_as_checkpoint": (["--checkpoint={adapters}"], r"holds LoRA adapters"),
+    "image_text_as_checkpoint": (["--checkpoint={image_text}"], r"image-text workdir"),
+    "random_dir_as_checkpoint": (["--checkpoint={empty}"], r"not an lm_jax training directory"),
+    "unreadable_checkpoint": (["--checkpoint={junk}"], r"unreadable"),
+    "bad_flag_value": (["--train.learning_rate=abc"], r"--train\.learning_rate=abc"),
+    "bad_config_value": (["--finetune.seq_len=1"], r"seq_len must be >= 2.*--finetune\.seq_len"),
+    "lora_only_option": (["--nofinetune.lora", "--finetune.bf16_base"], r"LoRA only"),
+    "unused_train_flag": (["--train.eval_batches=3"], r"train\.eval_batches"),
+    "unknown_task": (["--task=imdb"], r"unknown task"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+}
+
+
+def _fmt(args, files, base=None):
+    names = {p.name: p for p in files.iterdir()}
+    if base is not None:
+        names["base"] = base
+    return [re.sub(r"\{([\w.]+)\}", lambda m: str(names[m.group(1)]), a) for a in args]
+
+
+@pytest.mark.parametrize("case", sorted(FINETUNE))
+def test_finetune(case, files, tmp_path):
+    args, pattern = FINETUNE[case]
+    args = _fmt(args, files)
+    if not any(a.startswith("--checkpoint") for a in args):
+        args.append(f"--checkpoint={files / 'empty'}")  # bad flags fail before the model loads
+    if not any(a.startswith(("--train_file", "--task")) for a in args):
+        args.append(f"--train_file={files / 'good.jsonl'}")
+    r = binary("finetune", f"--train.workdir={tmp_path / 'w'}", *args)
+    one_error_line(r, pattern)
+    assert not (tmp_path / "w").exists()
+
+
+def test_finetune_bad_lora_target_after_loading_leaves_the_workdir_intact(base, files, tmp_path):
+    wd = tmp_path / "w"
+    shutil.copytree(files / "adapters", wd)  # an earlier fine-tune's adapters
+    before = tree_hash(wd)
+    r = binary(
+        "finetune",
+        f"--checkpoint={base}",
+        f"--train_file={files / 'good.jsonl'}",
+        "--finetune.lora.targets=attn/q_proj,attn/nope_proj",
+        f"--train.workdir={wd}",
+    )
+    one_error_line(r, r"'attn/nope_proj' matches no kernel")
+    assert tree_hash(wd) == before
+
+
+def test_finetune_old_spellings_warn_and_still_apply(files, tmp_path):
+    r = binary(
+        "finetune",
+        f"--checkpoint={files / 'empty'}",
+        f"--train_file={files / 'good.jsonl'}",
+        "--lora_rank=0",
+        "--bf16_base",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    one_error_line(r, r"LoRA only.*--finetune\.bf16_base")  # both old flags took effect
+    warnings = [x for x in r.stderr.splitlines() if x.startswith("warning:")]
+    assert len(warnings) == 3, r.stderr
+    assert any("--lora_rank" in w and "--finetune.lora.rank" in w for w in warnings)
+    assert any("--workdir" in w and "--train.workdir" in w for w in warnings)
+    r = binary("finetune", "--steps=0", f"--train_file={files / 'good.jsonl'}")
+    one_error_line(r, r"steps must be > 0.*--train\.steps")
+    assert "use --train.steps" in r.stderr
+
+
+# ---------------------------------------------------------------- align
+
+ALIGN = {
+    "missing_base": ([f"--base={MISSING}"], r"does not exist.*--base"),
+    "malformed_gguf_base": (["--base={bad.gguf}"], r"not a readable GGUF"),
+    "adapters_as_base": (["--base={adapters}"], r"holds LoRA adapters"),
+    "image_text_as_base": (["--base={image_text}"], r"image-text workdir"),
+    "random_dir_as_base": (["--base={empty}"], r"not an lm_jax training directory"),
+    "bad_flag_value": (["--align.batch_size=abc"], r"--align\.batch_size=abc"),
+    "bad_config_value": (["--align.batch_size=0"], r"batch_size must be >= 1.*--align\."),
+    "unknown_method": (["--method=nope"], r"unknown method 'nope'"),
+    "unknown_schedule": (["--train.lr_schedule=wsd"], r"unknown lr schedule"),
+    "unknown_constraint": (["--base={base}", "--constraint=colour:blue"], r"colour"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALIGN))
+def test_align(case, base, files, tmp_path):
+    args, pattern = ALIGN[case]
+    args = _fmt(args, files, base)
+    if not any(a.startswith("--base") for a in args):
+        args.append(f"--base={files / 'empty'}")
+    if not any(a.startswith("--constraint") for a in args):
+        args.append("--constraint=word:e")
+    r = binary("align", f"--train.workdir={tmp_path / 'w'}", *args)
+    one_error_line(r, pattern)
+    assert not (tmp_path / "w").exists()
+
+
+def test_align_old_spelling_and_workdir_intact(files, tmp_path):
+    wd = tmp_path / "w"
+    (wd / "dpg").mkdir(parents=True)
+    (wd / "summary.json").write_text(json.dumps({"methods": {}}))
+    before = tree_hash(wd)
+    r = binary(
+        "align", f"--base={files / 'empty'}", "--constraint=word:e", "--lr=-1", f"--workdir={wd}"
+    )
+    one_error_line(r, r"learning_rate must be > 0.*--train\.learning_rate")
+    assert "--lr is deprecated" in r.stderr and "use --train.learning_rate" in r.stderr
+    assert tree_hash(wd) == before
+
+
+# ---------------------------------------------------------------- train_image_text
+
+IMAGE_TEXT = {
+    "data_dir_under_a_file": (["--image_text.data_dir={a_file}/scenes"], r"is a file"),
+    "workdir_is_a_file": (["--train.workdir={a_file}"], r"is a file"),
+    "decoder_checkpoint_as_workdir": (["--train.workdir={base}"], r"decoder training run"),
+    "adapters_as_workdir": (["--train.workdir={adapters}"], r"LoRA adapters"),
+    "bad_flag_value": (["--image_text.mode=foo"], r"--image_text\.mode=foo"),
+    "bad_config_value": (["--image_text.patch=7"], r"patch must divide.*--image_text\.patch"),
+    "unknown_source": (["--image_text.source=nope"], r"source must be"),
+    "batch_vs_devices": (["--image_text.batch_size=15"], r"not divisible by the 2"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+    "old_spelling": (["--batch=0"], r"batch_size must be >= 1.*--image_text\.batch_size"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(IMAGE_TEXT))
+def test_train_image_text(case, base, files, tmp_path):
+    args, pattern = IMAGE_TEXT[case]
+    args = _fmt(args, files, base)
+    wd = tmp_path / "w"
+    wd.mkdir()
+    (wd / "contrastive.json").write_text("{}")  # an earlier run's results
+    before = {p: tree_hash(p) for p in (wd, base, files)}
+    scenes = ["--image_text.data_dir=" + str(tmp_path / "scenes")]
+    r = binary("train_image_text", f"--train.workdir={wd}", *scenes, *args)
+    one_error_line(r, pattern)
+    if case == "old_spelling":
+        assert "use --image_text.batch_size" in r.stderr
+    assert {p: tree_hash(p) for p in before} == before
+    assert not (tmp_path / "scenes").exists()
+
+
+# ---------------------------------------------------------------- generate
+
+GENERATE = {
+    "missing_checkpoint": ([f"--checkpoint={MISSING}"], r"does not exist"),
+    "missing_gguf": ([f"--gguf={MISSING}.gguf"], r"not found"),
+    "malformed_gguf": (["--gguf={bad.gguf}"], r"not a readable GGUF"),
+    "unreadable_checkpoint": (["--checkpoint={junk}"], r"unreadable"),
+    "adapters_as_checkpoint": (["--checkpoint={adapters}"], r"holds LoRA adapters"),
+    "image_text_as_checkpoint": (["--checkpoint={image_text}"], r"image-text workdir"),
+    "random_dir_as_checkpoint": (["--checkpoint={empty}"], r"not an lm_jax training"),
+    "random_dir_as_hf_dir": (["--hf_dir={empty}"], r"config\.json' not found"),
+    "two_sources": (["--checkpoint={empty}", "--gguf={bad.gguf}"], r"exactly one of"),
+    "bad_flag_value": (["--checkpoint={empty}", "--top_p=abc"], r"--top_p=abc"),
+    "bad_sampling_value": (["--checkpoint={empty}", "--temperature=-1"], r"--temperature"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GENERATE))
+def test_generate(case, files):
+    args, pattern = GENERATE[case]
+    one_error_line(binary("generate", *_fmt(args, files)), pattern)
+
+
+# ---------------------------------------------------------------- evaluate
+
+EVALUATE = {
+    "missing_checkpoint": ([f"--checkpoint={MISSING}"], r"does not exist"),
+    "missing_corpus": (
+        ["--checkpoint={base}", "--data_source=file:/nonexistent/corpus.txt"],
+        r"no such file",
+    ),
+    "missing_sst2": (["--checkpoint={base}", "--task=sst2", "--data_dir={empty}"], r"not found"),
+    "malformed_sst2": (
+        ["--checkpoint={base}", "--task=sst2", "--data_dir={sst2}"],
+        r"stsa\.binary\.test:1: SST-2 lines",
+    ),
+    "malformed_gguf": (["--gguf={bad.gguf}"], r"not a readable GGUF"),
+    "adapters_as_checkpoint": (["--checkpoint={adapters}"], r"holds LoRA adapters"),
+    "image_text_as_checkpoint": (["--checkpoint={image_text}"], r"image-text workdir"),
+    "unknown_task": (["--checkpoint={empty}", "--task=nope"], r"unknown task 'nope'"),
+    "bad_flag_value": (["--checkpoint={empty}", "--limit=abc"], r"--limit=abc"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EVALUATE))
+def test_evaluate(case, base, files):
+    args, pattern = EVALUATE[case]
+    one_error_line(binary("evaluate", *_fmt(args, files, base)), pattern)

@@ -1,0 +1,222 @@
+"""Every training binary runs on the one loop, so every one survives a crash: `kill -9` after a
+randomly chosen checkpoint, then the same command again, gives the uninterrupted run's losses,
+parameters and batches to the bit (`--log_step_details` rows: loss hex, params hash, example ids
+or batch hash); SIGTERM saves, exits 0 and resumes the same way. Covers fine-tuning (LoRA and
+full), alignment (DPG) and image-text (contrastive); pretraining has its own suite
+(test_fault_injection.py)."""
+
+import json
+import os
+import pathlib
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("xla_cache_resume")
+
+
+def env(cache_dir):
+    e = dict(os.environ)
+    e["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    e["PYTHONUNBUFFERED"] = "1"
+    e["JAX_COMPILATION_CACHE_DIR"] = str(cache_dir)
+    e["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    e["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    e.pop("LM_JAX_FAULTS", None)
+    return e
+
+
+def records(path: pathlib.Path) -> dict[int, dict]:
+    out = {}
+    for line in path.read_text().splitlines():
+        if line.strip().endswith("}"):
+            rec = json.loads(line)
+            out[rec["step"]] = rec  # a step re-run after a crash: the last record counts
+    return out
+
+
+def run_ok(args, cache_dir, timeout=600):
+    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env(cache_dir))
+    assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
+    return r
+
+
+def interrupted(args, cache_dir, out: pathlib.Path, after_save: int, sig, timeout=600):
+    """Start `args`, wait until checkpoint step `after_save` is saved, wait a random moment,
+    send `sig`; returns (return code, stdout)."""
+    with open(out, "w") as f:
+        p = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env(cache_dir))
+    deadline = time.time() + timeout
+    pattern = re.compile(rf"saved checkpoint step {after_save}\b")
+    while not pattern.search(out.read_text()):
+        if p.poll() is not None:
+            raise AssertionError(f"finished before saving step {after_save}:\n{out.read_text()}")
+        if time.time() > deadline:
+            p.kill()
+            raise AssertionError(f"no save of step {after_save}:\n{out.read_text()[-2000:]}")
+        time.sleep(0.02)
+    time.sleep(random.Random(after_save).uniform(0.0, 0.3))
+    p.send_signal(sig)
+    return p.wait(timeout=120), out.read_text()
+
+
+def check_identical(ref: pathlib.Path, got: pathlib.Path, steps: int) -> None:
+    a, b = records(ref), records(got)
+    assert sorted(a) == sorted(b) == list(range(1, steps + 1))
+    for s in a:
+        assert a[s] == b[s], f"step {s}: {a[s]} != {b[s]}"
+
+
+def crash_resume_case(argv, workdir, ref_log, steps, save_every, cache_dir, tmp_path):
+    """kill -9 after a random save, rerun to the end, and compare with the reference."""
+    kill_after = random.Random(str(workdir)).choice(range(save_every, steps, save_every))
+    rc, _ = interrupted(argv, cache_dir, tmp_path / "kill.out", kill_after, signal.SIGKILL)
+    assert rc == -signal.SIGKILL
+    # an (async) save may not have committed yet: the run resumes from the newest committed one
+    ckpts = workdir / "checkpoints"
+    committed = [
+        int(p.name)
+        for p in ckpts.iterdir()
+        if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").is_file()
+    ] if ckpts.is_dir() else []  # fmt: skip
+    r = run_ok(argv, cache_dir)
+    m = re.search(r"resumed from step (\d+)", r.stdout)
+    assert (int(m.group(1)) if m else None) == max(committed, default=None), r.stdout[-2000:]
+    assert max(committed, default=0) >= kill_after - save_every
+    check_identical(ref_log, workdir / "steps.jsonl", steps)
+
+
+def sigterm_case(argv, workdir, ref_log, steps, save_every, cache_dir, tmp_path):
+    rc, text = interrupted(argv, cache_dir, tmp_path / "term.out", save_every, signal.SIGTERM)
+    assert rc == 0, text[-2000:]
+    assert "SIGTERM: saved step" in text
+    run_ok(argv, cache_dir)
+    check_identical(ref_log, workdir / "steps.jsonl", steps)
+
+
+# ---------------------------------------------------------------------------- fine-tuning
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, shared_data, cache_dir):
+    wd = tmp_path_factory.mktemp("resume_base")
+    text = shared_data / "tinyshakespeare" / "input.txt"
+    run_ok(
+        [PY, str(REPO / "experiments" / "pretrain.py"), "--preset=tiny"]
+        + [f"--train.workdir={wd}", "--train.progress_bar=false", "--train.steps=5"]
+        + [f"--data.source=tinyshakespeare:{text}", "--train.num_samples=0"],
+        cache_dir,
+    )
+    return wd
+
+
+@pytest.fixture(scope="module")
+def sft_file(tmp_path_factory):
+    words = "love death king night heart blood crown sweet fair honour".split()
+    path = tmp_path_factory.mktemp("sft") / "train.jsonl"
+    rows = [{"prompt": f"what is {w}? ", "completion": w[::-1]} for w in words for _ in (0, 1)]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))  # 20 examples: epochs wrap
+    return path
+
+
+FT_STEPS, FT_SAVE = 12, 3
+
+
+def finetune_argv(base, train_file, workdir, rank):
+    return [
+        PY, str(REPO / "experiments" / "finetune.py"), f"--checkpoint={base}",
+        f"--train_file={train_file}", f"--train.workdir={workdir}",
+        f"--finetune.lora.rank={rank}" if rank else "--nofinetune.lora",
+        f"--train.steps={FT_STEPS}", f"--train.save_every={FT_SAVE}",
+        "--finetune.batch_size=8", "--finetune.seq_len=32", "--train.learning_rate=3e-3",
+        "--train.log_step_details",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("rank", [4, 0], ids=["lora", "full"])
+def test_finetune_kill_9_and_sigterm_resume_exactly(
+    rank, tiny_base, sft_file, cache_dir, tmp_path
+):
+    ref = tmp_path / "ref"
+    run_ok(finetune_argv(tiny_base, sft_file, ref, rank), cache_dir)
+    ref_log = ref / "steps.jsonl"
+    seen = [i for s in sorted(records(ref_log)) for i in records(ref_log)[s]["example_ids"]]
+    # 12 steps x 8 rows over 20 examples: every example once per epoch, in epoch order
+    for e in range(len(seen) // 20):
+        assert sorted(seen[20 * e : 20 * (e + 1)]) == list(range(20))
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        argv = finetune_argv(tiny_base, sft_file, wd, rank)
+        case(argv, wd, ref_log, FT_STEPS, FT_SAVE, cache_dir, tmp_path)
+    if rank:  # adapter-only checkpoints: nothing of the frozen base is saved
+        assert (ref / "adapters").is_dir()
+
+
+# ---------------------------------------------------------------------------- alignment
+
+AL_STEPS, AL_SAVE = 10, 2
+
+
+def align_argv(base, workdir):
+    return [
+        PY, str(REPO / "experiments" / "align.py"), f"--base={base}",
+        f"--train.workdir={workdir}", "--constraint=word:e", "--method=dpg",
+        f"--train.steps={AL_STEPS}", f"--train.save_every={AL_SAVE}", "--align.batch_size=8",
+        "--align.max_new_tokens=8", "--align.moment_samples=64", "--train.eval_every=5",
+        "--align.eval_samples=16", "--train.log_step_details",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_align_dpg_kill_9_and_sigterm_resume_exactly(tiny_base, cache_dir, tmp_path):
+    ref = tmp_path / "ref"
+    run_ok(align_argv(tiny_base, ref), cache_dir)
+    ref_log = ref / "dpg" / "steps.jsonl"
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(align_argv(tiny_base, wd), wd / "dpg", ref_log, AL_STEPS, AL_SAVE, cache_dir,
+             tmp_path)  # fmt: skip
+        a = json.loads((ref / "summary.json").read_text())["methods"]["dpg"]
+        b = json.loads((wd / "summary.json").read_text())["methods"]["dpg"]
+        assert a["eval/phi_pi"] == b["eval/phi_pi"] and a["eval/kl_pi_a"] == b["eval/kl_pi_a"]
+
+
+# ---------------------------------------------------------------------------- image-text
+
+IT_STEPS, IT_SAVE = 12, 3
+
+
+def image_text_argv(data_dir, out):
+    return [
+        PY, str(REPO / "experiments" / "train_image_text.py"), "--image_text.source=digits",
+        f"--image_text.data_dir={data_dir}", "--image_text.num_train=64",
+        "--image_text.num_test=8", f"--train.steps={IT_STEPS}", "--image_text.batch_size=8",
+        "--image_text.width=32", "--image_text.layers=1", f"--train.workdir={out}",
+        f"--train.save_every={IT_SAVE}", "--train.log_step_details",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_image_text_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path):
+    data = tmp_path / "scenes"
+    ref = tmp_path / "ref"
+    run_ok(image_text_argv(data, ref), cache_dir)
+    ref_log = ref / "contrastive" / "steps.jsonl"
+    hashes = [r["batch_hash"] for r in records(ref_log).values()]
+    assert len(set(hashes)) == len(hashes)  # 12 batches of 8 over 64 scenes, reshuffled
+    for case in (crash_resume_case, sigterm_case):
+        out = tmp_path / case.__name__
+        case(image_text_argv(data, out), out / "contrastive", ref_log, IT_STEPS, IT_SAVE,
+             cache_dir, tmp_path)  # fmt: skip
