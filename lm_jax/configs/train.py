@@ -48,6 +48,7 @@ class TrainConfig:
     sample_tokens: int = 200  # tokens per sample
     log_step_details: bool = False  # per-step JSONL: loss hex, example ids, param hash
     progress_bar: bool = True
+    prefetch_batches: int = 2  # batches read and sent to the devices ahead on a thread; 0 = off
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = the detected accelerator's
     print_memory: bool = False  # print the compiled train step's memory analysis
     profile_steps: int = 0  # jax.profiler trace of this many steps (TensorBoard), 0 = off
@@ -76,6 +77,7 @@ class TrainConfig:
             (self.save_every >= 0, f"save_every must be >= 0, got {self.save_every}"),
             (self.keep_checkpoints >= 1, "keep_checkpoints must be >= 1"),
             (self.max_consecutive_skips >= 1, "max_consecutive_skips must be >= 1"),
+            (self.prefetch_batches >= 0, "prefetch_batches must be >= 0 (0 = no prefetch)"),
         ]
         for ok, msg in checks:
             if not ok:

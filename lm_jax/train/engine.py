@@ -15,6 +15,7 @@ uninterrupted run's losses and parameters to the bit.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import time
@@ -82,6 +83,9 @@ class Task:
     def meta(self) -> dict:
         """Configs saved with checkpoints and compared on resume (`check_resume_config`)."""
         return {}
+
+    def close(self) -> None:
+        """Release what the task holds (e.g. a prefetch thread) when the loop ends."""
 
     def describe(self, state) -> str:
         """A one-line summary printed once the state exists."""
@@ -236,76 +240,101 @@ def run(
         last_eval = evaluate(0)
         history.append({"step": 0, **last_eval})
 
-    with Preemption() as preempt:
-        while step < tcfg.steps:
-            if tcfg.profile_steps and step == tcfg.profile_start:
-                jax.profiler.start_trace(os.path.join(workdir, "profile"))
-            if tcfg.profile_steps and step == tcfg.profile_start + tcfg.profile_steps:
-                jax.profiler.stop_trace()
-            state, m = task.train_step(state, step)
-            step += 1
-            m = _host(m)
-            finite = bool(m.pop("finite", True))
-            if details is not None:
-                rec = task.step_record(step, {**m, "finite": finite}, state)
-                if rec is not None:
-                    import json
-
-                    details.write(json.dumps(rec) + "\n")
-                    details.flush()
-            if not finite:
-                consecutive_bad += 1
-                if tcfg.nonfinite == "halt" or consecutive_bad >= tcfg.max_consecutive_skips:
-                    ckpt.wait()
-                    raise TrainingHalted(
-                        f"non-finite loss/gradient at step {step} ({consecutive_bad} in a row; "
-                        f"policy {tcfg.nonfinite!r}). The last good checkpoint is kept in "
-                        f"{ckpt.directory}. Lower the learning rate, check the data, or use "
-                        "--train.nonfinite=skip."
-                    )
-                log(f"step {step}: non-finite loss, update skipped ({consecutive_bad} in a row)")
-                if bar is not None:
-                    bar.update(1)
-                continue
-            consecutive_bad = 0
-            window["steps"] += 1
-            window["tokens"] += float(m.get("tokens", 0.0))
-            row = {"step": step, **{task.metric_prefix + k: _scalar(v) for k, v in m.items()}}
-            if task.metrics_every_step and step % tcfg.log_every and step != tcfg.steps:
-                writer.write(step, m, task.metric_prefix)
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
-                dt = time.perf_counter() - window["t0"]
-                window["seconds"] = dt
-                rates = {"steps_per_s": window["steps"] / max(dt, 1e-9)}
-                if window["tokens"]:
-                    rates["tokens_per_s"] = window["tokens"] / max(dt, 1e-9)
-                rates.update(task.rates(window))
-                last_row = writer.write(step, m, task.metric_prefix)
-                last_row.update(writer.write(step, rates, task.metric_prefix))
-                if bar is not None:
-                    post = {}
-                    if "loss" in m:
-                        post["loss"] = f"{float(m['loss']):.4f}"
-                    if "tokens_per_s" in rates:
-                        post["tok_s"] = f"{rates['tokens_per_s']:.0f}"
-                    bar.set_postfix(**post)
-                else:
-                    log(format_metrics(step, last_row))
-                window = {"seconds": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter()}
-            if bar is not None:
-                bar.update(1)
-            if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
-                last_eval = evaluate(step)
-                row.update(last_eval)
-            history.append(row)
-            if tcfg.save_every and step % tcfg.save_every == 0:
-                save_step(step)
-            if preempt.requested:
-                if ckpt.latest_step() != step:
-                    save_step(step, force=True)
+    def account(s: int, m: dict, state_now) -> dict | None:
+        """Book step `s`'s metrics: the non-finite policy, per-step records, counters. None if
+        the step was skipped (non-finite). `state_now` is the state after step s, or None when
+        the metrics are read one step late (no per-step records then)."""
+        nonlocal consecutive_bad
+        m = _host(m)
+        finite = bool(m.pop("finite", True))
+        if details is not None and state_now is not None:
+            rec = task.step_record(s, {**m, "finite": finite}, state_now)
+            if rec is not None:
+                details.write(json.dumps(rec) + "\n")
+                details.flush()
+        if bar is not None:
+            bar.update(1)
+        if not finite:
+            consecutive_bad += 1
+            if tcfg.nonfinite == "halt" or consecutive_bad >= tcfg.max_consecutive_skips:
                 ckpt.wait()
-                log(f"SIGTERM: saved step {step} and stopped; rerun the same command to resume")
-                break
+                raise TrainingHalted(
+                    f"non-finite loss/gradient at step {s} ({consecutive_bad} in a row; "
+                    f"policy {tcfg.nonfinite!r}). The last good checkpoint is kept in "
+                    f"{ckpt.directory}. Lower the learning rate, check the data, or use "
+                    "--train.nonfinite=skip."
+                )
+            log(f"step {s}: non-finite loss, update skipped ({consecutive_bad} in a row)")
+            return None
+        consecutive_bad = 0
+        window["steps"] += 1
+        window["tokens"] += float(m.get("tokens", 0.0))
+        row = {"step": s, **{task.metric_prefix + k: _scalar(v) for k, v in m.items()}}
+        history.append(row)
+        if task.metrics_every_step and s % tcfg.log_every and s != tcfg.steps:
+            writer.write(s, m, task.metric_prefix)
+        return m
+
+    def must_sync(s: int) -> bool:
+        """Steps whose metrics are read at once: anything that logs, evaluates or saves."""
+        return (
+            details is not None
+            or s % tcfg.log_every == 0
+            or s == tcfg.steps
+            or bool(tcfg.eval_every and s % tcfg.eval_every == 0)
+            or bool(tcfg.save_every and s % tcfg.save_every == 0)
+        )
+
+    pending = None  # (step, device metrics): read after the next step is dispatched
+    try:
+        with Preemption() as preempt:
+            while step < tcfg.steps:
+                if tcfg.profile_steps and step == tcfg.profile_start:
+                    jax.profiler.start_trace(os.path.join(workdir, "profile"))
+                if tcfg.profile_steps and step == tcfg.profile_start + tcfg.profile_steps:
+                    jax.profiler.stop_trace()
+                state, m = task.train_step(state, step)
+                step += 1
+                if pending is not None:  # the step before ran while this one was dispatched
+                    account(*pending, None)
+                    pending = None
+                if not (must_sync(step) or preempt.requested):
+                    pending = (step, m)
+                    continue
+                m = account(step, m, state)
+                if m is not None and (step % tcfg.log_every == 0 or step == tcfg.steps):
+                    dt = time.perf_counter() - window["t0"]
+                    window["seconds"] = dt
+                    rates = {"steps_per_s": window["steps"] / max(dt, 1e-9)}
+                    if window["tokens"]:
+                        rates["tokens_per_s"] = window["tokens"] / max(dt, 1e-9)
+                    rates.update(task.rates(window))
+                    last_row = writer.write(step, m, task.metric_prefix)
+                    last_row.update(writer.write(step, rates, task.metric_prefix))
+                    if bar is not None:
+                        post = {}
+                        if "loss" in m:
+                            post["loss"] = f"{float(m['loss']):.4f}"
+                        if "tokens_per_s" in rates:
+                            post["tok_s"] = f"{rates['tokens_per_s']:.0f}"
+                        bar.set_postfix(**post)
+                    else:
+                        log(format_metrics(step, last_row))
+                    window = {"seconds": 0.0, "tokens": 0.0, "steps": 0, "t0": time.perf_counter()}
+                if tcfg.eval_every and step % tcfg.eval_every == 0 and step < tcfg.steps:
+                    last_eval = evaluate(step)
+                    if history and history[-1]["step"] == step:
+                        history[-1].update(last_eval)
+                if tcfg.save_every and step % tcfg.save_every == 0:
+                    save_step(step)
+                if preempt.requested:
+                    if ckpt.latest_step() != step:
+                        save_step(step, force=True)
+                    ckpt.wait()
+                    log(f"SIGTERM: saved step {step} and stopped; rerun the same command to resume")
+                    break
+    finally:
+        task.close()
     if bar is not None:
         bar.close()
     finished = step >= tcfg.steps
@@ -328,8 +357,6 @@ def run(
 def read_history(workdir: str) -> list[dict]:
     """`metrics.jsonl` merged by step (a resumed run rewrites the steps after its checkpoint:
     the later row wins, and the values are the same to the bit)."""
-    import json
-
     path = os.path.join(workdir, "metrics.jsonl")
     rows: dict[int, dict] = {}
     if not os.path.isfile(path):

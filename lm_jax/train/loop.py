@@ -14,6 +14,7 @@ import numpy as np
 from lm_jax.checkpoint import meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
+from lm_jax.data.prefetch import Prefetcher
 from lm_jax.data.tokenizer import Tokenizer, load_tokenizer
 from lm_jax.flops import device_peak_flops, flops_per_token
 from lm_jax.optim import make_optimizer
@@ -182,6 +183,11 @@ class PretrainTask(Task):
         self.byte_lens = token_byte_lengths(tok, model_cfg.vocab_size)
         self.rng = jax.random.key(tcfg.seed + 1)
         self._batch: dict = {}
+        self.batches = (
+            Prefetcher(self.train_it, self.to_global, tcfg.prefetch_batches)
+            if tcfg.prefetch_batches
+            else None
+        )
 
     def abstract_state(self):
         return self.abstract, self.shardings
@@ -193,10 +199,14 @@ class PretrainTask(Task):
         return meta_dict(self.model_cfg, self.exp.train, self.exp.data)
 
     def host_state(self) -> dict:
-        return self.train_it.get_state()
+        return (self.batches or self.train_it).get_state()
 
     def set_host_state(self, state: dict) -> None:
-        self.train_it.set_state(state)
+        (self.batches or self.train_it).set_state(state)
+
+    def close(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
 
     def describe(self, state) -> str:
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
@@ -207,11 +217,15 @@ class PretrainTask(Task):
         )
 
     def train_step(self, state, step: int):
-        self._batch = batch = next(self.train_it)
+        if self.batches is not None:
+            batch, self._batch = next(self.batches)
+        else:
+            self._batch = next(self.train_it)
+            batch = self.to_global(self._batch)
         exp = self.exp
         bad = 0 <= step - exp.debug_nonfinite_step < exp.debug_nonfinite_count
         fn = self.bad_fn if bad else self.step_fn
-        return fn(state, self.to_global(batch), self.rng)
+        return fn(state, batch, self.rng)
 
     def rates(self, window: dict) -> dict:
         if not (self.peak and window["seconds"]):
