@@ -36,8 +36,9 @@ class AdapterCheckpointError(ConfigError):
     """An adapter checkpoint is missing, malformed, or used as a full-model checkpoint."""
 
 
-class DataSourceError(UserError, ValueError):
-    """A data source spec is malformed or names nothing."""
+class DataSourceError(ConfigError):
+    """A data source spec is malformed or names nothing (a ConfigError: --data.source is a
+    config value)."""
 
 
 class TokenizerError(UserError, ValueError):
