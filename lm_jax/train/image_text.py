@@ -24,6 +24,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lm_jax.configs.base import ModelConfig
+from lm_jax.configs.train import TrainConfig
 from lm_jax.data.scenes import encode_texts
 from lm_jax.eval.generation_metrics import bleu, rouge
 from lm_jax.losses import cross_entropy
@@ -31,7 +32,9 @@ from lm_jax.losses_contrastive import contrastive_loss
 from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TextConfig, TwoTowerConfig, TwoTowers
 from lm_jax.nn.vision import VisionConfig
 from lm_jax.sharding import batch_sharding, params_shardings
+from lm_jax.train import engine
 from lm_jax.train.engine import Task
+from lm_jax.train.loop import params_hash
 from lm_jax.train.state import TrainState, opt_state_shardings
 
 
@@ -259,8 +262,6 @@ class ImageTextTask(Task):
     def step_record(self, step: int, metrics: dict, state) -> dict:
         import hashlib
 
-        from lm_jax.train.loop import params_hash
-
         h = hashlib.sha256()
         for k in sorted(self._batch):
             h.update(np.asarray(self._batch[k]).tobytes())
@@ -286,9 +287,6 @@ def fit(cfg, tx, batches, steps: int, mesh, seed: int = 0, log_every: int = 100,
     `workdir`, checkpoints every `save_every` steps and at the end, and the same call resumes
     exactly; None = a temporary folder and no checkpoints."""
     import tempfile
-
-    from lm_jax.configs.train import TrainConfig
-    from lm_jax.train import engine
 
     tmp = None
     if workdir is None:

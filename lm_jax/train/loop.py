@@ -11,18 +11,21 @@ from typing import Any
 import jax
 import numpy as np
 
-from lm_jax.checkpoint import meta_dict
+from lm_jax.checkpoint import load_model, meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
+from lm_jax.data import build_tokenizer_for, make_text_dataset
 from lm_jax.data.prefetch import Prefetcher
 from lm_jax.data.tokenizer import Tokenizer, load_tokenizer
 from lm_jax.flops import device_peak_flops, flops_per_token
+from lm_jax.generate import generate
+from lm_jax.nn.moe import check_moe_mesh
 from lm_jax.optim import make_optimizer
 from lm_jax.scoring import token_byte_lengths
-from lm_jax.sharding import batch_sharding, make_mesh
+from lm_jax.sharding import batch_sharding, make_mesh, params_shardings
 from lm_jax.train import engine
 from lm_jax.train.engine import Task, TrainingHalted
-from lm_jax.train.state import init_train_state, state_shardings
+from lm_jax.train.state import abstract_params, init_train_state, state_shardings
 from lm_jax.train.step import jit_eval_step, jit_train_step
 
 
@@ -60,8 +63,6 @@ def check_batch(exp: Experiment, mesh) -> None:
 
 def prepare_tokenizer(exp: Experiment, workdir: str) -> Tokenizer:
     """Load the run's saved tokenizer, or build it from the training texts and save it."""
-    from lm_jax.data import build_tokenizer_for
-
     tok_dir = os.path.join(workdir, "tokenizer")
     if os.path.isdir(tok_dir):
         return load_tokenizer(tok_dir)
@@ -80,8 +81,6 @@ def params_hash(params) -> str:
 
 def evaluate(params, exp: Experiment, tok, eval_fn, to_global, byte_lens) -> dict:
     """Validation loss, perplexity and bits per byte over `eval_batches` (0 = whole split)."""
-    from lm_jax.data import make_text_dataset
-
     it = make_text_dataset(
         exp.data,
         tok,
@@ -138,11 +137,7 @@ class PretrainTask(Task):
                 f"data seq_len {exp.data.seq_len} exceeds the model's max_len {model_cfg.max_len}"
             )
         if model_cfg.moe is not None:
-            from lm_jax.nn.moe import check_moe_mesh
-
             check_moe_mesh(model_cfg, mesh)
-        from lm_jax.data import make_text_dataset
-
         self.model_cfg = model_cfg
         self.tx = tx = make_optimizer(tcfg)
         self.abstract, self.shardings = state_shardings(model_cfg, tx, mesh)
@@ -309,8 +304,6 @@ def sample_text(
     top_k=0,
 ) -> list[str]:
     """Decode samples from the trained model (KV-cache generator)."""
-    from lm_jax.generate import generate
-
     ids = [tok.encode(p) or [tok.eos_id if tok.eos_id is not None else 0] for p in prompts]
     room = model_cfg.max_len - max(len(i) for i in ids)
     out = generate(
@@ -362,14 +355,9 @@ def _encodable(tok, text: str) -> bool:
 
 def evaluate_checkpoint(exp: Experiment) -> dict:
     """Validation metrics of the newest checkpoint in `exp.train.workdir`."""
-    from lm_jax.checkpoint import load_model
-
     model_cfg, params, tok = load_model(exp.train.workdir)
     mesh = make_mesh(exp.train.mesh)
     bsh = batch_sharding(mesh, 2, exp.data.batch_size)
-    from lm_jax.sharding import params_shardings
-    from lm_jax.train.state import abstract_params
-
     p_sh = params_shardings(abstract_params(model_cfg), mesh)
     eval_fn = jit_eval_step(model_cfg, exp.train, p_sh, bsh)
     byte_lens = token_byte_lengths(tok, model_cfg.vocab_size)
