@@ -40,7 +40,7 @@ from lm_jax.train.loop import Experiment, PretrainTask
 
 seed, iters, data, extra = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 model, data_kw, train = PRESETS["nanogpt_cpu"]()
-data_kw = {**data_kw, "source": f"tinyshakespeare:{data}"}
+data_kw = {**data_kw, "source": f"tinyshakespeare:{data}", "seed": seed}  # as --data.seed=S
 tkw = {"steps": iters, "lr_decay_steps": iters, "seed": seed, "eval_every": 0, "save_every": 0,
        "progress_bar": False, "num_samples": 0, "workdir": tempfile.mkdtemp()}
 tkw.update({k[6:]: v for k, v in extra.items() if k.startswith("train.")})
