@@ -78,6 +78,7 @@ from lm_jax.data.packer import (  # noqa: F401 - re-exported
     make_row,
     quotas,
 )
+from lm_jax.data.prefetch import Prefetcher
 from lm_jax.data.sources import (
     DataSourceError,
     parse_mixture,  # noqa: F401 - re-exported (it lives with parse_source)
@@ -195,8 +196,7 @@ class StreamIterator:
         self._scan, self._total = scan, None
         self.num_batches = None  # unknown for a stream (evaluation stops at the end of the split)
         self.prefetch = int(prefetch)  # batches a background thread prepares ahead (0: none)
-        self._thread = self._queue = self._stop = None
-        self._state = None  # state after the last batch handed out (while prefetching)
+        self._pf: Prefetcher | None = None  # over _Produced(self) while prefetching
 
     def __iter__(self):
         return self
@@ -204,62 +204,20 @@ class StreamIterator:
     def __next__(self) -> dict[str, np.ndarray]:
         if self.prefetch <= 0:
             return self._produce()
-        if self._thread is None:
-            self._start()
-        item = self._queue.get()
-        if isinstance(item, BaseException):
-            self._join()
-            raise item
-        batch, self._state = item
-        return batch
+        if self._pf is None:
+            self._pf = Prefetcher(_Produced(self), depth=self.prefetch)
+        return next(self._pf)[1]
 
     def _produce(self) -> dict[str, np.ndarray]:
         rows = self._train_batch() if self.train else self._eval_batch()
         self._next += 1
         return _stack(rows)
 
-    def _start(self) -> None:
-        import queue
-        import threading
-
-        self._state = self._raw_state()
-        self._queue, self._stop = queue.Queue(self.prefetch), threading.Event()
-        self._thread = threading.Thread(
-            target=self._work, args=(self._queue, self._stop), daemon=True, name="lm_jax-stream"
-        )
-        self._thread.start()
-
-    def _work(self, q, stop) -> None:
-        import queue
-
-        def put(item):
-            while not stop.is_set():
-                try:
-                    q.put(item, timeout=0.1)
-                    return True
-                except queue.Full:
-                    pass
-            return False
-
-        try:
-            while put((self._produce(), self._raw_state())):
-                pass
-        except BaseException as e:  # noqa: BLE001 - StopIteration and errors go to the consumer
-            put(e)
-
     def _join(self) -> None:
-        """Stop the prefetch thread (it produced ahead; `_state` is what was handed out)."""
-        import queue
-
-        if self._thread is None:
-            return
-        self._stop.set()
-        while self._thread.is_alive():
-            try:
-                self._queue.get(timeout=0.05)
-            except queue.Empty:
-                pass
-        self._thread = self._queue = self._stop = None
+        """Stop prefetching; the packers are rewound to what was handed out."""
+        if self._pf is not None:
+            self._pf.close()
+            self._pf = None
 
     def _train_batch(self):
         q = quotas(self.weights, self._next, self.local)
@@ -288,7 +246,7 @@ class StreamIterator:
     def total_bytes(self) -> int:
         """UTF-8 bytes of the split's documents (evaluation iterators)."""
         if self._total is None:
-            if self._ended and not self.train and self._thread is None:
+            if self._ended and not self.train and self._pf is None:
                 self._total = int(self.packers[0].bytes)
             elif self._scan is not None:
                 self._total = int(sum(len(t.encode("utf-8")) for _, t in self._scan()))
@@ -297,8 +255,8 @@ class StreamIterator:
         return self._total
 
     def get_state(self) -> dict:
-        if self._state is not None:  # prefetching: the state after the last batch handed out
-            return copy.deepcopy(self._state)
+        if self._pf is not None:  # prefetching: the state after the last batch handed out
+            return copy.deepcopy(self._pf.get_state())
         return self._raw_state()
 
     def _raw_state(self) -> dict:
@@ -326,7 +284,9 @@ class StreamIterator:
         if len(state["sources"]) != len(self.packers):
             raise ConfigError("the saved data state has a different number of mixture sources")
         self._join()
-        self._state = None
+        self._restore(state)
+
+    def _restore(self, state: dict) -> None:
         for p, s in zip(self.packers, state["sources"], strict=True):
             p.set_state(s)
         self._next, self._ended = int(state["next_batch"]), bool(state.get("ended", False))
@@ -336,10 +296,26 @@ class StreamIterator:
 
     def __del__(self):
         try:
-            if self._stop is not None:
-                self._stop.set()
+            if self._pf is not None and self._pf._stop is not None:
+                self._pf._stop.set()
         except Exception:  # noqa: BLE001 - interpreter shutdown
             pass
+
+
+class _Produced:
+    """A StreamIterator's own batches and raw state, for the Prefetcher."""
+
+    def __init__(self, it: StreamIterator):
+        self.it = it
+
+    def __next__(self):
+        return self.it._produce()
+
+    def get_state(self) -> dict:
+        return self.it._raw_state()
+
+    def set_state(self, state: dict) -> None:
+        self.it._restore(state)
 
 
 def make_stream_dataset(
