@@ -302,7 +302,9 @@ def run(
                     pending = (step, m)
                     continue
                 m = account(step, m, state)
-                if m is not None and (step % tcfg.log_every == 0 or step == tcfg.steps):
+                if m is None:  # a skipped (non-finite) step: nothing is logged, evaluated or saved
+                    continue
+                if step % tcfg.log_every == 0 or step == tcfg.steps:
                     dt = time.perf_counter() - window["t0"]
                     window["seconds"] = dt
                     rates = {"steps_per_s": window["steps"] / max(dt, 1e-9)}
