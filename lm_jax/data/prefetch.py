@@ -60,33 +60,20 @@ class Prefetcher:
 
     def _start(self) -> None:
         self._queue, self._stop = queue.Queue(self.depth), threading.Event()
+        # the worker holds no reference to `self`: a dropped Prefetcher is collected and its
+        # __del__ stops the thread (no thread outlives the object that owns it)
         self._thread = threading.Thread(
-            target=self._work, args=(self._queue, self._stop), daemon=True, name="lm_jax-prefetch"
-        )
+            target=_work, args=(self.it, self.transform, self._queue, self._stop), daemon=True,
+            name="lm_jax-prefetch",
+        )  # fmt: skip
         self._thread.start()
 
-    def _work(self, q: queue.Queue, stop: threading.Event) -> None:
-        def put(x) -> bool:
-            while not stop.is_set():
-                try:
-                    q.put(x, timeout=0.05)
-                    return True
-                except queue.Full:
-                    continue
-            return False
-
+    def __del__(self):
         try:
-            while not stop.is_set():
-                try:
-                    host = next(self.it)
-                except StopIteration:
-                    put(_DONE)
-                    return
-                state = copy.deepcopy(self.it.get_state())
-                if not put((self.transform(host), host, state)):
-                    return
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
-            put(e)
+            if self._stop is not None:
+                self._stop.set()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def close(self) -> None:
         """Stop the thread and rewind the wrapped iterator to what was handed out."""
@@ -101,3 +88,27 @@ class Prefetcher:
         self._thread.join()
         self._thread = self._queue = self._stop = None
         self.it.set_state(self._state)
+
+
+def _work(it, transform, q: queue.Queue, stop: threading.Event) -> None:
+    def put(x) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(x, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    try:
+        while not stop.is_set():
+            try:
+                host = next(it)
+            except StopIteration:
+                put(_DONE)
+                return
+            state = copy.deepcopy(it.get_state())
+            if not put((transform(host), host, state)):
+                return
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, raised there
+        put(e)

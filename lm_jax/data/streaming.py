@@ -48,6 +48,7 @@ handed out, so prefetching does not change what a resume sees), and
 from __future__ import annotations
 
 import copy
+import weakref
 
 import numpy as np
 
@@ -306,7 +307,14 @@ class _Produced:
     """A StreamIterator's own batches and raw state, for the Prefetcher."""
 
     def __init__(self, it: StreamIterator):
-        self.it = it
+        self._it = weakref.ref(it)  # the prefetch thread must not keep the iterator alive
+
+    @property
+    def it(self) -> StreamIterator:
+        it = self._it()
+        if it is None:
+            raise StopIteration  # the iterator is gone: the prefetch thread ends
+        return it
 
     def __next__(self):
         return self.it._produce()
