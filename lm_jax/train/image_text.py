@@ -249,7 +249,7 @@ class ImageTextTask(Task):
         return {"image_text": json.loads(json.dumps(dataclasses.asdict(self.cfg), default=str))}
 
     def host_state(self) -> dict:
-        return _jsonable_state(self.batches.get_state())
+        return json.loads(json.dumps(self.batches.get_state()))  # JSON, as checkpoints hold it
 
     def set_host_state(self, state: dict) -> None:
         self.batches.set_state(state)
@@ -271,12 +271,6 @@ class ImageTextTask(Task):
             "batch_hash": h.hexdigest()[:16],
             "params_hash": params_hash(state.params),
         }
-
-
-def _jsonable_state(state):
-    if isinstance(state, bytes):  # grain iterators may hand back serialised bytes
-        return {"bytes": state.decode("latin-1")}
-    return json.loads(json.dumps(state))
 
 
 def fit(cfg, tx, batches, steps: int, mesh, seed: int = 0, log_every: int = 100, log=print, *,
