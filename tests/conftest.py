@@ -23,3 +23,34 @@ def shared_data() -> pathlib.Path:
     if not SHARED_DATA.is_dir():
         pytest.fail(f"test data folder {SHARED_DATA} is missing (expected ../shared/data)")
     return SHARED_DATA
+
+
+def _memory_map_count() -> int:
+    try:
+        with open("/proc/self/maps") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_executables():
+    """Drop JAX's compiled executables after each test module.
+
+    Every XLA:CPU executable keeps a few memory mappings alive; one pytest process compiles tens of
+    thousands, and at Linux's default `vm.max_map_count` (65,530) the next compile segfaults (the
+    suite died in an XLA compile at test ~430 of 490). Set LM_JAX_TEST_MAPS_LOG=path to record the
+    mapping count per module.
+    """
+    yield
+    import gc
+
+    import jax
+
+    before = _memory_map_count()
+    jax.clear_caches()
+    gc.collect()
+    log = os.environ.get("LM_JAX_TEST_MAPS_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(f"{before} -> {_memory_map_count()}\n")

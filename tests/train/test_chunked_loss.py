@@ -122,8 +122,13 @@ def test_sharded_chunked_training_equals_single_device_unchunked():
     ref_l, ref_p = run("", base, jax.devices()[:1])
     got_l, got_p = run("data:2,fsdp:2,tensor:2", base.replace(loss_chunk=4))
     np.testing.assert_allclose(got_l, ref_l, rtol=1e-5)
-    for a, b in zip(jax.tree.leaves(got_p), jax.tree.leaves(ref_p), strict=True):
-        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
+    # Adam divides by sqrt(v): float32 reduction-order noise in small gradients (another
+    # summation order under sharding and chunking) comes out as ~1e-5 relative parameter noise
+    # after 5 steps (1.2e-5 seen on one leaf); a wrong chunked gradient moves a leaf by >1e-2.
+    flat_got = jax.tree_util.tree_leaves_with_path(got_p)
+    for (path, a), b in zip(flat_got, jax.tree.leaves(ref_p), strict=True):
+        rel = np.linalg.norm(a - b) / np.linalg.norm(b)
+        assert rel <= 5e-5, (jax.tree_util.keystr(path), rel)
 
 
 def test_the_compiled_step_never_holds_the_full_logits():
