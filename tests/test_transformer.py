@@ -1,12 +1,21 @@
 """Model invariants: KV-cache decode equals the full forward, packing isolation, bad input."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm_jax.configs import ConfigError, MoEConfig, RopeScaling, gpt2_style, llama_style
+from lm_jax.configs import (
+    ConfigError,
+    ModelConfig,
+    MoEConfig,
+    RopeScaling,
+    gpt2_style,
+    llama_style,
+)
 from lm_jax.nn import Transformer, init_cache
 
 # Gemma-style switches: (1 + w) norms, four norms per layer, scaled embeddings, GELU-tanh
@@ -159,3 +168,5 @@ def test_family_switch_config_errors_name_the_fix():
         RopeScaling(rope_type="yarn")
     cfg = llama_style(num_layers=2, sliding_window=4, layer_types=["local", "global"])
     assert cfg.layer_types == ("local", "global") and hash(cfg)  # JSON lists become tuples
+    g3 = CONFIGS["gemma3_mixed"]
+    assert ModelConfig.from_dict(json.loads(json.dumps(g3.to_dict()))) == g3
