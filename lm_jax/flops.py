@@ -41,10 +41,11 @@ def matmul_params(cfg: ModelConfig) -> int:
 def flops_per_token(cfg: ModelConfig, seq_len: int, training: bool = True) -> float:
     """6N + 12 L T D (training; forward only: 2N + 4 L T D), attention scores included.
 
-    With a sliding window W < T the attention term uses W.
+    With a sliding window W < T the attention term uses W in the local layers.
     """
-    span = seq_len if cfg.sliding_window is None else min(seq_len, cfg.sliding_window)
-    attn = cfg.num_layers * span * cfg.num_heads * cfg.head_dim_
+    W = cfg.sliding_window
+    spans = [min(seq_len, W) if local else seq_len for local in cfg.local_layers]
+    attn = sum(spans) * cfg.num_heads * cfg.head_dim_
     n = matmul_params(cfg)
     return (6 * n + 12 * attn) if training else (2 * n + 4 * attn)
 

@@ -16,6 +16,21 @@ from lm_jax.errors import CheckpointMismatch
 RESUMABLE_MODEL_FIELDS = frozenset(
     {"dtype", "attention_impl", "attention_q_block", "remat", "scan_unroll", "dropout"}
 )
+# Model fields added after checkpoints were first written, with the value a meta saved before
+# them implies (the maths then had no such switch); "a.b" only where the saved meta has "a.*".
+_ADDED_OFF = ("qkv_bias", "qk_norm", "norm_unit_offset", "embed_scale", "post_norms")
+_ADDED_NONE = (
+    "layer_types",
+    "rope_local_theta",
+    "attn_softcap",
+    "final_softcap",
+    "query_pre_attn_scalar",
+)
+ADDED_MODEL_FIELDS = {
+    **dict.fromkeys(_ADDED_NONE, None),
+    **dict.fromkeys(_ADDED_OFF, False),
+    "rope_scaling.rope_type": "llama3",
+}
 # Data fields that define the row stream the saved iterator state points into.
 STREAM_DATA_FIELDS = frozenset(
     {"source", "tokenizer", "seq_len", "seed", "shuffle", "val_fraction", "epoch_offsets"}
@@ -32,10 +47,17 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def config_changes(saved: dict, current: dict) -> list[tuple[str, Any, Any]]:
+def config_changes(
+    saved: dict, current: dict, added: dict | None = None
+) -> list[tuple[str, Any, Any]]:
     """(field, saved value, current value) for every differing field of two config dicts
-    (JSON form, as `meta_dict` writes them); nested configs compare field by field."""
+    (JSON form, as `meta_dict` writes them); nested configs compare field by field. `added`:
+    flat field -> implied value for fields the saved dict predates."""
     a, b = _flat(saved), _flat(current)
+    for k, v in (added or {}).items():
+        parent = k.rpartition(".")[0]
+        if k not in a and (not parent or any(x.startswith(parent + ".") for x in a)):
+            a[k] = v
     return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
 
 
@@ -56,10 +78,12 @@ def check_resume_config(step: int, directory: str, saved: dict, current: dict) -
         "--train.workdir"
     )
 
-    def changes(section):  # nothing to compare for a section the checkpoint did not save
-        return config_changes(saved[section], current.get(section, {})) if section in saved else []
+    def changes(section, added=None):  # nothing to compare for a section not saved
+        if section not in saved:
+            return []
+        return config_changes(saved[section], current.get(section, {}), added)
 
-    model = changes("model")
+    model = changes("model", ADDED_MODEL_FIELDS)
     bad = [c for c in model if c[0].split(".")[0] not in RESUMABLE_MODEL_FIELDS]
     if bad:
         raise CheckpointMismatch(

@@ -15,3 +15,11 @@ def test_moe_counts_only_active_experts():
     moe = dense.replace(moe=MoEConfig(num_experts=8, top_k=2))
     extra = matmul_params(moe) - matmul_params(dense)
     assert extra == 2 * (3 * 64 * 128 + 64 * 8)  # one more active expert + router, per layer
+
+
+def test_sliding_window_counts_only_in_local_layers():
+    base = llama_style(d_model=64, num_layers=6, num_heads=4, vocab_size=100, max_len=1024)
+    mixed = base.replace(sliding_window=128, layer_types=("local",) * 5 + ("global",))
+    n = matmul_params(base)
+    assert flops_per_token(mixed, 1024) == 6 * n + 12 * (5 * 128 + 1024) * 64
+    assert flops_per_token(base.replace(sliding_window=128), 1024) == 6 * n + 12 * 6 * 128 * 64

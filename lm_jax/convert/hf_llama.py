@@ -1,5 +1,5 @@
-"""Llama and Mistral <-> lm_jax: config (RoPE scaling included) and weights (torch Linear:
-transposed)."""
+"""Llama and Mistral <-> lm_jax: config (RoPE scaling: llama3 or linear) and weights (torch
+Linear: transposed)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,43 @@ from lm_jax.convert.hf_common import (
     _get,
     _stack,
     _unstack,
+    family_switches,
 )
+
+
+def rope_scaling_from_hf(rs: dict) -> RopeScaling | None:
+    """RopeScaling from one HF rope dict (`rope_type` default / llama3 / linear)."""
+    kind = rs.get("rope_type", rs.get("type", "default"))
+    if kind in (None, "default"):
+        return None
+    if kind == "linear":
+        return RopeScaling(factor=float(rs["factor"]), rope_type="linear")
+    if kind != "llama3":
+        raise ConfigError(
+            f"unsupported rope scaling type {kind!r}: lm_jax supports none ('default'), "
+            "'linear' and 'llama3' (lm_jax.configs.RopeScaling)."
+        )
+    return RopeScaling(
+        factor=float(rs["factor"]),
+        low_freq_factor=float(rs["low_freq_factor"]),
+        high_freq_factor=float(rs["high_freq_factor"]),
+        original_max_len=int(rs["original_max_position_embeddings"]),
+    )
+
+
+def rope_scaling_to_hf(s: RopeScaling | None) -> dict | None:
+    """The HF rope-scaling dict (no theta) of `s`; None when unscaled."""
+    if s is None:
+        return None
+    if s.rope_type == "linear":
+        return {"rope_type": "linear", "factor": s.factor}
+    return {
+        "rope_type": "llama3",
+        "factor": s.factor,
+        "low_freq_factor": s.low_freq_factor,
+        "high_freq_factor": s.high_freq_factor,
+        "original_max_position_embeddings": s.original_max_len,
+    }
 
 
 def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
@@ -22,21 +58,7 @@ def _rope_from_hf(d: dict) -> tuple[float, RopeScaling | None]:
     rp = d.get("rope_parameters") or {}
     theta = rp.get("rope_theta", d.get("rope_theta"))
     theta = 10000.0 if theta is None else float(theta)
-    rs = d.get("rope_scaling") or rp
-    kind = rs.get("rope_type", rs.get("type", "default"))
-    if kind in (None, "default"):
-        return theta, None
-    if kind != "llama3":
-        raise ConfigError(
-            f"unsupported rope scaling type {kind!r}: lm_jax supports none ('default') and "
-            "'llama3' (lm_jax.configs.RopeScaling)."
-        )
-    return theta, RopeScaling(
-        factor=float(rs["factor"]),
-        low_freq_factor=float(rs["low_freq_factor"]),
-        high_freq_factor=float(rs["high_freq_factor"]),
-        original_max_len=int(rs["original_max_position_embeddings"]),
-    )
+    return theta, rope_scaling_from_hf(d.get("rope_scaling") or rp)
 
 
 def _llama_config(d: dict) -> ModelConfig:
@@ -109,30 +131,28 @@ def _llama_params(cfg: ModelConfig, sd: StateDict) -> Params:
 
 def _llama_accepts(cfg: ModelConfig) -> bool:
     return (
-        cfg.position == "rope"
+        not family_switches(cfg)
+        and cfg.position == "rope"
         and cfg.norm == "rmsnorm"
         and cfg.gated_mlp
-        and cfg.sliding_window is None
+        and not any(cfg.local_layers)
         and cfg.moe is None
     )
 
 
 def _mistral_accepts(cfg: ModelConfig) -> bool:
-    return _llama_accepts(cfg.replace(sliding_window=None)) and cfg.rope_scaling is None
+    """Every layer local (Mistral's window applies to all of them)."""
+    return (
+        all(cfg.local_layers)
+        and _llama_accepts(cfg.replace(sliding_window=None, layer_types=None))
+        and cfg.rope_scaling is None
+    )
 
 
 def _llama_config_to_hf(cfg: ModelConfig) -> dict:
     rope_parameters = {"rope_type": "default", "rope_theta": cfg.rope_theta}
-    rope_scaling = None
-    if cfg.rope_scaling is not None:
-        s = cfg.rope_scaling
-        rope_scaling = {
-            "rope_type": "llama3",
-            "factor": s.factor,
-            "low_freq_factor": s.low_freq_factor,
-            "high_freq_factor": s.high_freq_factor,
-            "original_max_position_embeddings": s.original_max_len,
-        }
+    rope_scaling = rope_scaling_to_hf(cfg.rope_scaling)
+    if rope_scaling is not None:
         rope_parameters = {**rope_scaling, "rope_theta": cfg.rope_theta}
     return {
         "vocab_size": cfg.vocab_size,
@@ -197,7 +217,7 @@ MISTRAL = Architecture(
     _mistral_params,
     _mistral_config_to_hf,
     _llama_params_to_hf,
-    lambda c: c.sliding_window is not None and not c.use_bias and _mistral_accepts(c),
+    lambda c: not c.use_bias and _mistral_accepts(c),
 )
 
 LLAMA = Architecture(

@@ -15,6 +15,7 @@ from lm_jax.convert.hf_common import (
     _get,
     _stack,
     _unstack,
+    family_switches,
 )
 from lm_jax.convert.hf_llama import (
     _llama_config,
@@ -113,6 +114,7 @@ def _mixtral_accepts(cfg: ModelConfig) -> bool:
     m = cfg.moe
     return (
         m is not None
+        and not family_switches(cfg)
         and m.router == "softmax_topk"
         and m.renormalize
         and m.dispatch == "dropless"  # transformers runs every token through its experts
@@ -132,7 +134,7 @@ def _mixtral_config_to_hf(cfg: ModelConfig) -> dict:
     del d["attention_bias"], d["mlp_bias"]  # MixtralConfig has no biases
     d.update(
         intermediate_size=m.expert_mlp_dim or cfg.mlp_dim_,
-        sliding_window=cfg.sliding_window,
+        sliding_window=cfg.sliding_window if any(cfg.local_layers) else None,
         num_local_experts=m.num_experts,
         num_experts_per_tok=m.top_k,
         router_aux_loss_coef=m.load_balance_coef,

@@ -188,8 +188,15 @@ def rms_norm_autodiff(x, scale, eps):
     return _rms_forward(x, scale, eps)[0]
 
 
+def soft_cap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (Gemma 2's logit soft-capping); x as is when cap is None."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
 class Norm(nn.Module):
-    """RMSNorm or LayerNorm per config; computes in float32, returns the compute dtype."""
+    """RMSNorm or LayerNorm per config over the last axis; computes in float32, returns the
+    compute dtype. With `cfg.norm_unit_offset` (Gemma) the stored scale w is zero-init and the
+    norm multiplies by (1 + w) in float32, as transformers' Gemma RMSNorm."""
 
     cfg: ModelConfig
 
@@ -197,13 +204,13 @@ class Norm(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.cfg
         d = x.shape[-1]
+        init = nn.initializers.zeros_init() if cfg.norm_unit_offset else nn.initializers.ones_init()
         scale = self.param(
-            "scale",
-            nn.with_logical_partitioning(nn.initializers.ones_init(), ("norm",)),
-            (d,),
-            cfg.weight_dtype,
+            "scale", nn.with_logical_partitioning(init, ("norm",)), (d,), cfg.weight_dtype
         )
         if cfg.norm == "rmsnorm":
+            if cfg.norm_unit_offset:
+                scale = 1.0 + scale.astype(jnp.float32)
             y = rms_norm(x, scale, cfg.norm_eps)
         else:
             bias = self.param(

@@ -1,4 +1,5 @@
-"""Rotary position embeddings (HF "rotate_half" convention), with optional Llama-3 scaling."""
+"""Rotary position embeddings (HF "rotate_half" convention), with optional Llama-3 or linear
+scaling, and per-layer tables for models that mix local and global layers (Gemma 3)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax.configs.base import RopeScaling
+from lm_jax.configs.base import ModelConfig, RopeScaling
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = None) -> np.ndarray:
@@ -17,6 +18,8 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     if scaling is None:
         return inv
     s = scaling
+    if s.rope_type == "linear":
+        return inv / s.factor
     low_wavelen = s.original_max_len / s.low_freq_factor
     high_wavelen = s.original_max_len / s.high_freq_factor
     wavelen = 2 * math.pi / inv
@@ -29,7 +32,24 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     return np.where(medium, smoothed, scaled)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+def kind_inv_freq(cfg: ModelConfig, local: bool) -> np.ndarray:
+    """[H/2] for a local (sliding-window) or global layer: local layers use
+    `rope_local_theta` unscaled when it is set, else `rope_theta` and `rope_scaling`."""
+    if local and cfg.rope_local_theta is not None:
+        return rope_inv_freq(cfg.head_dim_, cfg.rope_local_theta)
+    return rope_inv_freq(cfg.head_dim_, cfg.rope_theta, cfg.rope_scaling)
+
+
+def layer_inv_freq(cfg: ModelConfig, local: jax.Array | None):
+    """[H/2] for this layer: `local` is the layer's traced flag under a mixed scan, or None when
+    every layer is alike (a constant table)."""
+    if local is None:
+        return kind_inv_freq(cfg, cfg.local_layers[0])
+    loc, glob = kind_inv_freq(cfg, True), kind_inv_freq(cfg, False)
+    return jnp.where(local, jnp.asarray(loc, jnp.float32), jnp.asarray(glob, jnp.float32))
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
     """Rotate x [B, T, N, H] by angles positions [B, T] x inv_freq [H/2]; math in float32."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
     cos = jnp.cos(angles)[:, :, None, :]  # [B, T, 1, H/2]

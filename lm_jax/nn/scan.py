@@ -20,7 +20,13 @@ def remat_block(block_cls, remat: str):
 
 
 def scan_blocks(
-    block_cls, cfg, *block_args, length: int | None = None, remat: bool = True, name="layers"
+    block_cls,
+    cfg,
+    *block_args,
+    length: int | None = None,
+    remat: bool = True,
+    name="layers",
+    in_axes=(nn.broadcast, nn.broadcast, 0),
 ):
     """`length` (default `cfg.num_layers`) copies of `block_cls(cfg, *block_args)` under
     `nn.scan`, params (and `intermediates` / `aux`) stacked on a leading axis under `name`,
@@ -29,7 +35,8 @@ def scan_blocks(
 
     Build inside a compact module and call as `layers(x [B,T,D], positions, segment_ids,
     cache)` -> (x, cache): positions / segment_ids are broadcast to every layer, cache (or
-    None) is scanned over its leading axis.
+    None) is scanned over its leading axis. `in_axes` may add per-layer arguments after the
+    cache (the decoder's `local` flags [L]: axis 0).
     """
     n = cfg.num_layers if length is None else int(length)
     cls = remat_block(block_cls, cfg.remat) if remat else block_cls
@@ -37,7 +44,7 @@ def scan_blocks(
         cls,
         variable_axes={"params": 0, "intermediates": 0, "aux": 0},
         split_rngs={"params": True, "dropout": True},
-        in_axes=(nn.broadcast, nn.broadcast, 0),
+        in_axes=in_axes,
         length=n,
         unroll=min(cfg.scan_unroll, n),
         metadata_params={nn.PARTITION_NAME: "layers"},

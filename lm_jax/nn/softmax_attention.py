@@ -1,6 +1,9 @@
 """Softmax attention in XLA with a hand-written backward pass (training off the GPU/TPU kernels).
 
-    out = softmax(mask(q k^T / sqrt(H))) v        q [B, T, N, H], k/v [B, S, K, H], K divides N
+    out = softmax(mask(cap(q k^T * scale))) v     q [B, T, N, H], k/v [B, S, K, H], K divides N
+
+with scale = H ** -0.5 unless given, and cap(s) = softcap * tanh(s / softcap) when `softcap` is
+set (Gemma 2's attention-logit soft-capping), else the identity.
 
 Equal to `jax.nn.dot_product_attention(q, k, v, mask=mask)` (its XLA implementation), with two
 changes that matter on XLA:CPU, where the `[B, N, T, S]` score tensors dominate the non-matmul time:
@@ -9,10 +12,13 @@ changes that matter on XLA:CPU, where the `[B, N, T, S]` score tensors dominate 
   elementwise pass over the scores instead of the softmax VJP's several; the residuals are q, k,
   v, the output and the probabilities P.
 Scores, softmax and P are float32; grouped-query heads (G = N / K query heads per KV head) share
-K/V without copies.
+K/V without copies. With soft-capping the backward pass multiplies dS by the cap's derivative
+1 - tanh(s / softcap)^2, from scores recomputed from q and k (no extra residual).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -42,11 +48,22 @@ def _check_shapes(q, k, v, mask) -> None:
         raise ValueError(f"mask must be [B, 1 or {N}, {T}, {S}], got {mask.shape}.")
 
 
-def _forward(q, k, v, mask):
+def _scale(q, scale):
+    return q.shape[-1] ** -0.5 if scale is None else scale
+
+
+def _scores(q, k, scale):
+    """Scaled scores [B, K, G, T, S] float32 (before any soft cap)."""
+    qg = _grouped(q * jnp.asarray(_scale(q, scale), q.dtype), k.shape[2])  # [B, T, K, G, H]
+    return jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+
+
+def _forward(q, k, v, mask, scale=None, softcap=None):
     _check_shapes(q, k, v, mask)
     B, T, N, H = q.shape
-    qg = _grouped(q * jnp.asarray(H**-0.5, q.dtype), k.shape[2])  # [B, T, K, G, H]
-    s = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+    s = _scores(q, k, scale)
+    if softcap is not None:
+        s = softcap * jnp.tanh(s / softcap)
     if mask is not None:  # [B, 1 or N, T, S] -> [B, 1 or K, 1 or G, T, S]
         Bm, M, Tm, Sm = mask.shape
         K = k.shape[2]
@@ -57,29 +74,33 @@ def _forward(q, k, v, mask):
     return o, p
 
 
-@jax.custom_vjp
-def softmax_attention(q, k, v, mask=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def softmax_attention(q, k, v, mask=None, scale=None, softcap=None):
     """q [B, T, N, H], k/v [B, S, K, H], mask bool [B, 1 or N, T, S] (True = attend) or None
-    -> [B, T, N, H]."""
-    return _forward(q, k, v, mask)[0]
+    -> [B, T, N, H]. scale: float (None = H ** -0.5); softcap: float or None."""
+    return _forward(q, k, v, mask, scale, softcap)[0]
 
 
-def _fwd(q, k, v, mask):
-    o, p = _forward(q, k, v, mask)
+def _fwd(q, k, v, mask, scale, softcap):
+    o, p = _forward(q, k, v, mask, scale, softcap)
     return o, (q, k, v, o, p, mask)
 
 
-def _bwd(res, do):
+def _bwd(scale_arg, softcap, res, do):
     q, k, v, o, p, mask = res
     B, T, N, H = q.shape
     K = k.shape[2]
-    scale = H**-0.5
+    scale = _scale(q, scale_arg)
     dog = _grouped(do, K)  # [B, T, K, G, H]
     rowsum = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1)  # [B, T, N]
     rowsum = rowsum.reshape(B, T, K, -1).transpose(0, 2, 3, 1)[..., None]  # [B, K, G, T, 1]
     dv = jnp.einsum("btkgh,bkgts->bskh", dog, p.astype(do.dtype))  # [B, S, K, H]
     dp = jnp.einsum("btkgh,bskh->bkgts", dog, v, preferred_element_type=jnp.float32)
-    ds = (p * (dp - rowsum)).astype(q.dtype)  # [B, K, G, T, S]; masked entries have p = 0
+    ds = p * (dp - rowsum)  # [B, K, G, T, S] f32; masked entries have p = 0
+    if softcap is not None:  # through cap(s) = softcap * tanh(s / softcap)
+        t = jnp.tanh(_scores(q, k, scale_arg) / softcap)
+        ds = ds * (1.0 - t * t)
+    ds = ds.astype(q.dtype)
     dq = jnp.einsum("bkgts,bskh->btkgh", ds, k * jnp.asarray(scale, k.dtype)).reshape(q.shape)
     dk = jnp.einsum("btkgh,bkgts->bskh", _grouped(q * jnp.asarray(scale, q.dtype), K), ds)
     return dq, dk, dv, None
@@ -91,17 +112,18 @@ softmax_attention.defvjp(_fwd, _bwd)
 MAX_QUERY_BLOCKS = 16  # bounds the unrolled calls (and compile time) at long T
 
 
-def causal_block_attention(q, k, v, mask, block: int):
+def causal_block_attention(q, k, v, mask, block: int, scale=None, softcap=None):
     """`softmax_attention` for causal self-attention (S = T), skipping the key blocks above the
     diagonal: query rows [s, e) attend keys [0, e) only, so about half of the [T, S] score work
     (and its memory traffic) is never done. Exact when `mask` is index-causal (mask[..., i, j] is
     False for j > i), as the causal `Attention` builds it. block <= 0 or >= T: one block; blocks
     grow to ceil(T / MAX_QUERY_BLOCKS) rows when `block` would make more than that many.
 
-    q [B, T, N, H], k/v [B, T, K, H], mask bool [B, 1 or N, T, T] -> [B, T, N, H]."""
+    q [B, T, N, H], k/v [B, T, K, H], mask bool [B, 1 or N, T, T] -> [B, T, N, H]; scale and
+    softcap as `softmax_attention`."""
     T = q.shape[1]
     if block <= 0 or block >= T:
-        return softmax_attention(q, k, v, mask)
+        return softmax_attention(q, k, v, mask, scale, softcap)
     if k.shape[1] != T or mask is None or mask.shape[-2:] != (T, T):
         raise ValueError(
             f"causal_block_attention needs self-attention with a [.., {T}, {T}] mask; got k "
@@ -111,5 +133,6 @@ def causal_block_attention(q, k, v, mask, block: int):
     outs = []
     for s in range(0, T, block):
         e = min(s + block, T)
-        outs.append(softmax_attention(q[:, s:e], k[:, :e], v[:, :e], mask[:, :, s:e, :e]))
+        qs, ks, vs, ms = q[:, s:e], k[:, :e], v[:, :e], mask[:, :, s:e, :e]
+        outs.append(softmax_attention(qs, ks, vs, ms, scale, softcap))
     return jnp.concatenate(outs, axis=1)

@@ -55,7 +55,7 @@ def _block(T: int) -> int:
 
 
 @functools.lru_cache(maxsize=16)
-def _kernel(T: int, N: int, window: int | None, interpret: bool):
+def _kernel(T: int, N: int, window: int | None, softcap: float | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
     )
@@ -74,9 +74,17 @@ def _kernel(T: int, N: int, window: int | None, interpret: bool):
         block_q_dq=b, block_kv_dq=b,
     )  # fmt: skip
     multi = sm.MultiHeadMask([mask] * N)
-    kern = sk.make_splash_mha(
-        multi, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
-    )
+    # cached across traces: its mask tables must be concrete arrays, also when first built
+    # inside a traced branch (lax.cond over local / global layers)
+    with jax.ensure_compile_time_eval():
+        kern = sk.make_splash_mha(
+            multi,
+            head_shards=1,
+            q_seq_shards=1,
+            block_sizes=sizes,
+            attn_logits_soft_cap=softcap,
+            interpret=interpret,
+        )
     return kern, sk.SegmentIds
 
 
@@ -86,12 +94,16 @@ def splash_attention(
     v: jax.Array,  # [B, T, K, H]
     segment_ids: jax.Array | None = None,  # [B, T]
     window: int | None = None,
+    scale: float | None = None,  # None = H ** -0.5
+    softcap: float | None = None,  # scores -> softcap * tanh(scores / softcap)
 ) -> jax.Array:
-    """Causal (optionally sliding-window, segment-masked) attention with the splash kernel."""
+    """Causal (optionally sliding-window, segment-masked, soft-capped) attention with the
+    splash kernel."""
     B, T, N, H = q.shape
     rep = N // k.shape[2]
-    kern, SegmentIds = _kernel(T, N, window, jax.default_backend() != "tpu")
-    qt = jnp.swapaxes(q * jnp.asarray(H**-0.5, q.dtype), 1, 2)  # [B, N, T, H]; splash: no scale
+    kern, SegmentIds = _kernel(T, N, window, softcap, jax.default_backend() != "tpu")
+    scale = H**-0.5 if scale is None else scale
+    qt = jnp.swapaxes(q * jnp.asarray(scale, q.dtype), 1, 2)  # [B, N, T, H]; splash: no scale
     kt = jnp.swapaxes(jnp.repeat(k, rep, axis=2), 1, 2)  # [B, N, T, H]
     vt = jnp.swapaxes(jnp.repeat(v, rep, axis=2), 1, 2)
     if segment_ids is None:

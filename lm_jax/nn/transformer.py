@@ -9,7 +9,7 @@ import numpy as np
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.attention import Attention, LayerCache
-from lm_jax.nn.layers import Dense, Embed, Norm, normal_init
+from lm_jax.nn.layers import Dense, Embed, Norm, normal_init, soft_cap
 from lm_jax.nn.lora import lora_delta
 from lm_jax.nn.mlp import MLP
 from lm_jax.nn.moe import MoE
@@ -27,7 +27,9 @@ def feed_forward(cfg: ModelConfig, deterministic: bool = True, moe: bool | None 
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x))."""
+    """Pre-norm residual block: x + attn(norm(x)); x + mlp(norm(x)). With `cfg.post_norms`
+    (Gemma 2/3) the branch outputs are normed too: x + post_norm(attn(norm(x))), likewise for
+    the MLP. `local`: this layer's sliding-window flag under a mixed scan (see `Attention`)."""
 
     cfg: ModelConfig
     deterministic: bool = True
@@ -35,13 +37,17 @@ class Block(nn.Module):
     causal: bool = True  # False: bidirectional attention (encoders)
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache):
+    def __call__(self, x, positions, segment_ids, cache, local=None):
         cfg = self.cfg
         h, cache = Attention(cfg, self.causal, name="attn")(
-            Norm(cfg, name="attn_norm")(x), positions, segment_ids, cache
+            Norm(cfg, name="attn_norm")(x), positions, segment_ids, cache, local
         )
+        if cfg.post_norms:
+            h = Norm(cfg, name="attn_post_norm")(h)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         h = feed_forward(cfg, self.deterministic, self.moe)(Norm(cfg, name="mlp_norm")(x))
+        if cfg.post_norms:
+            h = Norm(cfg, name="mlp_post_norm")(h)
         x = x + nn.Dropout(cfg.dropout)(h, deterministic=self.deterministic)
         x = constrain(x, ACT_NAMES)
         return x, cache
@@ -49,19 +55,20 @@ class Block(nn.Module):
 
 class LayerGroup(nn.Module):
     """`cfg.moe.every` = k consecutive blocks (`block_0` .. `block_{k-1}`), the last with the MoE
-    feed-forward; scanned over L / k groups when k > 1. cache: k, v [k, B, S, K, H]."""
+    feed-forward; scanned over L / k groups when k > 1. cache: k, v [k, B, S, K, H]; local:
+    [k] bool or None."""
 
     cfg: ModelConfig
     deterministic: bool = True
 
     @nn.compact
-    def __call__(self, x, positions, segment_ids, cache):
+    def __call__(self, x, positions, segment_ids, cache, local=None):
         k = self.cfg.moe.every
         block, new = remat_block(Block, self.cfg.remat), []
         for i in range(k):
             c = None if cache is None else LayerCache(cache.k[i], cache.v[i])
             x, c = block(self.cfg, self.deterministic, i == k - 1, name=f"block_{i}")(
-                x, positions, segment_ids, c
+                x, positions, segment_ids, c, None if local is None else local[i]
             )
             new.append(c)
         if cache is not None:
@@ -117,6 +124,8 @@ class Transformer(nn.Module):
         cfg = self.cfg
         embed = Embed(cfg.vocab_size, cfg, name="embed_tokens")
         x = embed(tokens)  # [B, T, D]
+        if cfg.embed_scale:  # Gemma: sqrt(D) in the compute dtype, tokens only
+            x = x * jnp.asarray(cfg.d_model**0.5, x.dtype)
         if prefix_embeds is not None:
             if prefix_embeds.ndim != 3 or prefix_embeds.shape[::2] != (x.shape[0], x.shape[2]):
                 raise ValueError(
@@ -140,16 +149,21 @@ class Transformer(nn.Module):
         x = constrain(x, ACT_NAMES)
 
         # Layers are scanned (params with a leading L axis under `layers`); with moe.every = k > 1
-        # the scan runs over L / k `LayerGroup`s of k blocks (leading axis L / k).
+        # the scan runs over L / k `LayerGroup`s of k blocks (leading axis L / k). Mixed local /
+        # global layers (Gemma 2/3) scan a per-layer flag `local` [L] beside the cache.
         every = cfg.moe.every if cfg.moe is not None else 1
         n = cfg.num_layers // every
+        local = jnp.asarray(cfg.local_layers) if cfg.mixed_layers else None  # [L] bool
         if every > 1 and cache is not None:  # [L, ...] -> [L / k, k, ...]
             cache = jax.tree.map(lambda c: c.reshape(n, every, *c.shape[1:]), cache)
+        if every > 1 and local is not None:
+            local = local.reshape(n, every)
+        kw = dict(in_axes=(nn.broadcast, nn.broadcast, 0, 0))
         if every > 1:  # each LayerGroup remats its own blocks
-            layers = scan_blocks(LayerGroup, cfg, deterministic, length=n, remat=False)
+            layers = scan_blocks(LayerGroup, cfg, deterministic, length=n, remat=False, **kw)
         else:
-            layers = scan_blocks(Block, cfg, deterministic)
-        x, cache = layers(x, positions, segment_ids, cache)
+            layers = scan_blocks(Block, cfg, deterministic, **kw)
+        x, cache = layers(x, positions, segment_ids, cache, local)
         if every > 1 and cache is not None:
             cache = jax.tree.map(lambda c: c.reshape(n * every, *c.shape[2:]), cache)
         x = Norm(cfg, name="norm")(x)  # [B, T, D]
@@ -159,7 +173,8 @@ class Transformer(nn.Module):
             logits = embed.attend(x)
         else:
             logits = Dense(cfg.vocab_size, ("embed", "vocab"), cfg, name="lm_head")(x)
-        logits = constrain(logits.astype(jnp.float32), ("batch", "length", "act_vocab"))
+        logits = soft_cap(logits.astype(jnp.float32), cfg.final_softcap)  # Gemma 2
+        logits = constrain(logits, ("batch", "length", "act_vocab"))
         out = (logits, x) if return_hidden else logits
         if cache is not None:
             return out, cache
@@ -168,7 +183,8 @@ class Transformer(nn.Module):
 
 def head_logits_fn(params, cfg: ModelConfig):
     """The LM head as a pure function of `params`: h [..., D] -> float32 logits [..., V],
-    computed as `Transformer` computes them (tied embedding or `lm_head`, LoRA included), for
+    computed as `Transformer` computes them (tied embedding or `lm_head`, LoRA included, final
+    soft cap), for
     losses that apply the head in chunks (`Transformer(..., skip_head=True)`)."""
     cdt = cfg.compute_dtype
     if cfg.tie_embeddings:
@@ -188,7 +204,8 @@ def head_logits_fn(params, cfg: ModelConfig):
             return y
 
     def logits_fn(h):
-        return constrain(project(h).astype(jnp.float32), ("batch", "length", "act_vocab"))
+        logits = soft_cap(project(h).astype(jnp.float32), cfg.final_softcap)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     return logits_fn
 

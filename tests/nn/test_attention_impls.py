@@ -79,6 +79,23 @@ def test_transformer_attention_impl_switch_agrees():
         np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0, err_msg=impl)
 
 
+def test_splash_mixed_layers_soft_cap_and_scale_agree_with_xla():
+    """Gemma-style layers: local (window 48) then global, soft-capped scores, query scalar != H.
+    Splash picks its window per layer under `lax.cond`; logits equal the XLA path's."""
+    cfg = llama_style(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    cfg = cfg.replace(
+        max_len=T, sliding_window=48, layer_types=("local", "global"), attn_softcap=2.0,
+        query_pre_attn_scalar=8.0, initializer_range=0.2,
+    )  # fmt: skip
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (1, T)), jnp.int32)
+    params = nn.unbox(Transformer(cfg).init(jax.random.key(0), tokens)["params"])
+    ref = Transformer(cfg).apply({"params": params}, tokens)
+    out = Transformer(cfg.replace(attention_impl="splash")).apply({"params": params}, tokens)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=0)
+    alike = Transformer(cfg.replace(layer_types=None)).apply({"params": params}, tokens)
+    assert float(jnp.max(jnp.abs(alike - ref))) > 1e-3  # the global layer is not windowed
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_matches_xla_bf16():
     q, k, v = [x.astype(jnp.bfloat16) for x in _qkv()]

@@ -143,3 +143,38 @@ def test_bad_shapes_are_clear_errors():
         softmax_attention(q, k, v, mask[:, :, :5])
     with pytest.raises(ValueError, match="self-attention"):
         causal_block_attention(q, k, v, None, 8)
+
+
+def _capped_reference(q, k, v, mask, scale, cap):
+    """Plain einsum attention with Gemma 2's soft cap, autodiff backward (GQA by repeats)."""
+    G = q.shape[2] // k.shape[2]
+    k, v = jnp.repeat(k, G, 2), jnp.repeat(v, G, 2)
+    s = jnp.einsum("btnh,bsnh->bnts", q, k) * scale
+    s = cap * jnp.tanh(s / cap)
+    p = jax.nn.softmax(jnp.where(mask, s, -1e30), axis=-1)
+    return jnp.einsum("bnts,bsnh->btnh", p, v)
+
+
+@pytest.mark.parametrize("blocked", [False, True])
+def test_scale_and_soft_cap_forward_and_grads(blocked):
+    """scale != H ** -0.5 and a soft cap that bites (|scores| reach several caps): forward and
+    the hand-written backward (dS times 1 - tanh^2) equal autodiff of a plain reference."""
+    q, k, v, w, mask = _inputs(4, 2, "causal_segments", seed=4)
+    mask = mask & jnp.tril(jnp.ones((T, T), bool))
+    scale, cap = 0.6, 1.5
+
+    def run(fn):
+        f = lambda q, k, v: jnp.sum(fn(q, k, v) * w)  # noqa: E731
+        return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(q, k, v)
+
+    ref_loss, ref_grads = run(lambda q, k, v: _capped_reference(q, k, v, mask, scale, cap))
+    if blocked:
+        fn = lambda q, k, v: causal_block_attention(q, k, v, mask, 8, scale, cap)  # noqa: E731
+    else:
+        fn = lambda q, k, v: softmax_attention(q, k, v, mask, scale, cap)  # noqa: E731
+    loss, grads = run(fn)
+    uncapped = run(lambda q, k, v: softmax_attention(q, k, v, mask, scale))[0]
+    assert abs(float(uncapped - ref_loss)) > 1e-2  # the cap changes the result
+    assert abs(float(loss - ref_loss)) <= 1e-4 * max(1.0, abs(float(ref_loss)))
+    for name, g, r in zip("qkv", grads, ref_grads):
+        np.testing.assert_allclose(g, r, atol=1e-5, rtol=0, err_msg=name)

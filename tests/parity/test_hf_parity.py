@@ -2,6 +2,7 @@
 is bitwise; folders load; bad input fails clearly."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -56,6 +57,9 @@ CASES = {
             "high_freq_factor": 4.0,
             "original_max_position_embeddings": 64,
         },
+    ),
+    "llama_linear_rope": lambda: transformers.LlamaConfig(
+        **_LLAMA, rope_parameters={"rope_type": "linear", "rope_theta": 500.0, "factor": 2.5}
     ),
     "mistral_window": lambda: transformers.MistralConfig(
         **{**_LLAMA, "num_attention_heads": 4}, sliding_window=16, tie_word_embeddings=False
@@ -116,6 +120,8 @@ def test_logits_match_hf(case):
         assert cfg.use_bias and not cfg.tie_embeddings and "lm_head" in params
     if name == "llama3_rope_scaling":
         assert cfg.rope_scaling == RopeScaling(4.0, 1.0, 4.0, 64)
+    if name == "llama_linear_rope":
+        assert cfg.rope_scaling == RopeScaling(factor=2.5, rope_type="linear")
     if name == "mistral_window":
         assert cfg.sliding_window == 16 < T
     if name == "gpt2":
@@ -157,7 +163,8 @@ def test_load_from_saved_folder(case, tmp_path):
 
 def test_unsupported_model_type_names_it(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
-    with pytest.raises(ConfigError, match=r"'bert'.*\['gpt2', 'llama', 'mistral', 'mixtral'\]"):
+    supported = "['gemma2', 'gemma3_text', 'gpt2', 'llama', 'mistral', 'mixtral', 'qwen2', 'qwen3']"
+    with pytest.raises(ConfigError, match=r"'bert'.*" + re.escape(supported)):
         from_hf(tmp_path)
 
 

@@ -121,7 +121,7 @@ def test_unsupported_gguf_architecture_names_it(tmp_path):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    with pytest.raises(ConfigError, match=r"'bert'.*\['llama'\]"):
+    with pytest.raises(ConfigError, match=r"'bert'.*\['llama', 'gemma3'\]"):
         from_gguf(path)
 
 

@@ -64,3 +64,18 @@ def test_train_and_execution_changes_are_allowed_and_listed():
 
 def test_checkpoints_without_saved_configs_are_not_checked():
     assert check_resume_config(5, "/w", {}, meta(MODEL.replace(activation="relu"))) == []
+
+
+def test_a_meta_saved_before_the_qwen_gemma_switches_still_resumes():
+    """Model fields added later (issue 20) take the value the older maths implies."""
+    from lm_jax.configs.base import RopeScaling
+    from lm_jax.resume_config import ADDED_MODEL_FIELDS
+
+    model = MODEL.replace(rope_scaling=RopeScaling())
+    old = meta(model)
+    for k in ADDED_MODEL_FIELDS:
+        head, _, tail = k.partition(".")
+        (old["model"][head] if tail else old["model"]).pop(tail or head)
+    assert check_resume_config(5, "/w", old, meta(model)) == []
+    with pytest.raises(CheckpointMismatch, match="model.attn_softcap"):
+        check_resume_config(5, "/w", old, meta(model.replace(attn_softcap=30.0)))
