@@ -75,6 +75,19 @@ REFERENCE_FILE = "reference_logps.npz"
 # --------------------------------------------------------------------------- the reference
 
 
+def _hash_pairs(h, encoded: Sequence[EncodedPair]) -> None:
+    for e in encoded:
+        for ids, n_prompt in (e.chosen, e.rejected):
+            h.update(np.asarray([n_prompt, len(ids)], np.int64).tobytes() + ids.tobytes())
+
+
+def pairs_fingerprint(encoded: Sequence[EncodedPair]) -> str:
+    """sha256 of every row's tokens (16 hex digits): which pairs a run trains on."""
+    h = hashlib.sha256(str(len(encoded)).encode())
+    _hash_pairs(h, encoded)
+    return h.hexdigest()[:16]
+
+
 def reference_fingerprint(cfg: ModelConfig, params, sets: dict, seq_len: int) -> str:
     """sha256 of what the reference log-probs depend on: the model, its initial params and
     every row's tokens (16 hex digits)."""
@@ -83,9 +96,7 @@ def reference_fingerprint(cfg: ModelConfig, params, sets: dict, seq_len: int) ->
     h.update(str(seq_len).encode())
     for name in sorted(sets):
         h.update(f"{name}:{len(sets[name])}".encode())
-        for e in sets[name]:
-            for ids, n_prompt in (e.chosen, e.rejected):
-                h.update(np.asarray([n_prompt, len(ids)], np.int64).tobytes() + ids.tobytes())
+        _hash_pairs(h, sets[name])
     return h.hexdigest()[:16]
 
 
@@ -154,9 +165,13 @@ class PreferenceTask(TunedModelTask):
         self.data = PreferenceBatches(enc, pcfg, train_cfg.seed, refs)
 
     def meta(self) -> dict:
-        extra = {"posttrain": self.pcfg.to_dict(), "base": self.base_name,
-                 "reference": self.fingerprint}  # fmt: skip
-        return meta_dict(self.cfg, self.train_cfg, None, extra)
+        """Configs for the resume check: the pairs are the data stream (other pairs, seq_len
+        or seed: the saved iterator position would point elsewhere, so a resume is refused)."""
+        p = self.pcfg
+        data = {"source": f"pairs:{pairs_fingerprint(self.data.encoded)}", "seq_len": p.seq_len,
+                "seed": self.train_cfg.seed}  # fmt: skip
+        extra = {"posttrain": p.to_dict(), "base": self.base_name, "reference": self.fingerprint}
+        return meta_dict(self.cfg, self.train_cfg, data, extra)
 
     def put(self, batch: dict):
         return jax.device_put(batch, self.bsh)

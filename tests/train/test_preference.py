@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 
 from lm_jax import adapters as L
+from lm_jax.checkpoint import CheckpointMismatch
 from lm_jax.configs import ConfigError, llama_style
 from lm_jax.configs.train import TrainConfig
 from lm_jax.data.byte_tokenizer import ByteTokenizer
 from lm_jax.losses_preference import PairLogps, dpo_loss, ipo_loss, preference_loss, simpo_loss
 from lm_jax.nn import Transformer
+from lm_jax.optim import make_optimizer
 from lm_jax.scoring import Scorer
 from lm_jax.sharding import make_mesh
 from lm_jax.train import preference as P
@@ -30,7 +32,8 @@ from lm_jax.train.preference_data import (
     read_preference_jsonl,
     text_pairs,
 )
-from lm_jax.train.preference_step import pair_logps, score_pairs
+from lm_jax.train.preference_step import pair_logps, score_pairs, train_step
+from lm_jax.train.state import init_train_state
 
 TOK = ByteTokenizer()
 CFG = llama_style(vocab_size=257, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -208,6 +211,11 @@ def test_dpo_lora_learns_the_preference_and_caches_the_reference(tmp_path):
                         log=logs.append)  # fmt: skip
     assert again["resumed_from"] == 12 and any("read from" in x for x in logs)
     assert again["final"] == out["final"]
+    # other pairs on this workdir: the saved data position means nothing there, refused
+    other = [PreferencePair(p.prompt, p.rejected, p.chosen) for p in PAIRS]
+    with pytest.raises(CheckpointMismatch, match=r"another row stream: data\.source"):
+        P.posttrain(CFG, params, TOK, other, _train_cfg(tmp_path, steps=14), pcfg,
+                    log=logs.append)  # fmt: skip
     # other pairs: the cache is stale and scored again
     logs.clear()
     sets = {"train": [encode_pair(TOK, p, 16) for p in PAIRS[:4]], "eval": []}
@@ -235,3 +243,27 @@ def test_simpo_full_training_needs_no_reference_and_batches_resume(tmp_path):
     it2.set_state(state)
     np.testing.assert_array_equal(next(it2)["chosen"]["inputs"], nxt["chosen"]["inputs"])
     assert len(first) == 2 and len(seen) == 3 and "ref_chosen" not in nxt
+
+
+def test_grad_accum_splits_pairs_and_gives_the_same_step():
+    mesh = make_mesh("", devices=jax.devices()[:1])
+    pcfg = PreferenceConfig(method="dpo", beta=0.5, seq_len=16, batch_size=8)
+    enc = [encode_pair(TOK, p, 16) for p in PAIRS]
+    refs = (np.linspace(-30, -20, 8), np.linspace(-25, -35, 8))
+    batch = jax.tree.map(jnp.asarray, make_pair_batch(enc, 16, refs=refs))
+    out = []
+    for n in (1, 4):
+        tcfg = TrainConfig(steps=1, learning_rate=1e-2, warmup_steps=0, grad_accum=n)
+        tx = make_optimizer(tcfg)
+        state, _ = init_train_state(CFG, tx, mesh, params=base_params())
+        new, m = jax.jit(
+            lambda s, b, tc=tcfg, t=tx: train_step(
+                s, b, jax.random.key(0), model_cfg=CFG, train_cfg=tc, pcfg=pcfg, tx=t
+            )
+        )(state, batch)
+        out.append((jax.device_get(m), jax.device_get(new.params)))
+    for m, p in out[1:]:
+        for k in ("loss", "accuracy", "reward_margin", "grad_norm"):
+            np.testing.assert_allclose(m[k], out[0][0][k], rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(p), jax.tree.leaves(out[0][1])):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
