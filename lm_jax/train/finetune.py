@@ -3,9 +3,10 @@
 The data half (examples, row encoding with a completion-only loss mask, resumable epochs,
 readers, label scoring) is `lm_jax.train.sft_data`, re-exported here.
 
-Training is a `SFTTask` of the one loop (`lm_jax.train.engine`): `make_optimizer(train_cfg,
-trainable=mask)` (LoRA: AdamW state only for the adapter leaves), `init_train_state(...,
-params=given)` (placed sharded over `train_cfg.mesh`), `jit_train_step`, and exact resume.
+Training is a `SFTTask` of the one loop (`lm_jax.train.engine`) on the set-up every post-training
+task shares (`lm_jax.train.tuning`: `make_optimizer(train_cfg, trainable=mask)`, LoRA: AdamW
+state only for the adapter leaves; `init_train_state(..., params=given)`, placed sharded over
+`train_cfg.mesh`), the next-token step `jit_train_step`, and exact resume.
 LoRA checkpoints hold the adapters and their optimizer state only, and every save also writes
 `workdir/adapters` (`adapters.save_adapters`; optionally a peft folder `workdir/peft`); full
 fine-tuning writes the lm_jax `Checkpointer` layout plus `workdir/tokenizer`, so
@@ -19,28 +20,20 @@ every label is a single token). Label and completion scoring run on `lm_jax.scor
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 from collections.abc import Callable, Sequence
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from lm_jax import adapters as lora_lib
 from lm_jax.checkpoint import meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.convert.gguf import smollm2_gguf_path
-from lm_jax.convert.peft import save_peft_adapters
 from lm_jax.convert.sources import load_any
-from lm_jax.nn.transformer import Transformer
-from lm_jax.optim import make_optimizer
 from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train import engine
-from lm_jax.train.engine import Task
-from lm_jax.train.loop import params_hash
 from lm_jax.train.sft_data import (  # noqa: F401 - the data half, re-exported
     BATCH_KEYS,
     ClassificationSet,
@@ -57,129 +50,49 @@ from lm_jax.train.sft_data import (  # noqa: F401 - the data half, re-exported
     read_jsonl,
     sst2,
 )
-from lm_jax.train.state import init_train_state, state_shardings
 from lm_jax.train.step import jit_train_step
-
-# --------------------------------------------------------------------------- model set-up
-
-
-def init_adapters(cfg: ModelConfig, seed: int = 0) -> dict:
-    """Fresh LoRA factors (a: kaiming-uniform, b: zeros) for `cfg.lora`, without the base."""
-    tokens = jnp.zeros((1, min(8, cfg.max_len)), jnp.int32)
-
-    @jax.jit
-    def init(rng):  # the base's init is dead code here and compiled away
-        return lora_lib.split_lora(nn.unbox(Transformer(cfg).init(rng, tokens)["params"]))[1]
-
-    return init(jax.random.key(seed))
-
-
-def check_model(base_cfg: ModelConfig, params, ft: FinetuneConfig) -> ModelConfig:
-    """The config to train with. ConfigError if the base holds adapters or a LoRA target
-    pattern matches no kernel (`params` may be abstract: nothing is computed or compiled)."""
-    base, adapters = lora_lib.split_lora(nn.unbox(params))
-    if adapters:
-        raise ConfigError("the base model already holds LoRA leaves: merge them first.")
-    if ft.lora is None:
-        return base_cfg.replace(lora=None)
-    cfg = base_cfg.replace(lora=ft.lora)
-    matched = lora_lib.check_targets(cfg, jax.eval_shape(lambda: base))
-    if ft.export_peft:
-        odd = sorted(p for p in matched if not p.startswith("layers/") or "experts" in p)
-        if odd:
-            raise ConfigError(
-                f"export_peft: LoRA targets {odd} have no peft counterpart (only attention and "
-                "dense MLP projections export): narrow the targets or drop export_peft."
-            )
-    return cfg
-
-
-def prepare_model(base_cfg: ModelConfig, params, ft: FinetuneConfig, seed: int = 0):
-    """(model cfg, params to train, trainable mask fn or None); LoRA factors freshly made."""
-    cfg = check_model(base_cfg, params, ft)
-    params = nn.unbox(params)
-    if ft.lora is None:
-        return cfg, params, None
-    params = lora_lib.combine(params, init_adapters(cfg, seed))
-    if ft.bf16_base:
-        params = lora_lib.cast_base(params, jnp.bfloat16)
-    return cfg, params, lora_lib.trainable_mask
-
-
-def _nbytes(tree) -> int:
-    return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree) if hasattr(x, "size")))
-
-
-def _count(tree) -> int:
-    return int(sum(x.size for x in jax.tree.leaves(tree) if hasattr(x, "size")))
-
+from lm_jax.train.tuning import (  # noqa: F401 - the shared set-up, re-exported
+    TunedModelTask,
+    check_batching,
+    check_model,
+    describe_stats,
+    init_adapters,
+    median_step_time,
+    prepare_model,
+    training_stats,
+)
 
 # --------------------------------------------------------------------------- training
 
 
-class SFTTask(Task):
+class SFTTask(TunedModelTask):
     """Supervised fine-tuning (full or LoRA) as a task of the one loop (`engine.run`).
 
     LoRA checkpoints hold the adapters and their optimizer state only (the frozen base comes
     back from the model source); every save also writes `workdir/adapters` (`save_adapters`).
     Full fine-tuning checkpoints hold every parameter, plus `workdir/tokenizer`, so
-    `lm_jax.checkpoint.load_model(workdir)` loads the result.
+    `lm_jax.checkpoint.load_model(workdir)` loads the result (`lm_jax.train.tuning`).
     """
 
     def __init__(self, cfg, params, trainable, tokenizer, enc, train_cfg, ft, *, mesh,
                  enc_eval=(), cls_eval=None, test=None, base_name=None, log=print):  # fmt: skip
-        self.cfg, self.params, self.trainable, self.tok = cfg, params, trainable, tokenizer
-        self.train_cfg, self.ft, self.mesh, self.log = train_cfg, ft, mesh, log
+        super().__init__(cfg, params, trainable, train_cfg, ft, mesh=mesh, base_name=base_name,
+                         log=log)  # fmt: skip
+        self.tok, self.ft = tokenizer, ft
         self.enc_eval, self.cls_eval, self.test = enc_eval, cls_eval, test
-        self.base_name = base_name
-        self.tx = tx = make_optimizer(train_cfg, trainable=trainable)
-        self.abstract, self.shardings = state_shardings(cfg, tx, mesh)
         self.bsh = bsh = batch_sharding(mesh, 2, ft.batch_size)
-        self.step_fn = jit_train_step(cfg, train_cfg, tx, self.shardings, bsh, trainable=trainable)
+        self.step_fn = jit_train_step(cfg, train_cfg, self.tx, self.shardings, bsh,
+                                      trainable=trainable)  # fmt: skip
         self.data = SFTBatches(enc, ft, train_cfg.seed)
-        self.rng = jax.random.key(train_cfg.seed + 1)
         self.score_kw = dict(seq_len=ft.seq_len, batch_size=ft.eval_batch_size, mesh=mesh)
-        self.step_times: list[float] = []
         self.n_examples = len(enc)
-
-    def init_state(self):
-        state, _ = init_train_state(self.cfg, self.tx, self.mesh, self.train_cfg.seed,
-                                    params=self.params)  # fmt: skip
-        return state
-
-    def abstract_state(self):
-        # LoRA: the frozen base is grafted from a fresh state, so the loop makes one anyway
-        return None if self.ft.lora is not None else (self.abstract, self.shardings)
-
-    def params_mask(self, state):
-        return None if self.ft.lora is None else lora_lib.trainable_mask(self.abstract.params)
 
     def meta(self) -> dict:
         extra = {"finetune": _jsonable(self.ft), "base": self.base_name}
         return meta_dict(self.cfg, self.train_cfg, None, extra)
 
-    def host_state(self) -> dict:
-        return self.data.get_state()
-
-    def set_host_state(self, state: dict) -> None:
-        self.data.set_state(state)
-
-    def train_step(self, state, step: int):
-        batch = {k: jax.device_put(v, self.bsh) for k, v in next(self.data).items()}
-        t0 = time.perf_counter()
-        with jax.set_mesh(self.mesh):
-            state, m = self.step_fn(state, batch, self.rng)
-        m = jax.device_get(m)
-        self.step_times.append(time.perf_counter() - t0)
-        return state, m
-
-    def step_record(self, step: int, metrics: dict, state) -> dict:
-        return {
-            "step": step,
-            "loss_hex": float(metrics["loss"]).hex(),
-            "example_ids": self.data.last_indices,
-            "params_hash": params_hash(state.params),
-        }
+    def put(self, batch: dict):
+        return {k: jax.device_put(v, self.bsh) for k, v in batch.items()}
 
     def evaluate(self, state, step: int) -> dict:
         out = {}
@@ -195,12 +108,7 @@ class SFTTask(Task):
 
     def final_evaluate(self, state, step: int) -> dict:
         out = self.evaluate(state, step)
-        ft, workdir = self.ft, self.train_cfg.workdir
-        if ft.save and ft.lora is not None and ft.export_peft:
-            adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
-            save_peft_adapters(os.path.join(workdir, "peft"), adapters, self.cfg, None,
-                               self.base_name)  # fmt: skip
-            self.log(f"peft adapters written to {os.path.join(workdir, 'peft')}")
+        self.export_peft(state)
         if self.test is not None:
             t0 = time.perf_counter()
             with jax.set_mesh(self.mesh):
@@ -210,19 +118,6 @@ class SFTTask(Task):
             self.test_report = rep
             self.log(f"test: {rep}")
         return out
-
-    def on_save(self, state, step: int) -> None:
-        if self.ft.lora is None:
-            return
-        adapters = jax.device_get(lora_lib.split_lora(state.params)[1])
-        nbytes = lora_lib.save_adapters(
-            os.path.join(self.train_cfg.workdir, "adapters"),
-            adapters,
-            self.ft.lora,
-            extra={"step": step, "base": self.base_name,
-                   "model": self.cfg.replace(lora=None).to_dict()},
-        )  # fmt: skip
-        self.log(f"saved adapters ({nbytes:,} bytes) at step {step}")
 
 
 def finetune(
@@ -250,17 +145,8 @@ def finetune(
     With `ft.save=False` nothing is written to `workdir` but the metrics.
     """
     mesh = make_mesh(train_cfg.mesh) if mesh is None else mesh
-    dp = mesh.shape["data"] * mesh.shape["fsdp"] * mesh.shape["expert"]
-    for name, b in (("batch_size", ft.batch_size), ("eval_batch_size", ft.eval_batch_size)):
-        if b % dp:
-            raise ConfigError(
-                f"{name} {b} is not divisible by the {dp} data-parallel devices of mesh "
-                f"{dict(mesh.shape)}: change it or the mesh."
-            )
-    if train_cfg.grad_accum != 1 and ft.batch_size % (train_cfg.grad_accum * dp):
-        raise ConfigError("batch_size must divide into grad_accum microbatches over the mesh.")
-    if ft.seq_len > base_cfg.max_len:
-        raise ConfigError(f"seq_len {ft.seq_len} exceeds the model's max_len {base_cfg.max_len}.")
+    check_batching(mesh, train_cfg, ft.batch_size, ft.eval_batch_size, ft.seq_len,
+                   base_cfg.max_len)  # fmt: skip
     cfg, params, trainable = prepare_model(base_cfg, params, ft, train_cfg.seed)
     enc = [encode_example(tokenizer, e, ft.seq_len, ft.add_eos) for e in train_examples]
     enc_eval = [encode_example(tokenizer, e, ft.seq_len, ft.add_eos) for e in eval_examples]
@@ -270,23 +156,8 @@ def finetune(
                    enc_eval=enc_eval, cls_eval=cls_eval, test=test, base_name=base_name,
                    log=log)  # fmt: skip
     del params
-    n_total = _count(task.abstract.params)
-    n_train = _count(lora_lib.split_lora(task.abstract.params)[1]) if ft.lora else n_total
-    opt_bytes = _nbytes(task.abstract.opt_state)
-    stats = {
-        "mode": f"lora_r{ft.lora.rank}" if ft.lora else "full",
-        "params": n_total,
-        "trainable_params": n_train,
-        "trainable_pct": 100.0 * n_train / n_total,
-        "param_bytes": _nbytes(task.abstract.params),
-        "optimizer_state_bytes": opt_bytes,
-        "train_examples": len(enc),
-        "mesh": dict(mesh.shape),
-    }
-    log(
-        f"{stats['mode']}: {n_train:,} of {n_total:,} params trainable "
-        f"({stats['trainable_pct']:.3f}%), optimizer state {opt_bytes:,} B"
-    )
+    stats = training_stats(task.abstract, ft.lora, mesh, len(enc))
+    log(describe_stats(stats))
     if ft.save:
         if ft.lora is None and jax.process_index() == 0:
             tokenizer.save(os.path.join(train_cfg.workdir, "tokenizer"))
@@ -298,10 +169,7 @@ def finetune(
     if getattr(task, "test_report", None) is not None:
         final.update({f"test_{k}": v for k, v in task.test_report.items()})
         final["test_seconds"] = res.eval.get("test/seconds")
-    # steady-state step time: the first steps compile (one compile per padded length)
-    times = task.step_times
-    warm = sorted(times[min(5, len(times) - 1) :]) if times else []
-    stats["step_time_s_median"] = float(warm[len(warm) // 2]) if warm else math.nan
+    stats["step_time_s_median"] = median_step_time(task.step_times)
     history = [float(r["train/loss"]) for r in res.history if "train/loss" in r]
     return {
         "model_config": cfg,

@@ -157,7 +157,11 @@ class SFTBatches:
             picked.append(int(order[self.index]))
             self.index += 1
         self.last_indices = picked
-        picked = [self.encoded[i] for i in picked]
+        return self.collate(picked)
+
+    def collate(self, indices: list[int]) -> dict[str, np.ndarray]:
+        """The host batch of the examples at `indices` (subclasses: other row layouts)."""
+        picked = [self.encoded[i] for i in indices]
         return make_batch(picked, self.cfg.seq_len, self.cfg.length_multiple)
 
     def get_state(self) -> dict:

@@ -1,4 +1,8 @@
-"""Pure, jitted train and eval steps for next-token prediction."""
+"""Pure, jitted train and eval steps for next-token prediction.
+
+The pieces every gradient step shares (`accumulate_grads` over microbatches, `mask_frozen` for
+LoRA, `apply_update` with the non-finite policy) are used by the preference step too
+(`lm_jax.train.preference_step`)."""
 
 from __future__ import annotations
 
@@ -64,6 +68,57 @@ def _split_micro(batch, n: int):
     return jax.tree.map(lambda x: x.reshape((n, x.shape[0] // n) + x.shape[1:]), batch)
 
 
+def accumulate_grads(grad_fn, params, batch, rng, n: int):
+    """(gradients, metrics), each summed over `n` microbatches of `batch` (split along the
+    leading axis of every leaf); `grad_fn(params, microbatch, rng) -> (grads, metrics)` gets
+    `fold_in(rng, i)` for microbatch i, or `rng` itself when n == 1 (then no accumulator
+    buffers: they cost a full pass over the parameters)."""
+    if n == 1:
+        return grad_fn(params, batch, rng)
+
+    def micro(carry, xs):
+        g_acc, m_acc = carry
+        mb, i = xs
+        g, m = grad_fn(params, mb, jax.random.fold_in(rng, i))
+        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+
+    micro_batches = _split_micro(batch, n)
+    first = jax.tree.map(lambda x: x[0], micro_batches)
+    g_shape = jax.eval_shape(lambda: grad_fn(params, first, rng))
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
+    (grads, m), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(n)))
+    return grads, m
+
+
+def mask_frozen(grads, params, trainable):
+    """Zero gradients on frozen leaves (so XLA drops their computation); `trainable`: None (all
+    train), a tree of bools or a function params -> tree (e.g. LoRA's `trainable_mask`)."""
+    if trainable is None:
+        return grads
+    mask = trainable(params) if callable(trainable) else trainable
+    return jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, mask)
+
+
+def apply_update(state: TrainState, grads, loss, *, tx, train_cfg: TrainConfig):
+    """(new state, grad_norm, finite): one optimizer update with the non-finite policy. With
+    `nonfinite="skip"` a non-finite loss or gradient drops the update (parameters and optimizer
+    state unchanged to the bit) and counts it in `skipped`; the loop halts on `halt`."""
+    grad_norm = optax.tree.norm(grads)
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped)
+    if train_cfg.nonfinite == "skip":
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+        new = TrainState(
+            step=state.step + 1,
+            params=keep(params, state.params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
+    return new, grad_norm, finite
+
+
 def train_step(
     state: TrainState,
     batch: dict,
@@ -84,46 +139,18 @@ def train_step(
     grad_fn = jax.grad(loss_and_metrics, has_aux=True)
     n = train_cfg.grad_accum
 
-    def micro(carry, xs):
-        g_acc, m_acc = carry
-        mb, i = xs
-        g, m = grad_fn(state.params, mb, model_cfg, train_cfg, jax.random.fold_in(rng, i), True)
-        return (jax.tree.map(jnp.add, g_acc, g), jax.tree.map(jnp.add, m_acc, m)), None
+    def micro_grad(params, mb, r):
+        return grad_fn(params, mb, model_cfg, train_cfg, r, True)
 
-    if n == 1:  # no accumulator buffers: they cost a full pass over the parameters
-        grads, m = grad_fn(state.params, batch, model_cfg, train_cfg, rng, True)
-    else:
-        micro_batches = _split_micro(batch, n)
-        first = jax.tree.map(lambda x: x[0], micro_batches)
-        g_shape = jax.eval_shape(
-            lambda: grad_fn(state.params, first, model_cfg, train_cfg, rng, True)
-        )
-        zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), g_shape)
-        (grads, m), _ = jax.lax.scan(micro, zeros, (micro_batches, jnp.arange(n)))
-
-    if trainable is not None:  # frozen leaves: zero gradients, so XLA drops their computation
-        mask = trainable(state.params) if callable(trainable) else trainable
-        grads = jax.tree.map(lambda g, t: g if t else jnp.zeros_like(g), grads, mask)
+    grads, m = accumulate_grads(micro_grad, state.params, batch, rng, n)
+    grads = mask_frozen(grads, state.params, trainable)
     tokens = jnp.maximum(m["tokens"], 1.0)
     grads = jax.tree.map(lambda g: g / tokens, grads)
     loss = (m["nll_sum"] + m["z_sum"]) / tokens
     if inject_nonfinite:
         loss = loss * jnp.nan
         grads = jax.tree.map(lambda g: g * jnp.nan, grads)
-    grad_norm = optax.tree.norm(grads)
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = TrainState(step=state.step + 1, params=params, opt_state=opt_state, skipped=state.skipped)
-    if train_cfg.nonfinite == "skip":
-        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
-        new = TrainState(
-            step=state.step + 1,
-            params=keep(params, state.params),
-            opt_state=keep(opt_state, state.opt_state),
-            skipped=state.skipped + (~finite).astype(jnp.int32),
-        )
+    new, grad_norm, finite = apply_update(state, grads, loss, tx=tx, train_cfg=train_cfg)
     metrics = {
         "loss": m["nll_sum"] / tokens,
         "total_loss": loss,

@@ -93,6 +93,11 @@ def files(tmp_path_factory):
     (d / "bad.jsonl").write_text('{"prompt": "a", "completion": "b"}\n{"prompt": "a"\n')
     (d / "nokey.jsonl").write_text('{"prompt": "a"}\n')
     (d / "good.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
+    pair = '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+    (d / "good_pairs.jsonl").write_text(pair)
+    (d / "norejected.jsonl").write_text(pair + '{"prompt": "a", "chosen": "b"}\n')
+    (d / "badpairs.jsonl").write_text(pair + '{"prompt": "a"\n')
+    (d / "emptychosen.jsonl").write_text('{"prompt": "a", "chosen": "", "rejected": "c"}\n')
     (d / "sst2" / "sst2").mkdir(parents=True)
     for split in ("train", "dev", "test"):
         (d / "sst2" / "sst2" / f"stsa.binary.{split}").write_text("positive a fine film\n")
@@ -223,6 +228,48 @@ def test_finetune_old_spellings_warn_and_still_apply(files, tmp_path):
     r = binary("finetune", "--steps=0", f"--train_file={files / 'good.jsonl'}")
     one_error_line(r, r"steps must be > 0.*--train\.steps")
     assert "use --train.steps" in r.stderr
+
+
+# ---------------------------------------------------------------- posttrain
+
+POSTTRAIN = {
+    "missing_rejected": (
+        ["--train_file={norejected.jsonl}"],
+        r"norejected\.jsonl:2: missing key 'rejected'",
+    ),
+    "empty_completion": (
+        ["--train_file={emptychosen.jsonl}"],
+        r"emptychosen\.jsonl:1: 'chosen' is empty",
+    ),
+    "empty_eval_completion": (
+        ["--eval_file={emptychosen.jsonl}"],
+        r"emptychosen\.jsonl:1: 'chosen'",
+    ),
+    "missing_train_file": (["--train_file=/nonexistent/pairs.jsonl"], r"not found"),
+    "malformed_jsonl": (["--train_file={badpairs.jsonl}"], r"badpairs\.jsonl:2: not JSON"),
+    "sft_file_as_pairs": (["--train_file={good.jsonl}"], r"good\.jsonl:1: missing key 'chosen'"),
+    "missing_checkpoint": ([f"--checkpoint={MISSING}"], r"does not exist"),
+    "adapters_as_checkpoint": (["--checkpoint={adapters}"], r"holds LoRA adapters"),
+    "unknown_method": (["--method=kto"], r"--method.*dpo.*simpo"),
+    "bad_flag_value": (["--posttrain.beta=abc"], r"--posttrain\.beta=abc"),
+    "bad_config_value": (["--posttrain.seq_len=1"], r"seq_len must be >= 2.*--posttrain\.seq_len"),
+    "gamma_without_simpo": (["--posttrain.gamma=0.5"], r"gamma is SimPO's.*--posttrain\.gamma"),
+    "unused_train_flag": (["--train.eval_batches=3"], r"train\.eval_batches"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+}
+
+
+@pytest.mark.parametrize("case", sorted(POSTTRAIN))
+def test_posttrain(case, files, tmp_path):
+    args, pattern = POSTTRAIN[case]
+    args = _fmt(args, files)
+    if not any(a.startswith("--checkpoint") for a in args):
+        args.append(f"--checkpoint={files / 'empty'}")  # bad flags fail before the model loads
+    if not any(a.startswith("--train_file") for a in args):
+        args.append(f"--train_file={files / 'good_pairs.jsonl'}")
+    r = binary("posttrain", f"--train.workdir={tmp_path / 'w'}", *args)
+    one_error_line(r, pattern)
+    assert not (tmp_path / "w").exists()
 
 
 # ---------------------------------------------------------------- align

@@ -2,8 +2,9 @@
 randomly chosen checkpoint, then the same command again, gives the uninterrupted run's losses,
 parameters and batches to the bit (`--log_step_details` rows: loss hex, params hash, example ids
 or batch hash); SIGTERM saves, exits 0 and resumes the same way. Covers fine-tuning (LoRA and
-full), alignment (DPG) and image-text (contrastive); pretraining has its own suite
-(test_fault_injection.py)."""
+full), preference optimisation (DPO, LoRA; the reference log-probs are read back from the
+workdir, not scored again), alignment (DPG) and image-text (contrastive); pretraining has its own
+suite (test_fault_injection.py)."""
 
 import json
 import os
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -95,14 +97,16 @@ def crash_resume_case(argv, workdir, ref_log, steps, save_every, cache_dir, tmp_
     assert (int(m.group(1)) if m else None) == max(committed, default=None), r.stdout[-2000:]
     assert max(committed, default=0) >= kill_after - save_every
     check_identical(ref_log, workdir / "steps.jsonl", steps)
+    return r.stdout
 
 
 def sigterm_case(argv, workdir, ref_log, steps, save_every, cache_dir, tmp_path):
     rc, text = interrupted(argv, cache_dir, tmp_path / "term.out", save_every, signal.SIGTERM)
     assert rc == 0, text[-2000:]
     assert "SIGTERM: saved step" in text
-    run_ok(argv, cache_dir)
+    r = run_ok(argv, cache_dir)
     check_identical(ref_log, workdir / "steps.jsonl", steps)
+    return r.stdout
 
 
 # ---------------------------------------------------------------------------- fine-tuning
@@ -162,6 +166,43 @@ def test_finetune_kill_9_and_sigterm_resume_exactly(
         case(argv, wd, ref_log, FT_STEPS, FT_SAVE, cache_dir, tmp_path)
     if rank:  # adapter-only checkpoints: nothing of the frozen base is saved
         assert (ref / "adapters").is_dir()
+
+
+# ---------------------------------------------------------------------------- post-training
+
+PT_STEPS, PT_SAVE = 12, 3
+
+
+def posttrain_argv(base, workdir):
+    """DPO with LoRA on the binary's default data: pairs made from the embedded corpus."""
+    return [
+        PY, str(REPO / "experiments" / "posttrain.py"), f"--checkpoint={base}", "--method=dpo",
+        "--train_limit=20", "--eval_limit=8", f"--train.workdir={workdir}",
+        f"--train.steps={PT_STEPS}", f"--train.save_every={PT_SAVE}", "--train.eval_every=6",
+        "--posttrain.batch_size=8", "--posttrain.seq_len=48", "--posttrain.lora.rank=4",
+        "--train.learning_rate=3e-3", "--train.log_step_details",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_posttrain_dpo_kill_9_and_sigterm_resume_exactly(tiny_base, cache_dir, tmp_path):
+    ref = tmp_path / "ref"
+    run_ok(posttrain_argv(tiny_base, ref), cache_dir)
+    ref_log = ref / "steps.jsonl"
+    seen = [i for s in sorted(records(ref_log)) for i in records(ref_log)[s]["example_ids"]]
+    for e in range(len(seen) // 20):  # 12 steps x 8 pairs over 20: every pair once an epoch
+        assert sorted(seen[20 * e : 20 * (e + 1)]) == list(range(20))
+    def cache(wd):
+        with np.load(wd / "reference_logps.npz") as z:
+            return {k: z[k].tolist() for k in z.files}
+
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        out = case(posttrain_argv(tiny_base, wd), wd, ref_log, PT_STEPS, PT_SAVE, cache_dir,
+                   tmp_path)  # fmt: skip
+        assert "reference log-probs: read from" in out, out[-2000:]
+        assert cache(wd) == cache(ref)  # the same fingerprint and numbers
+    assert (ref / "adapters").is_dir()
 
 
 # ---------------------------------------------------------------------------- alignment
