@@ -46,7 +46,7 @@ from typing import Literal
 import numpy as np
 
 from lm_jax.configs.base import ConfigError
-from lm_jax.data.chat_template import render_chat
+from lm_jax.data.chat_template import BUILTIN_TEMPLATES, render_chat
 from lm_jax.train.jsonl import jsonl_objects
 from lm_jax.train.sft_data import _encode
 
@@ -75,6 +75,11 @@ class ChatConfig:
     def __post_init__(self):
         if self.loss_turns not in ("all", "last"):
             raise ConfigError(f"loss_turns must be 'all' or 'last', got {self.loss_turns!r}.")
+        if self.template and self.template not in BUILTIN_TEMPLATES:
+            raise ConfigError(
+                f"unknown chat template {self.template!r}: choose one of "
+                f"{sorted(BUILTIN_TEMPLATES)}, or '' for the tokenizer's own."
+            )
         if self.eval_data and not self.data:
             raise ConfigError("eval_data needs data: give the training conversations too.")
 
