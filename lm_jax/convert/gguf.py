@@ -225,6 +225,19 @@ def from_gguf(path: str, tokenizer: bool = True):
     return cfg, params, tok
 
 
+def gguf_tokenizer(path: str) -> HFTokenizer:
+    """The tokenizer (and chat template) a GGUF file carries, without reading its tensors."""
+    import gguf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} not found.")
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/...
+        raise ConfigError(f"{path!r} is not a readable GGUF file: {e}") from e
+    return HFTokenizer.from_gguf_metadata(_metadata(reader, "tokenizer."))
+
+
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 

@@ -2,7 +2,7 @@
 
 `HFTokenizer` wraps a `tokenizers.Tokenizer` (whatever `tokenizer.json` describes: BPE,
 unigram, WordPiece) plus the special token ids and the chat template (a jinja2 template rendered
-as transformers does: sandboxed, `trim_blocks`, `lstrip_blocks`).
+as transformers does: `lm_jax.data.chat_template.render_chat`).
 
 From a GGUF (`HFTokenizer.from_gguf_metadata`), llama.cpp's `tokenizer.ggml.model = "gpt2"`
 byte-level BPE is rebuilt as transformers' GGUF loader does: BPE over the vocabulary and merges,
@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 
+from lm_jax.data.chat_template import render_chat
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError, register
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -107,25 +108,9 @@ class HFTokenizer(Tokenizer):
                 "this tokenizer has no chat template: pass one as HFTokenizer(..., "
                 "chat_template=...) or load a tokenizer that carries one."
             )
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message):
-            raise TokenizerError(f"chat template error: {message}")
-
-        def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-            return json.dumps(
-                x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                sort_keys=sort_keys,
-            )  # fmt: skip
-
-        env = ImmutableSandboxedEnvironment(
-            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
-        )
-        env.filters["tojson"] = tojson
-        env.globals["raise_exception"] = raise_exception
-        template = env.from_string(self.chat_template)
-        return template.render(
-            messages=messages,
+        return render_chat(
+            self.chat_template,
+            messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=self._special(self.bos_id) or "",
             eos_token=self._special(self.eos_id) or "",

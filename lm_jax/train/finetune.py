@@ -1,4 +1,6 @@
-"""Supervised fine-tuning of a decoder LM on (prompt, completion) pairs: full or LoRA.
+"""Supervised fine-tuning of a decoder LM on (prompt, completion) pairs or multi-turn
+conversations (`finetune_chat`: loss on the assistant turns, `lm_jax.train.chat_data`): full or
+LoRA.
 
 The data half (examples, row encoding with a completion-only loss mask, resumable epochs,
 readers, label scoring) is `lm_jax.train.sft_data`, re-exported here.
@@ -19,6 +21,7 @@ every label is a single token). Label and completion scoring run on `lm_jax.scor
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import time
@@ -32,13 +35,22 @@ from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.convert.gguf import smollm2_gguf_path
 from lm_jax.convert.sources import load_any
+from lm_jax.data.chat_template import resolve_template
 from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train import engine
+from lm_jax.train.chat_data import (
+    ChatConfig,
+    ChatEncoder,
+    Conversation,
+    check_chat,
+    load_conversations,
+)
 from lm_jax.train.sft_data import (  # noqa: F401 - the data half, re-exported
     BATCH_KEYS,
     ClassificationSet,
     Example,
     FinetuneConfig,
+    PackedSFTBatches,
     SFTBatches,
     _encode,
     _put_batch,
@@ -47,6 +59,7 @@ from lm_jax.train.sft_data import (  # noqa: F401 - the data half, re-exported
     encode_example,
     label_logliks,
     make_batch,
+    make_packed_batch,
     read_jsonl,
     sst2,
 )
@@ -75,7 +88,8 @@ class SFTTask(TunedModelTask):
     """
 
     def __init__(self, cfg, params, trainable, tokenizer, enc, train_cfg, ft, *, mesh,
-                 enc_eval=(), cls_eval=None, test=None, base_name=None, log=print):  # fmt: skip
+                 enc_eval=(), cls_eval=None, test=None, base_name=None, log=print,
+                 extra_meta=None):  # fmt: skip
         super().__init__(cfg, params, trainable, train_cfg, ft, mesh=mesh, base_name=base_name,
                          log=log)  # fmt: skip
         self.tok, self.ft = tokenizer, ft
@@ -83,12 +97,13 @@ class SFTTask(TunedModelTask):
         self.bsh = bsh = batch_sharding(mesh, 2, ft.batch_size)
         self.step_fn = jit_train_step(cfg, train_cfg, self.tx, self.shardings, bsh,
                                       trainable=trainable)  # fmt: skip
-        self.data = SFTBatches(enc, ft, train_cfg.seed)
+        self.data = (PackedSFTBatches if ft.pack else SFTBatches)(enc, ft, train_cfg.seed)
+        self.extra_meta = dict(extra_meta or {})
         self.score_kw = dict(seq_len=ft.seq_len, batch_size=ft.eval_batch_size, mesh=mesh)
         self.n_examples = len(enc)
 
     def meta(self) -> dict:
-        extra = {"finetune": _jsonable(self.ft), "base": self.base_name}
+        extra = {"finetune": _jsonable(self.ft), "base": self.base_name, **self.extra_meta}
         return meta_dict(self.cfg, self.train_cfg, None, extra)
 
     def put(self, batch: dict):
@@ -134,6 +149,8 @@ def finetune(
     base_name: str | None = None,
     mesh=None,
     log: Callable[[str], None] = print,
+    encoder: Callable | None = None,
+    extra_meta: dict | None = None,
 ) -> dict:
     """Fine-tune (or resume fine-tuning in `train_cfg.workdir`) on `mesh` (default
     `make_mesh(train_cfg.mesh)`) through the one loop; returns {model_config, params, state,
@@ -143,18 +160,27 @@ def finetune(
     label accuracy on `classification` (both cut to `ft.eval_examples`); at the very end,
     accuracy on `test` (all of it). Metrics go to `workdir/metrics.jsonl` (MetricWriter).
     With `ft.save=False` nothing is written to `workdir` but the metrics.
+
+    `encoder(example)` -> an encoded row or None (skipped: nothing to learn) replaces
+    `encode_example` (chat conversations: `chat_data.ChatEncoder.encode`); `extra_meta` goes
+    into the checkpoints' meta.
     """
     mesh = make_mesh(train_cfg.mesh) if mesh is None else mesh
     check_batching(mesh, train_cfg, ft.batch_size, ft.eval_batch_size, ft.seq_len,
                    base_cfg.max_len)  # fmt: skip
     cfg, params, trainable = prepare_model(base_cfg, params, ft, train_cfg.seed)
-    enc = [encode_example(tokenizer, e, ft.seq_len, ft.add_eos) for e in train_examples]
-    enc_eval = [encode_example(tokenizer, e, ft.seq_len, ft.add_eos) for e in eval_examples]
+    if encoder is None:
+        encoder = lambda e: encode_example(tokenizer, e, ft.seq_len, ft.add_eos)  # noqa: E731
+    enc = [r for r in map(encoder, train_examples) if r is not None]
+    enc_eval = [r for r in map(encoder, eval_examples) if r is not None]
+    skipped = len(train_examples) + len(eval_examples) - len(enc) - len(enc_eval)
+    if skipped:
+        log(f"{skipped} examples skipped: nothing to learn within seq_len {ft.seq_len}")
     enc_eval = enc_eval[: ft.eval_examples or None]
     cls_eval = classification.head(ft.eval_examples) if classification is not None else None
     task = SFTTask(cfg, params, trainable, tokenizer, enc, train_cfg, ft, mesh=mesh,
                    enc_eval=enc_eval, cls_eval=cls_eval, test=test, base_name=base_name,
-                   log=log)  # fmt: skip
+                   log=log, extra_meta=extra_meta)  # fmt: skip
     del params
     stats = training_stats(task.abstract, ft.lora, mesh, len(enc))
     log(describe_stats(stats))
@@ -182,6 +208,33 @@ def finetune(
     }
 
 
+def finetune_chat(
+    base_cfg: ModelConfig,
+    params,
+    tokenizer,
+    conversations: Sequence[Conversation],
+    train_cfg: TrainConfig,
+    ft: FinetuneConfig,
+    chat: ChatConfig,
+    *,
+    eval_conversations: Sequence[Conversation] = (),
+    **kw,
+) -> dict:
+    """`finetune` on multi-turn conversations (`lm_jax.train.chat_data`): rendered by the chat
+    template `chat.template` (the tokenizer's own, or a built-in one, which the saved tokenizer
+    then carries), loss on the assistant turns only, packed with `ft.pack`; eval/completion_loss
+    on `eval_conversations`. Same loop, checkpoints and report as `finetune`."""
+    check_chat(chat, ft)
+    template = resolve_template(chat.template, tokenizer)
+    if getattr(tokenizer, "chat_template", template) != template:
+        tokenizer = copy.copy(tokenizer)
+        tokenizer.chat_template = template
+    encoder = ChatEncoder(tokenizer, template, ft.seq_len, chat.loss_turns)
+    return finetune(base_cfg, params, tokenizer, conversations, train_cfg, ft,
+                    eval_examples=eval_conversations, encoder=encoder.encode,
+                    extra_meta={"chat": dataclasses.asdict(chat)}, **kw)  # fmt: skip
+
+
 def _jsonable(ft: FinetuneConfig) -> dict:
     d = dataclasses.asdict(ft)
     d["lora"] = ft.lora.to_dict() if ft.lora is not None else None
@@ -201,8 +254,10 @@ def default_gguf() -> str:
 TASKS = ("sst2",)
 
 
-def check_task(task: str, train_file: str) -> None:
-    if not train_file and task not in TASKS:
+def check_task(task: str, train_file: str, chat_data: str = "") -> None:
+    if train_file and chat_data:
+        raise ConfigError("give --train_file or --chat.data, not both.")
+    if not train_file and not chat_data and task not in TASKS:
         raise ConfigError(f"unknown task {task!r}: choose one of {list(TASKS)} or --train_file.")
 
 
@@ -230,14 +285,27 @@ def run(
     test_limit: int | None = None,
     ft: FinetuneConfig,
     train_cfg: TrainConfig,
+    chat: ChatConfig | None = None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """The fine-tuning binary: checks, model loading, data, `finetune`; returns its report."""
-    check_task(task, train_file)
+    """The fine-tuning binary: checks, model loading, data, `finetune` (`finetune_chat` with
+    `chat.data`); returns its report."""
+    chat = chat or ChatConfig()
+    check_task(task, train_file, chat.data)
+    if chat.data:
+        check_chat(chat, ft)
     if not (checkpoint or hf_dir or gguf):
         gguf = default_gguf()
     cfg, params, tok, name = load_source(checkpoint, hf_dir, gguf)
     check_model(cfg, params, ft)  # LoRA targets, before anything compiles
+    if chat.data:
+        convs = load_conversations(chat.data, train_limit)
+        held_out = load_conversations(chat.eval_data, eval_limit or None) if chat.eval_data else []
+        log(f"model {name}: {cfg.num_layers} layers, d_model {cfg.d_model}; {len(convs)} "
+            f"conversations, {len(held_out)} held out")  # fmt: skip
+        out = finetune_chat(cfg, params, tok, convs, train_cfg, ft, chat,
+                            eval_conversations=held_out, base_name=name, log=log)  # fmt: skip
+        return {"task": chat.data, "model": name, **out["stats"], **out["final"]}
     classification = test = None
     eval_examples: list[Example] = []
     if train_file:

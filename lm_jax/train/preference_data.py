@@ -26,8 +26,6 @@ and be measured on (held-out pairs come from the source's validation split).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import re
 from collections.abc import Sequence
 from typing import Literal
@@ -38,6 +36,7 @@ from lm_jax import adapters as lora_lib
 from lm_jax.configs.base import ConfigError
 from lm_jax.data import load_texts
 from lm_jax.losses_preference import DEFAULT_BETA, DEFAULT_GAMMA
+from lm_jax.train.jsonl import check_strings, jsonl_objects
 from lm_jax.train.sft_data import BATCH_KEYS, FinetuneConfig, SFTBatches, _encode, make_batch
 
 
@@ -103,7 +102,7 @@ class PreferenceConfig:
     def finetune_config(self) -> FinetuneConfig:
         """The same run as supervised fine-tuning (method 'sft': on the chosen completions)."""
         names = {f.name for f in dataclasses.fields(FinetuneConfig)}
-        return FinetuneConfig(**{k: getattr(self, k) for k in names})
+        return FinetuneConfig(**{k: getattr(self, k) for k in names if hasattr(self, k)})
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
@@ -118,35 +117,15 @@ KEYS = ("prompt", "chosen", "rejected")
 
 def read_preference_jsonl(path: str) -> list[PreferencePair]:
     """{"prompt": ..., "chosen": ..., "rejected": ...} per line (strings; completions non-empty)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"preference file {path!r} not found.")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path}:{i}"
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{where}: not JSON ({e}); one object per line.") from None
-            if not isinstance(d, dict):
-                raise ConfigError(f"{where}: each line must be a JSON object with {list(KEYS)}.")
-            missing = [k for k in KEYS if k not in d]
-            if missing:
+    for where, d in jsonl_objects(path, KEYS, "preference"):
+        check_strings(where, d, KEYS)
+        for k in KEYS[1:]:
+            if not d[k]:
                 raise ConfigError(
-                    f"{where}: missing key {missing[0]!r}; each line needs {list(KEYS)}."
+                    f"{where}: {k!r} is empty; every pair needs two non-empty completions."
                 )
-            for k in KEYS:
-                if not isinstance(d[k], str):
-                    got = type(d[k]).__name__
-                    raise ConfigError(f"{where}: {k!r} must be a string, got {got}.")
-            for k in KEYS[1:]:
-                if not d[k]:
-                    raise ConfigError(
-                        f"{where}: {k!r} is empty; every pair needs two non-empty completions."
-                    )
-            out.append(PreferencePair(d["prompt"], d["chosen"], d["rejected"]))
+        out.append(PreferencePair(d["prompt"], d["chosen"], d["rejected"]))
     if not out:
         raise ConfigError(f"{path} holds no preference pairs.")
     return out

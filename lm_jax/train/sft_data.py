@@ -6,14 +6,18 @@ Rows are `prompt ids + completion ids` (prompt encoded with the tokenizer's spec
 completion without, exactly as label scoring does), right-padded to `FinetuneConfig.seq_len`
 (or, with `length_multiple`, to the batch's longest row rounded up to it): segment ids are 1 on
 real tokens and 0 on padding, and `loss_mask` is 1 only where the *target* is a completion
-token. Too-long prompts lose their oldest tokens.
+token. Too-long prompts lose their oldest tokens. An encoded row is (ids, n_prompt) or (ids,
+target mask [n - 1]) (chat rows, `lm_jax.train.chat_data`).
+
+Packing (`FinetuneConfig.pack`, `PackedSFTBatches`, `make_packed_batch`): several examples
+share a row, example j with segment id j and positions restarting at 0, so the model's segment
+masking keeps them apart (and no example predicts the next one's first token): each example's
+loss is the same as alone in a row.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from collections.abc import Sequence
 
 import jax
@@ -25,6 +29,7 @@ from lm_jax.eval.classification import classification_metrics
 from lm_jax.eval.tasks import DEFAULT_DATA_DIR, SST2_OPTIONS, load_sst2, sst2_prompt
 from lm_jax.scoring import Scorer
 from lm_jax.sharding import batch_sharding, make_mesh
+from lm_jax.train.jsonl import jsonl_objects
 from lm_jax.utils import round_up as _round_up
 
 BATCH_KEYS = ("inputs", "targets", "positions", "segment_ids", "loss_mask")
@@ -63,6 +68,7 @@ class FinetuneConfig:
     lora: lora_lib.LoraConfig | None = None  # None = full fine-tuning
     bf16_base: bool = False  # LoRA: frozen base weights in bfloat16 (lora.cast_base)
     add_eos: bool = False  # append the tokenizer's EOS to every completion
+    pack: bool = False  # several examples per row (segment ids 1, 2, ..; positions restart)
     eval_examples: int = 0  # examples per periodic evaluation; 0 = the whole eval set
     eval_batch_size: int = 32  # rows per scoring pass
     export_peft: bool = False  # LoRA: also write a peft folder to workdir/peft
@@ -113,30 +119,64 @@ def encode_example(tokenizer, ex: Example, seq_len: int, add_eos: bool = False):
     return np.asarray(prompt + completion, np.int32), len(prompt)
 
 
+def target_mask(row) -> np.ndarray:
+    """[n - 1] float32 loss mask over the targets ids[1:] of an encoded row: (ids, n_prompt)
+    (loss on the targets ids[n_prompt:]) or (ids, target mask) as chat rows carry."""
+    ids, m = row
+    if isinstance(m, np.ndarray):
+        return m
+    out = np.zeros(len(ids) - 1, np.float32)
+    out[m - 1 :] = 1.0
+    return out
+
+
+def make_packed_batch(
+    rows: Sequence[Sequence[tuple]],
+    seq_len: int,
+    length_multiple: int = 0,
+    n_rows: int | None = None,
+) -> dict[str, np.ndarray]:
+    """rows[b]: the encoded examples packed into row b, in order. Example j of a row takes the
+    next len(ids) - 1 positions with segment id j + 1 and positions 0, 1, .. (so it attends to
+    itself only and never predicts another's first token); right padding has segment id 0.
+    T = seq_len, or with `length_multiple` the longest row rounded up to it; `n_rows` pads
+    with empty rows. {inputs, targets, positions, segment_ids: [B, T] int32, loss_mask [B, T]}."""
+    B = len(rows) if n_rows is None else n_rows
+    longest = max(sum(len(ids) - 1 for ids, _ in row) for row in rows)
+    if longest > seq_len:
+        raise ValueError(f"a packed row of {longest} tokens exceeds seq_len {seq_len}.")
+    T = seq_len if not length_multiple else min(seq_len, _round_up(longest, length_multiple))
+    out = {k: np.zeros((B, T), np.int32) for k in BATCH_KEYS}
+    out["loss_mask"] = np.zeros((B, T), np.float32)
+    for b, row in enumerate(rows):
+        t = 0
+        for j, ex in enumerate(row, 1):
+            ids = ex[0]
+            n = len(ids) - 1
+            out["inputs"][b, t : t + n] = ids[:-1]
+            out["targets"][b, t : t + n] = ids[1:]
+            out["positions"][b, t : t + n] = np.arange(n)
+            out["segment_ids"][b, t : t + n] = j
+            out["loss_mask"][b, t : t + n] = target_mask(ex)
+            t += n
+    return out
+
+
 def make_batch(
-    encoded: Sequence[tuple[np.ndarray, int]],
+    encoded: Sequence[tuple],
     seq_len: int,
     length_multiple: int = 0,
     rows: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Right-padded rows; loss only on completion targets; `rows` pads with empty rows."""
-    B = len(encoded) if rows is None else rows
-    longest = max(len(ids) - 1 for ids, _ in encoded)
-    T = seq_len if not length_multiple else min(seq_len, _round_up(longest, length_multiple))
-    out = {k: np.zeros((B, T), np.int32) for k in BATCH_KEYS}
-    out["loss_mask"] = np.zeros((B, T), np.float32)
-    for b, (ids, n_prompt) in enumerate(encoded):
-        n = len(ids) - 1
-        out["inputs"][b, :n] = ids[:-1]
-        out["targets"][b, :n] = ids[1:]
-        out["positions"][b, :n] = np.arange(n)
-        out["segment_ids"][b, :n] = 1
-        out["loss_mask"][b, n_prompt - 1 : n] = 1.0  # targets ids[n_prompt:], the completion
-    return out
+    """One example per right-padded row (`make_packed_batch`); loss only on completion targets
+    (or a chat row's target mask); `rows` pads with empty rows."""
+    return make_packed_batch([[e] for e in encoded], seq_len, length_multiple, rows)
 
 
 class SFTBatches:
     """Shuffled epochs over encoded examples; every example once per epoch; resumable state."""
+
+    packed = False  # one example per row
 
     def __init__(self, encoded, cfg: FinetuneConfig, seed: int = 0):
         if not encoded:
@@ -168,6 +208,7 @@ class SFTBatches:
         return {"epoch": self.epoch, "index": self.index, "seed": self.seed}
 
     def set_state(self, state: dict) -> None:
+        check_packing(state, self.packed)
         if int(state.get("seed", self.seed)) != self.seed:
             raise ConfigError(
                 f"the checkpoint's data order has seed {state['seed']}, this run {self.seed}: "
@@ -176,23 +217,57 @@ class SFTBatches:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
 
 
+class PackedSFTBatches(SFTBatches):
+    """`SFTBatches` with several examples per row (`FinetuneConfig.pack`): each of the
+    `batch_size` rows takes the next examples of the shuffled epoch while they fit its
+    `seq_len` positions (an example that does not fit starts the next row; epochs run on
+    across rows). Every example once per epoch, in the same order; resumable state."""
+
+    packed = True
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        order, rows = self._order(), []
+        for _ in range(self.cfg.batch_size):
+            row: list[int] = []
+            used = 0
+            while True:
+                if self.index >= len(order):
+                    self.epoch, self.index = self.epoch + 1, 0
+                    order = self._order()
+                j = int(order[self.index])
+                n = len(self.encoded[j][0]) - 1
+                if row and used + n > self.cfg.seq_len:
+                    break
+                row.append(j)
+                used += n
+                self.index += 1
+            rows.append(row)
+        self.last_indices = [j for row in rows for j in row]
+        self.last_rows = rows
+        return make_packed_batch([[self.encoded[j] for j in row] for row in rows],
+                                 self.cfg.seq_len, self.cfg.length_multiple)  # fmt: skip
+
+    def get_state(self) -> dict:
+        return {**super().get_state(), "packed": True}
+
+
+def check_packing(state: dict, packed: bool) -> None:
+    """ConfigError unless a saved data state was made with the same `pack` setting."""
+    if bool(state.get("packed", False)) != packed:
+        was = "with" if state.get("packed") else "without"
+        raise ConfigError(
+            f"the checkpoint's data order was made {was} packing: rerun with "
+            f"--finetune.pack={'true' if state.get('packed') else 'false'} or start a new "
+            "--train.workdir."
+        )
+
+
 def read_jsonl(path: str) -> list[Example]:
-    """{"prompt": ..., "completion": ...} per line."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"training file {path!r} not found.")
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-                out.append(Example(str(d["prompt"]), str(d["completion"])))
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                raise ConfigError(
-                    f"{path}:{i}: each line must be a JSON object with 'prompt' and 'completion' "
-                    f"({type(e).__name__}: {e})."
-                ) from e
+    """{"prompt": ..., "completion": ...} per line (`lm_jax.train.jsonl`: errors name the line)."""
+    out = [
+        Example(str(d["prompt"]), str(d["completion"]))
+        for _, d in jsonl_objects(path, ("prompt", "completion"))
+    ]
     if not out:
         raise ConfigError(f"{path} holds no examples.")
     return out

@@ -94,6 +94,12 @@ def files(tmp_path_factory):
     (d / "nokey.jsonl").write_text('{"prompt": "a"}\n')
     (d / "good.jsonl").write_text('{"prompt": "a", "completion": "b"}\n')
     pair = '{"prompt": "a", "chosen": "b", "rejected": "c"}\n'
+    chat = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    (d / "good_chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    robot = [{"role": "robot", "content": "beep"}]
+    (d / "badrole.jsonl").write_text(json.dumps({"messages": chat}) + "\n"
+                                     + json.dumps({"messages": robot}) + "\n")  # fmt: skip
+    (d / "noassistant.jsonl").write_text(json.dumps({"messages": chat[:1]}) + "\n")
     (d / "good_pairs.jsonl").write_text(pair)
     (d / "norejected.jsonl").write_text(pair + '{"prompt": "a", "chosen": "b"}\n')
     (d / "badpairs.jsonl").write_text(pair + '{"prompt": "a"\n')
@@ -173,6 +179,25 @@ FINETUNE = {
     "unused_train_flag": (["--train.eval_batches=3"], r"train\.eval_batches"),
     "unknown_task": (["--task=imdb"], r"unknown task"),
     "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+    "chat_unknown_role": (
+        ["--chat.data={badrole.jsonl}"],
+        r"badrole\.jsonl:2: message 0 has role 'robot'; roles are",
+    ),
+    "chat_no_assistant_turn": (["--chat.data={noassistant.jsonl}"], r"jsonl:1: no assistant turn"),
+    "chat_and_train_file": (
+        ["--chat.data={good_chat.jsonl}", "--train_file={good.jsonl}"],
+        r"--train_file or --chat\.data, not both",
+    ),
+    "chat_unknown_spec": (["--chat.data=squad:/x"], r"jsonl:<path> or topical_chat:<path>"),
+    "chat_missing_topical_chat": (["--chat.data=topical_chat:/nonexistent/t.json"], r"not found"),
+    "chat_unknown_template": (
+        ["--chat.data={good_chat.jsonl}", "--chat.template=zephyr"],
+        r"unknown chat template 'zephyr'.*--chat\.template",
+    ),
+    "chat_add_eos": (
+        ["--chat.data={good_chat.jsonl}", "--finetune.add_eos"],
+        r"drop --finetune\.add_eos",
+    ),
 }
 
 
@@ -189,7 +214,7 @@ def test_finetune(case, files, tmp_path):
     args = _fmt(args, files)
     if not any(a.startswith("--checkpoint") for a in args):
         args.append(f"--checkpoint={files / 'empty'}")  # bad flags fail before the model loads
-    if not any(a.startswith(("--train_file", "--task")) for a in args):
+    if not any(a.startswith(("--train_file", "--task", "--chat.data")) for a in args):
         args.append(f"--train_file={files / 'good.jsonl'}")
     r = binary("finetune", f"--train.workdir={tmp_path / 'w'}", *args)
     one_error_line(r, pattern)

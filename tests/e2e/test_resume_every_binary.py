@@ -2,9 +2,9 @@
 randomly chosen checkpoint, then the same command again, gives the uninterrupted run's losses,
 parameters and batches to the bit (`--log_step_details` rows: loss hex, params hash, example ids
 or batch hash); SIGTERM saves, exits 0 and resumes the same way. Covers fine-tuning (LoRA and
-full), preference optimisation (DPO, LoRA; the reference log-probs are read back from the
-workdir, not scored again), alignment (DPG) and image-text (contrastive); pretraining has its own
-suite (test_fault_injection.py)."""
+full; packed multi-turn chat), preference optimisation (DPO, LoRA; the reference log-probs are
+read back from the workdir, not scored again), alignment (DPG) and image-text (contrastive);
+pretraining has its own suite (test_fault_injection.py)."""
 
 import json
 import os
@@ -166,6 +166,64 @@ def test_finetune_kill_9_and_sigterm_resume_exactly(
         case(argv, wd, ref_log, FT_STEPS, FT_SAVE, cache_dir, tmp_path)
     if rank:  # adapter-only checkpoints: nothing of the frozen base is saved
         assert (ref / "adapters").is_dir()
+
+
+@pytest.fixture(scope="module")
+def byte_base(tmp_path_factory, cache_dir):
+    """A tiny decoder with a byte tokenizer (chat markers spelled out in bytes), max_len 256."""
+    wd = tmp_path_factory.mktemp("resume_byte_base")
+    run_ok(
+        [PY, str(REPO / "experiments" / "pretrain.py"), "--preset=tiny", "--data.tokenizer=byte"]
+        + ["--model.max_len=256", f"--train.workdir={wd}", "--train.progress_bar=false"]
+        + ["--train.steps=3", "--train.num_samples=0", "--train.eval_batches=1"],
+        cache_dir,
+    )
+    return wd
+
+
+@pytest.fixture(scope="module")
+def chat_file(tmp_path_factory):
+    words = "love death king night heart blood crown sweet fair honour".split()
+    path = tmp_path_factory.mktemp("chat") / "chat.jsonl"
+    rows = []
+    for i, w in enumerate(words * 2):  # 20 conversations of 1 or 2 exchanges
+        m = [{"role": "user", "content": w}, {"role": "assistant", "content": w[::-1]}]
+        m += [{"role": "user", "content": "?"}, {"role": "assistant", "content": w[:2]}] * (i % 2)
+        rows.append({"messages": m})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+CHAT_ROWS = 4
+
+
+def chat_argv(base, chat, workdir):
+    """Packed chat SFT (LoRA): several conversations per row, loss on the assistant turns."""
+    return [
+        PY, str(REPO / "experiments" / "finetune.py"), f"--checkpoint={base}",
+        f"--chat.data={chat}", "--chat.template=chatml", "--finetune.pack",
+        f"--train.workdir={workdir}", "--finetune.lora.rank=4", f"--train.steps={FT_STEPS}",
+        f"--train.save_every={FT_SAVE}", f"--finetune.batch_size={CHAT_ROWS}",
+        "--finetune.seq_len=192", "--train.learning_rate=3e-3", "--train.log_step_details",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_packed_chat_finetune_kill_9_and_sigterm_resume_exactly(
+    byte_base, chat_file, cache_dir, tmp_path
+):
+    ref = tmp_path / "ref"
+    run_ok(chat_argv(byte_base, chat_file, ref), cache_dir)
+    ref_log = ref / "steps.jsonl"
+    steps = [records(ref_log)[s]["example_ids"] for s in sorted(records(ref_log))]
+    assert max(len(ids) for ids in steps) > CHAT_ROWS  # rows hold several conversations
+    seen = [i for ids in steps for i in ids]
+    for e in range(len(seen) // 20):  # every conversation once per epoch, epochs across rows
+        assert sorted(seen[20 * e : 20 * (e + 1)]) == list(range(20))
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(chat_argv(byte_base, chat_file, wd), wd, ref_log, FT_STEPS, FT_SAVE, cache_dir,
+             tmp_path)  # fmt: skip
 
 
 # ---------------------------------------------------------------------------- post-training
