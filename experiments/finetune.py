@@ -25,8 +25,6 @@ for one release, with a warning.
 
 from __future__ import annotations
 
-import json
-
 from absl import flags
 
 from lm_jax import cli
@@ -131,10 +129,7 @@ def main(argv):
         train_cfg=train_cfg,
         chat=chat,
     )
-    print(json.dumps(report, indent=1, default=str))
-    if F.out:
-        with open(F.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    cli.print_report(report, F.out)
     return 0
 
 

@@ -22,7 +22,6 @@ step, and cache it in <workdir>/reference_logps.npz; a rerun of the same command
 from __future__ import annotations
 
 import dataclasses
-import json
 
 from absl import flags
 
@@ -95,10 +94,7 @@ def main(argv):
         pcfg=pcfg,
         train_cfg=train_cfg,
     )
-    print(json.dumps(report, indent=1, default=str))
-    if F.out:
-        with open(F.out, "w") as f:
-            json.dump(report, f, indent=1, default=str)
+    cli.print_report(report, F.out)
     return 0
 
 

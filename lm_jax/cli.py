@@ -178,3 +178,13 @@ def run(main: Callable[[list[str]], Any], positional: bool = False) -> NoReturn:
             raise
 
     app.run(wrapped, flags_parser=_parse)
+
+
+def print_report(report: dict, out: str | None = None) -> None:
+    """Print a binary's JSON report and, with `out`, write it there too."""
+    import json
+
+    print(json.dumps(report, indent=1, default=str))
+    if out:
+        with open(out, "w") as f:
+            json.dump(report, f, indent=1, default=str)

@@ -72,6 +72,7 @@ from lm_jax.train.tuning import (  # noqa: F401 - the shared set-up, re-exported
     init_adapters,
     median_step_time,
     prepare_model,
+    run_summary,
     training_stats,
 )
 
@@ -195,17 +196,7 @@ def finetune(
     if getattr(task, "test_report", None) is not None:
         final.update({f"test_{k}": v for k, v in task.test_report.items()})
         final["test_seconds"] = res.eval.get("test/seconds")
-    stats["step_time_s_median"] = median_step_time(task.step_times)
-    history = [float(r["train/loss"]) for r in res.history if "train/loss" in r]
-    return {
-        "model_config": cfg,
-        "params": res.state.params,
-        "state": res.state,
-        "stats": stats,
-        "history": history,
-        "final": final,
-        "resumed_from": res.resumed_from,
-    }
+    return run_summary(cfg, res, task, stats, final)
 
 
 def finetune_chat(

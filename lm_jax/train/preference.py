@@ -64,8 +64,8 @@ from lm_jax.train.tuning import (
     check_batching,
     check_model,
     describe_stats,
-    median_step_time,
     prepare_model,
+    run_summary,
     training_stats,
 )
 
@@ -254,19 +254,8 @@ def posttrain(
         tokenizer.save(os.path.join(train_cfg.workdir, "tokenizer"))
     run_cfg = train_cfg if pcfg.save else train_cfg.replace(save_every=0)
     res = engine.run(task, run_cfg, log, save=pcfg.save)
-    stats["step_time_s_median"] = median_step_time(task.step_times)
     final = {k.split("/", 1)[1]: v for k, v in res.eval.items() if k.startswith("eval/")}
-    history = [float(r["train/loss"]) for r in res.history if "train/loss" in r]
-    return {
-        "model_config": cfg,
-        "params": res.state.params,
-        "state": res.state,
-        "stats": stats,
-        "history": history,
-        "final": final,
-        "resumed_from": res.resumed_from,
-        "method": pcfg.method,
-    }
+    return {**run_summary(cfg, res, task, stats, final), "method": pcfg.method}
 
 
 def load_pairs(train_file: str = "", eval_file: str = "", source: str = "shakespeare",

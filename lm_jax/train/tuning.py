@@ -235,3 +235,19 @@ class TunedModelTask(Task):
                    "model": self.cfg.replace(lora=None).to_dict()},
         )  # fmt: skip
         self.log(f"saved adapters ({nbytes:,} bytes) at step {step}")
+
+
+def run_summary(cfg: ModelConfig, res, task, stats: dict, final: dict) -> dict:
+    """What a post-training run returns: the model, its final state, step-time statistics, the
+    train-loss history, the final evaluation and the step it resumed from."""
+    stats["step_time_s_median"] = median_step_time(task.step_times)
+    history = [float(r["train/loss"]) for r in res.history if "train/loss" in r]
+    return {
+        "model_config": cfg,
+        "params": res.state.params,
+        "state": res.state,
+        "stats": stats,
+        "history": history,
+        "final": final,
+        "resumed_from": res.resumed_from,
+    }
