@@ -42,7 +42,8 @@ def ascii_share(prompts, completions, answers):
 def base_params(seed=0):
     import flax.linen as nn
 
-    return nn.unbox(Transformer(CFG).init(jax.random.key(seed), jnp.zeros((1, 8), jnp.int32))["params"])
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return nn.unbox(Transformer(CFG).init(jax.random.key(seed), tokens)["params"])
 
 
 # ----------------------------------------------------------------------------- maths
@@ -52,7 +53,8 @@ def test_group_advantages_closed_form():
     r = np.array([1.0, 0.0, 0.0, 0.0, 2.0, 2.0, 2.0, 2.0], np.float32)
     adv, m = group_advantages(r, 4, "group")
     std = np.sqrt((0.75**2 + 3 * 0.25**2) / 3)  # Bessel-corrected: 0.5
-    want = np.array([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0]) / np.array([std + 1e-4] * 4 + [1e-4] * 4)
+    centred = np.array([0.75, -0.25, -0.25, -0.25, 0, 0, 0, 0])
+    want = centred / np.array([std + 1e-4] * 4 + [1e-4] * 4)
     np.testing.assert_allclose(adv, want, rtol=1e-6, atol=1e-6)
     assert float(m["frac_reward_zero_std"]) == 0.5 and float(m["reward"]) == pytest.approx(1.125)
     adv, _ = group_advantages(r, 4, "none")
@@ -68,7 +70,8 @@ def test_loss_value_and_gradient_closed_form():
     B, T = 4, 5
     rng = np.random.default_rng(0)
     logps = jnp.asarray(rng.normal(-2, 0.5, (B, T)), jnp.float32)
-    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]], jnp.float32)
+    mask = jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]],
+                       jnp.float32)  # fmt: skip
     adv = jnp.asarray([1.0, -0.5, 2.0, -1.0])
     n = mask.sum(1)
     # on-policy (ratio 1): the loss is -mean_b A_b and its gradient -A_b m / (n_b B)
@@ -121,7 +124,8 @@ def test_prompts_and_rewards(tmp_path):
     r = arith_exact(["", "", "", ""], [" 12 apples", "-3", "no", " 1 2"], ["12", "-3", "1", "2"])
     np.testing.assert_array_equal(r, [1, 1, 0, 0])
     you = make_reward("wholeword:you", TOK)
-    np.testing.assert_array_equal(you([""] * 3, ["thank you", "youth", "you!"], [None] * 3), [1, 0, 1])
+    got = you([""] * 3, ["thank you", "youth", "you!"], [None] * 3)
+    np.testing.assert_array_equal(got, [1, 0, 1])
     with pytest.raises(ConfigError, match="unknown reward"):
         GRPOConfig(reward="bleu")
     with pytest.raises(ConfigError, match="num_generations must be >= 2"):
@@ -144,7 +148,8 @@ def _train_cfg(workdir, steps=14, lr=3e-2):
 def test_lora_grpo_raises_a_learnable_reward_and_resumes(tmp_path):
     params = base_params()
     gcfg = GRPOConfig(num_generations=8, prompts_per_step=2, num_iterations=2, beta=0.02,
-                      max_new_tokens=8, prompt_len=8, lora=L.LoraConfig(rank=8, alpha=32.0))  # fmt: skip
+                      max_new_tokens=8, prompt_len=8,
+                      lora=L.LoraConfig(rank=8, alpha=32.0))  # fmt: skip
     mesh = make_mesh("", devices=jax.devices()[:1])
     logs = []
     out = GR.posttrain(CFG, params, TOK, PROMPTS, ascii_share, _train_cfg(tmp_path, lr=0.1), gcfg,
@@ -153,8 +158,8 @@ def test_lora_grpo_raises_a_learnable_reward_and_resumes(tmp_path):
     first = np.mean([r["train/reward"] for r in hist[:3]])
     last = np.mean([r["train/reward"] for r in hist[-3:]])
     assert last > first + 0.1, (first, last)
-    for k in ("train/kl", "train/clip_ratio", "train/sample_time_share", "train/sampler_tokens_per_s"):
-        assert k in hist[-1], k
+    for k in ("kl", "clip_ratio", "sample_time_share", "sampler_tokens_per_s"):
+        assert f"train/{k}" in hist[-1], k
     assert 0 < hist[-1]["train/sample_time_share"] < 1
     assert out["final"]["reward"] >= 0 and 0 < out["stats"]["sample_time_share"] < 1
     base, _ = L.split_lora(jax.device_get(out["params"]))
