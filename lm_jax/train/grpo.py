@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -303,8 +304,6 @@ def posttrain(base_cfg: ModelConfig, params, tokenizer, prompts: Sequence[Prompt
     stats = training_stats(task.abstract, gcfg.lora, mesh, len(prompts))
     log(describe_stats(stats))
     if gcfg.save and gcfg.lora is None and jax.process_index() == 0:
-        import os
-
         tokenizer.save(os.path.join(train_cfg.workdir, "tokenizer"))
     run_cfg = train_cfg if gcfg.save else train_cfg.replace(save_every=0)
     res = engine.run(task, run_cfg, log, save=gcfg.save)

@@ -3,8 +3,9 @@ randomly chosen checkpoint, then the same command again, gives the uninterrupted
 parameters and batches to the bit (`--log_step_details` rows: loss hex, params hash, example ids
 or batch hash); SIGTERM saves, exits 0 and resumes the same way. Covers fine-tuning (LoRA and
 full; packed multi-turn chat), preference optimisation (DPO, LoRA; the reference log-probs are
-read back from the workdir, not scored again), GRPO (LoRA; sampler RNG included), alignment (DPG) and image-text (contrastive);
-pretraining has its own suite (test_fault_injection.py)."""
+read back from the workdir, not scored again), GRPO (LoRA; the sampler's RNG and the samples
+included), alignment (DPG) and image-text (contrastive); pretraining has its own suite
+(test_fault_injection.py)."""
 
 import json
 import os
@@ -277,17 +278,17 @@ def grpo_argv(base, workdir):
 
 
 @pytest.mark.slow
-def test_posttrain_grpo_kill_9_and_sigterm_resume_exactly(tiny_base, cache_dir, tmp_path):
+def test_posttrain_grpo_kill_9_and_sigterm_resume_exactly(byte_base, cache_dir, tmp_path):
     """Samples (the sampler's RNG from (seed, step)), rewards, losses and parameters resume to
     the bit."""
     ref = tmp_path / "ref"
-    run_ok(grpo_argv(tiny_base, ref), cache_dir)
+    run_ok(grpo_argv(byte_base, ref), cache_dir)
     ref_log = ref / "steps.jsonl"
     hashes = [r["sample_hash"] for r in records(ref_log).values()]
     assert len(set(hashes)) == len(hashes)  # every step samples anew
     for case in (crash_resume_case, sigterm_case):
         wd = tmp_path / case.__name__
-        case(grpo_argv(tiny_base, wd), wd, ref_log, PT_STEPS, PT_SAVE, cache_dir, tmp_path)
+        case(grpo_argv(byte_base, wd), wd, ref_log, PT_STEPS, PT_SAVE, cache_dir, tmp_path)
     assert (ref / "adapters").is_dir()
 
 
