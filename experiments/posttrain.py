@@ -1,5 +1,5 @@
-r"""Preference optimisation (DPO, IPO, SimPO) or SFT of a decoder LM, full or LoRA; logic in
-lm_jax/train/preference.py.
+r"""Preference optimisation (DPO, IPO, SimPO), GRPO or SFT of a decoder LM, full or LoRA; logic in
+lm_jax/train/preference.py and lm_jax/train/grpo.py.
 
   python experiments/posttrain.py --method=dpo --train.steps=200 --train.workdir=runs/dpo
   python experiments/posttrain.py --method=simpo --posttrain.beta=2.5 --posttrain.gamma=1.4
@@ -17,6 +17,17 @@ lora.rank/alpha/targets/dropout, bf16_base, export_peft, ...; `--noposttrain.lor
 parameters) and `--train.x` (TrainConfig: steps, learning_rate, warmup_steps, eval_every,
 save_every, mesh, seed, workdir, ...). DPO / IPO score the reference once, before the first
 step, and cache it in <workdir>/reference_logps.npz; a rerun of the same command resumes.
+
+GRPO samples G completions per prompt from the policy each step and rewards them:
+  python experiments/posttrain.py --method=grpo --posttrain.reward=arith_exact \
+      --posttrain.num_generations=8 --posttrain.num_iterations=2 --posttrain.loss_type=dr_grpo \
+      --eval_file=../shared/data/bigbench/arithmetic/2_digit_addition/task.json
+Data: --train_file / --eval_file, JSONL of {"prompt", "answer"?} (--eval_file may be a BIG-bench
+task.json); without them, generated 1- and 2-digit addition / subtraction problems (held-out
+ones distinct from the training ones). GRPO flags (GRPOConfig): num_generations,
+prompts_per_step, num_iterations, epsilon, epsilon_high, beta, kl_bias_correction, loss_type
+(grpo | dr_grpo | bnpo), scale_rewards, reward (arith_exact | wholeword:WORD | word:WORD |
+regex:PATTERN), max_new_tokens, temperature, prompt_len, plus the shared lora.*, bf16_base, ...
 """
 
 from __future__ import annotations
@@ -26,18 +37,24 @@ import dataclasses
 from absl import flags
 
 from lm_jax import cli
+from lm_jax.configs.base import ConfigError
 from lm_jax.configs.train import TrainConfig
+from lm_jax.train.grpo_data import GRPOConfig
 from lm_jax.train.preference_data import PreferenceConfig
 
-flags.DEFINE_enum("method", "dpo", ["dpo", "ipo", "simpo", "sft"], "Post-training objective.")
+flags.DEFINE_enum("method", "dpo", ["dpo", "ipo", "simpo", "sft", "grpo"],
+                  "Post-training objective.")
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir to start from.")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder to start from.")
 flags.DEFINE_string("gguf", "", "GGUF file to start from (default: SmolLM2-135M-Instruct).")
-flags.DEFINE_string("train_file", "", "JSONL of {prompt, chosen, rejected} pairs.")
-flags.DEFINE_string("eval_file", "", "JSONL of held-out {prompt, chosen, rejected} pairs.")
+flags.DEFINE_string("train_file", "", "JSONL of {prompt, chosen, rejected} pairs (grpo: "
+                    "{prompt, answer?}).")
+flags.DEFINE_string("eval_file", "", "JSONL of held-out pairs (grpo: prompts, or a BIG-bench "
+                    "task.json).")
 flags.DEFINE_string("pairs_source", "shakespeare", "Text source of the default pairs.")
-flags.DEFINE_integer("train_limit", None, "Use the first N pairs (default pairs: 512).")
-flags.DEFINE_integer("eval_limit", 128, "Held-out pairs (default pairs); 0 = none.")
+flags.DEFINE_integer("train_limit", None, "Use the first N pairs (default pairs: 512; grpo's "
+                     "generated problems: 2000).")
+flags.DEFINE_integer("eval_limit", 128, "Held-out pairs / prompts (default data); 0 = none.")
 flags.DEFINE_string("out", "", "Write the JSON report here.")
 
 # TrainConfig fields the post-training loop reads (the rest would do nothing here).
@@ -47,8 +64,11 @@ TRAIN_FIELDS = (
     "loss_chunk seed mesh eval_every log_every save_every keep_checkpoints workdir nonfinite "
     "max_consecutive_skips log_step_details progress_bar"
 ).split()
-cli.define_config("posttrain", PreferenceConfig,
-                  fields=[f.name for f in dataclasses.fields(PreferenceConfig)][1:])  # fmt: skip
+PREF_FIELDS = [f.name for f in dataclasses.fields(PreferenceConfig)][1:]
+GRPO_FIELDS = [f.name for f in dataclasses.fields(GRPOConfig)][1:]
+cli.define_config("posttrain", PreferenceConfig, fields=PREF_FIELDS)
+# the GRPO flags that PreferenceConfig has not defined already (same prefix, same types)
+cli.define_config("posttrain", GRPOConfig, fields=[f for f in GRPO_FIELDS if f not in PREF_FIELDS])
 cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
 
 
@@ -71,12 +91,69 @@ def defaults(method: str = "dpo") -> tuple[PreferenceConfig, TrainConfig]:
     return pcfg, train
 
 
+def grpo_defaults() -> tuple[GRPOConfig, TrainConfig]:
+    """GRPO's preset: LoRA r=8 (alpha 16), 8 generations of 4 prompts, 200 steps at 1e-4."""
+    from lm_jax.configs.lora import LoraConfig
+
+    _, train = defaults("grpo")
+    gcfg = GRPOConfig(lora=LoraConfig(rank=8, alpha=16.0), eval_examples=128)
+    return gcfg, train.replace(learning_rate=1e-4)
+
+
+def check_flags(method: str) -> None:
+    """ConfigError for a --posttrain.x flag the chosen method does not read."""
+    own = GRPO_FIELDS if method == "grpo" else PREF_FIELDS
+    for name in flags.FLAGS:
+        if name.startswith("posttrain.") and cli.is_set(name):
+            field = name.split(".")[1]
+            if field not in own:
+                other = "--method=grpo" if field in GRPO_FIELDS else "the preference methods"
+                raise ConfigError(f"--{name} applies to {other} only, not --method={method}.")
+
+
+def grpo_main(F, train0) -> dict:
+    from lm_jax.align.rewards import make_reward
+    from lm_jax.sharding import make_mesh
+    from lm_jax.train import grpo as grpo_lib
+    from lm_jax.train import grpo_data as gd
+
+    g0, train0 = grpo_defaults()
+    gcfg = cli.config("posttrain", g0)
+    train_cfg = cli.config("train", train0)
+    if not cli.is_set("train.log_every"):
+        train_cfg = train_cfg.replace(log_every=max(1, min(25, train_cfg.steps)))
+    make_mesh(train_cfg.mesh)
+    if F.train_file:
+        prompts = gd.read_prompts_jsonl(F.train_file)[: F.train_limit]
+    else:
+        prompts = gd.arithmetic_problems(F.train_limit or 2000, train_cfg.seed)
+    if F.eval_file:
+        held_out = gd.read_prompts_jsonl(F.eval_file)[: F.eval_limit or None]
+    elif F.train_file or not F.eval_limit:
+        held_out = []
+    else:
+        held_out = gd.arithmetic_problems(F.eval_limit, train_cfg.seed + 1, exclude=prompts)
+    if gcfg.reward == "arith_exact":
+        for p in list(prompts) + list(held_out):
+            if p.answer is None:
+                raise ConfigError(f"reward arith_exact needs an 'answer' for prompt {p.prompt!r}.")
+    return grpo_lib.run(
+        **{k: getattr(F, k) for k in ("checkpoint", "hf_dir", "gguf")},
+        prompts=prompts, eval_prompts=held_out, reward=lambda tok: make_reward(gcfg.reward, tok),
+        gcfg=gcfg, train_cfg=train_cfg, data=F.train_file or "generated arithmetic",
+    )  # fmt: skip
+
+
 def main(argv):
     F = flags.FLAGS
     from lm_jax.sharding import make_mesh
     from lm_jax.train import preference as pref_lib
 
+    check_flags(F.method)
     p0, train0 = defaults(F.method)
+    if F.method == "grpo":
+        cli.print_report(grpo_main(F, train0), F.out)
+        return 0
     pcfg = cli.config("posttrain", p0)
     train_cfg = cli.config("train", train0)
     if not cli.is_set("train.log_every"):

@@ -104,11 +104,14 @@ def score(
     candidates=None,
     deterministic: bool = True,
     rngs: dict | None = None,
+    temperature: float = 1.0,
 ) -> Scores:
     """`Scores` of `batch` under `Transformer(cfg)` with `params` (pure: jit / grad it).
 
     `positions` / `segment_ids` default as in `Transformer`; `loss_mask` defaults to all ones.
     `chunk` > 0: the head runs `chunk` positions at a time (no [B, T, V] logits).
+    `temperature` != 1: log-probs of softmax(logits / temperature) (the distribution sampled
+    at that temperature; GRPO's ratios and KL, as TRL computes them).
     """
     inputs, targets = batch["inputs"], batch["targets"]
     mask = batch.get("loss_mask")
@@ -123,9 +126,15 @@ def score(
         rngs=rngs,
     )
     cand = _candidate_ids(candidates, inputs.shape[0])
+    scaled = temperature != 1.0
     if chunk > 0:  # out: final-norm activations [B, T, D]
-        res = chunked_token_log_probs(out, head_logits_fn(params, cfg), targets, chunk, cand)
+        head = head_logits_fn(params, cfg)
+        if scaled:
+            head = lambda h, _f=head: _f(h).astype(jnp.float32) / temperature  # noqa: E731
+        res = chunked_token_log_probs(out, head, targets, chunk, cand)
     else:  # out: logits [B, T, V]
+        if scaled:
+            out = out.astype(jnp.float32) / temperature
         res = token_log_probs(out, targets, cand)
     tok, cand_lp = res if cand is not None else (res, None)
     return reduce_scores(tok, cand_lp, mask)

@@ -297,6 +297,39 @@ def test_posttrain(case, files, tmp_path):
     assert not (tmp_path / "w").exists()
 
 
+GRPO = {
+    "unknown_reward": (["--posttrain.reward=bleu"], r"unknown reward 'bleu'.*--posttrain\.reward"),
+    "one_generation": (
+        ["--posttrain.num_generations=1"],
+        r"num_generations must be >= 2.*--posttrain\.num_generations",
+    ),
+    "unknown_loss_type": (["--posttrain.loss_type=ppo"], r"--posttrain\.loss_type"),
+    "greedy_temperature": (["--posttrain.temperature=0"], r"temperature must be > 0"),
+    "preference_flag": (["--posttrain.seq_len=64"], r"--posttrain\.seq_len applies to the pref"),
+    "grpo_flag_with_dpo": (
+        ["--method=dpo", "--posttrain.num_generations=4"],
+        r"--posttrain\.num_generations applies to --method=grpo only, not --method=dpo",
+    ),
+    "prompts_without_answers": (["--train_file={good_pairs.jsonl}"], r"needs an 'answer'"),
+    "malformed_prompts": (["--train_file={bad.jsonl}"], r"bad\.jsonl:2: not JSON"),
+    "missing_prompts": (["--train_file=/nonexistent/prompts.jsonl"], r"not found"),
+    "not_a_bigbench_task": (["--eval_file={a_file}.json"], r"not found|BIG-bench"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+}
+
+
+@pytest.mark.parametrize("case", sorted(GRPO))
+def test_posttrain_grpo(case, files, tmp_path):
+    args, pattern = GRPO[case]
+    args = _fmt(args, files)
+    if not any(a.startswith("--method") for a in args):
+        args.append("--method=grpo")
+    args.append(f"--checkpoint={files / 'empty'}")  # bad input fails before the model loads
+    r = binary("posttrain", f"--train.workdir={tmp_path / 'w'}", *args)
+    one_error_line(r, pattern)
+    assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------- align
 
 ALIGN = {

@@ -3,8 +3,9 @@ randomly chosen checkpoint, then the same command again, gives the uninterrupted
 parameters and batches to the bit (`--log_step_details` rows: loss hex, params hash, example ids
 or batch hash); SIGTERM saves, exits 0 and resumes the same way. Covers fine-tuning (LoRA and
 full; packed multi-turn chat), preference optimisation (DPO, LoRA; the reference log-probs are
-read back from the workdir, not scored again), alignment (DPG) and image-text (contrastive);
-pretraining has its own suite (test_fault_injection.py)."""
+read back from the workdir, not scored again), GRPO (LoRA; the sampler's RNG and the samples
+included), alignment (DPG) and image-text (contrastive); pretraining has its own suite
+(test_fault_injection.py)."""
 
 import json
 import os
@@ -260,6 +261,34 @@ def test_posttrain_dpo_kill_9_and_sigterm_resume_exactly(tiny_base, cache_dir, t
                    tmp_path)  # fmt: skip
         assert "reference log-probs: read from" in out, out[-2000:]
         assert cache(wd) == cache(ref)  # the same fingerprint and numbers
+    assert (ref / "adapters").is_dir()
+
+
+def grpo_argv(base, workdir):
+    """GRPO with LoRA on generated arithmetic: 4 prompts x 4 samples a step, 2 updates each."""
+    return [
+        PY, str(REPO / "experiments" / "posttrain.py"), f"--checkpoint={base}", "--method=grpo",
+        "--train_limit=24", "--eval_limit=8", f"--train.workdir={workdir}",
+        f"--train.steps={PT_STEPS}", f"--train.save_every={PT_SAVE}", "--train.eval_every=6",
+        "--posttrain.num_generations=4", "--posttrain.prompts_per_step=4",
+        "--posttrain.num_iterations=2", "--posttrain.max_new_tokens=8",
+        "--posttrain.prompt_len=24", "--posttrain.lora.rank=4", "--posttrain.temperature=0.9",
+        "--train.learning_rate=3e-3", "--train.log_step_details",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_posttrain_grpo_kill_9_and_sigterm_resume_exactly(byte_base, cache_dir, tmp_path):
+    """Samples (the sampler's RNG from (seed, step)), rewards, losses and parameters resume to
+    the bit."""
+    ref = tmp_path / "ref"
+    run_ok(grpo_argv(byte_base, ref), cache_dir)
+    ref_log = ref / "steps.jsonl"
+    hashes = [r["sample_hash"] for r in records(ref_log).values()]
+    assert len(set(hashes)) == len(hashes)  # every step samples anew
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(grpo_argv(byte_base, wd), wd, ref_log, PT_STEPS, PT_SAVE, cache_dir, tmp_path)
     assert (ref / "adapters").is_dir()
 
 
