@@ -5,8 +5,13 @@ r"""Evaluate a model on a task; writes a JSON report (--out) and prints a table.
   python experiments/evaluate.py --gguf=<SmolLM2.gguf> --task=sst2 --shots=4 --limit=200
   python experiments/evaluate.py --checkpoint=runs/m30k --task=multi30k_en_de --out=report.json
 
+  python experiments/evaluate.py --gguf=<SmolLM2.gguf> --task=bigbench:hhh_alignment
+  python experiments/evaluate.py --gguf=<SmolLM2.gguf> --task=ptb --window=1024
+
 Tasks: perplexity, sst2 (option likelihood, --shots), sst2_head (head on frozen features),
-multi30k_en_de (greedy translation, BLEU / chrF / ROUGE). See lm_jax/eval/tasks.py.
+multi30k_en_de (greedy translation, BLEU / chrF / ROUGE), bigbench:<name> (BIG-bench multiple
+choice, acc / acc_norm, as lm-eval scores it), ptb (word-level perplexity). See
+lm_jax/eval/tasks.py; the lm-eval backend is `python -m lm_jax.eval.harness`.
 """
 
 from __future__ import annotations

@@ -37,18 +37,24 @@ def token_log_probs(
     logits: jax.Array,  # [B, T, V]
     targets: jax.Array,  # [B, T] int
     candidates: jax.Array | None = None,  # [B, K] int: token ids read at every position
-) -> jax.Array | tuple[jax.Array, jax.Array]:
+    greedy: bool = False,
+):
     """log softmax(logits) at `targets`: [B, T] float32; with `candidates` also at each row's
     candidate ids: ([B, T], [B, T, K]). Only log Z [B, T] is reduced over V; no [B, T, V]
-    log-softmax is formed."""
+    log-softmax is formed. `greedy=True`: always the triple (targets [B, T], candidates
+    [B, T, K] or None, is_max [B, T] bool: the target is a most likely token)."""
     logits = logits.astype(jnp.float32)
     log_z = jax.nn.logsumexp(logits, axis=-1)  # [B, T]
-    tgt = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0] - log_z
-    if candidates is None:
-        return tgt
-    B, T, _ = logits.shape
-    idx = jnp.broadcast_to(candidates[:, None, :], (B, T, candidates.shape[-1]))
-    return tgt, jnp.take_along_axis(logits, idx, axis=-1) - log_z[..., None]
+    tgt_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    tgt = tgt_logit - log_z
+    cand = None
+    if candidates is not None:
+        B, T, _ = logits.shape
+        idx = jnp.broadcast_to(candidates[:, None, :], (B, T, candidates.shape[-1]))
+        cand = jnp.take_along_axis(logits, idx, axis=-1) - log_z[..., None]
+    if greedy:
+        return tgt, cand, tgt_logit >= jnp.max(logits, axis=-1)
+    return tgt if cand is None else (tgt, cand)
 
 
 def chunked_token_log_probs(
@@ -57,8 +63,10 @@ def chunked_token_log_probs(
     targets: jax.Array,  # [B, T] int
     chunk: int,
     candidates: jax.Array | None = None,  # [B, K] int
-) -> jax.Array | tuple[jax.Array, jax.Array]:
-    """`token_log_probs(logits_fn(hidden), targets, candidates)` made `chunk` positions at a time.
+    greedy: bool = False,
+):
+    """`token_log_probs(logits_fn(hidden), targets, candidates, greedy)` made `chunk` positions
+    at a time.
 
     A scan over T / chunk slices of the sequence axis (the batch axis, and its sharding, stay
     whole); each step is rematerialised, so neither the forward nor the backward pass holds more
@@ -81,7 +89,7 @@ def chunked_token_log_probs(
     @jax.checkpoint
     def step(cand, xs):
         h, t = xs
-        return cand, token_log_probs(logits_fn(h), t, cand)
+        return cand, token_log_probs(logits_fn(h), t, cand, greedy)
 
     _, out = jax.lax.scan(step, candidates, (split(hidden), split(targets)))
     return jax.tree.map(merge, out)

@@ -13,6 +13,8 @@ t predicts targets[b, t] from inputs[b, :t + 1]. `score` returns `Scores`:
   counts [B]             sum_t loss_mask
   candidates [B, K]      with candidate ids [K] or [B, K]: sum over masked positions of
                          log p(candidate k) (single-token label scoring: mask one position)
+  greedy [B]             1.0 where every masked target is a most likely token (greedy decoding
+                         would produce the continuation; lm-eval's `is_greedy`), else 0.0
 
 Layers, by use:
   `score(cfg, params, batch, chunk=, candidates=)`  pure and differentiable (jit it, take
@@ -62,6 +64,7 @@ class Scores(NamedTuple):
     sums: jax.Array  # [B]
     counts: jax.Array  # [B]
     candidates: jax.Array | None = None  # [B, K]
+    greedy: jax.Array | None = None  # [B]
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -74,8 +77,9 @@ def _candidate_ids(candidates, B: int):
     return jnp.broadcast_to(candidates, (B, candidates.shape[-1]))
 
 
-def reduce_scores(tok, cand, loss_mask) -> Scores:
-    """`Scores` from per-position log-probs: tok [B, T] (and cand [B, T, K]) under `loss_mask`.
+def reduce_scores(tok, cand, loss_mask, is_max=None) -> Scores:
+    """`Scores` from per-position log-probs: tok [B, T] (and cand [B, T, K], is_max [B, T])
+    under `loss_mask`.
 
     Unmasked positions may hold anything (padding: garbage targets, NaN); they read as 0.
     """
@@ -84,15 +88,17 @@ def reduce_scores(tok, cand, loss_mask) -> Scores:
     sums, counts = jnp.sum(tok * mask, axis=1), jnp.sum(mask, axis=1)
     if cand is not None:
         cand = jnp.sum(jnp.where(mask[..., None] > 0, cand, 0.0) * mask[..., None], axis=1)
-    return Scores(tok, sums, counts, cand)
+    greedy = None
+    if is_max is not None:
+        greedy = jnp.all(jnp.where(mask > 0, is_max, True), axis=1).astype(jnp.float32)
+    return Scores(tok, sums, counts, cand, greedy)
 
 
 def score_logits(logits, targets, loss_mask, candidates=None) -> Scores:
     """`Scores` from given logits [B, T, V] (any model's)."""
     cand = _candidate_ids(candidates, logits.shape[0])
-    out = token_log_probs(logits, targets, cand)
-    tok, cand_lp = out if cand is not None else (out, None)
-    return reduce_scores(tok, cand_lp, loss_mask)
+    tok, cand_lp, is_max = token_log_probs(logits, targets, cand, greedy=True)
+    return reduce_scores(tok, cand_lp, loss_mask, is_max)
 
 
 def score(
@@ -131,13 +137,13 @@ def score(
         head = head_logits_fn(params, cfg)
         if scaled:
             head = lambda h, _f=head: _f(h).astype(jnp.float32) / temperature  # noqa: E731
-        res = chunked_token_log_probs(out, head, targets, chunk, cand)
+        res = chunked_token_log_probs(out, head, targets, chunk, cand, greedy=True)
     else:  # out: logits [B, T, V]
         if scaled:
             out = out.astype(jnp.float32) / temperature
-        res = token_log_probs(out, targets, cand)
-    tok, cand_lp = res if cand is not None else (res, None)
-    return reduce_scores(tok, cand_lp, mask)
+        res = token_log_probs(out, targets, cand, greedy=True)
+    tok, cand_lp, is_max = res
+    return reduce_scores(tok, cand_lp, mask, is_max)
 
 
 @functools.lru_cache(maxsize=16)

