@@ -17,8 +17,10 @@ Weight layout (ours [in, out], layers stacked [L, ...]; torch Linear weights are
     encoder.layer.{i}.output.LayerNorm                   -> layers/mlp_norm
     pooler.dense -> pooler;  classifier -> classifier
     cls.predictions.transform.dense / LayerNorm -> mlm_head/transform, transform_norm;
-    cls.predictions.bias -> mlm_head/bias; decoder.weight tied to the word embeddings (untied:
-    mlm_head/decoder/kernel). LayerNorm weight/bias -> scale/bias.
+    cls.predictions.bias -> mlm_head/bias; decoder.weight tied to the word embeddings. Untied
+    (tie_word_embeddings=False): decoder.weight -> mlm_head/decoder/kernel and decoder.bias (the
+    one transformers then adds) -> mlm_head/bias, written back to both biases.
+    LayerNorm weight/bias -> scale/bias.
 """
 
 from __future__ import annotations
@@ -198,8 +200,9 @@ def params_from_hf(cfg: EncoderConfig, sd: StateDict) -> Params:
             "transform_norm": norm("cls.predictions.transform.LayerNorm"),
             "bias": _get(sd, "cls.predictions.bias", (V,)),
         }
-        if not m.tie_embeddings:
+        if not m.tie_embeddings:  # transformers 5 then unties the biases too: decoder.bias counts
             head["decoder"] = {"kernel": _get(sd, "cls.predictions.decoder.weight", (V, D)).T}
+            head["bias"] = _get(sd, "cls.predictions.decoder.bias", (V,))
         params["mlm_head"] = head
     elif cfg.head in ("token", "sequence"):
         params["classifier"] = linear("classifier", D, C)
