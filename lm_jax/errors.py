@@ -49,6 +49,11 @@ class FaultSpecError(UserError, ValueError):
     """LM_JAX_FAULTS is malformed."""
 
 
+class EncoderInputError(UserError, ValueError):
+    """Encoder inputs do not fit the model: rank, length (max_position_embeddings), masks,
+    token types."""
+
+
 class EvalError(UserError, ValueError):
     """An evaluation cannot run on this model or data."""
 

@@ -8,5 +8,15 @@ from lm_jax.configs.base import (
     gpt2_style,
     llama_style,
 )
+from lm_jax.configs.encoder import EncoderConfig, bert_style
 
-__all__ = ["ConfigError", "ModelConfig", "MoEConfig", "RopeScaling", "gpt2_style", "llama_style"]
+__all__ = [
+    "ConfigError",
+    "EncoderConfig",
+    "ModelConfig",
+    "MoEConfig",
+    "RopeScaling",
+    "bert_style",
+    "gpt2_style",
+    "llama_style",
+]

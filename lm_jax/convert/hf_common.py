@@ -49,7 +49,15 @@ def register_architecture(arch: Architecture) -> Architecture:
     return arch
 
 
+ENCODER_MODEL_TYPES = {"bert": "lm_jax.convert.hf_bert"}  # encoders: their own converters
+
+
 def _architecture(model_type: str | None) -> Architecture:
+    if model_type in ENCODER_MODEL_TYPES and model_type not in ARCHITECTURES:
+        raise ConfigError(
+            f"model_type {model_type!r} is an encoder, not a causal LM: load it with "
+            f"{ENCODER_MODEL_TYPES[model_type]}.from_hf (an EncoderConfig and encoder params)."
+        )
     if model_type not in ARCHITECTURES:
         raise ConfigError(
             f"unsupported Hugging Face model_type {model_type!r}: lm_jax.convert supports "

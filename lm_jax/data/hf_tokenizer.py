@@ -258,6 +258,11 @@ def _load_tokenizer_json(directory: str):
             "with `tokenizer.save_pretrained(dir)` in transformers)."
         )
     try:
-        return TkTokenizer.from_file(path)
+        tk = TkTokenizer.from_file(path)
     except Exception as e:  # noqa: BLE001 - tokenizers raises a generic Exception
         raise TokenizerError(f"corrupt tokenizer file {path!r}: {e}") from e
+    # Padding / truncation saved in tokenizer.json (all-MiniLM-L6-v2's: fixed 128) are off, as
+    # transformers encodes by default: callers pad and truncate themselves.
+    tk.no_padding()
+    tk.no_truncation()
+    return tk

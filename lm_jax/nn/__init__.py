@@ -1,6 +1,7 @@
 """Flax linen modules."""
 
 from lm_jax.nn.attention import Attention, LayerCache, make_attention_mask
+from lm_jax.nn.encoder import Encoder, EncoderOutput
 from lm_jax.nn.layers import Dense, Embed, Norm
 from lm_jax.nn.mlp import MLP
 from lm_jax.nn.transformer import Block, Transformer, init_cache
@@ -10,6 +11,8 @@ __all__ = [
     "Block",
     "Dense",
     "Embed",
+    "Encoder",
+    "EncoderOutput",
     "LayerCache",
     "MLP",
     "Norm",

@@ -94,7 +94,8 @@ class Attention(nn.Module):
     the scale `query_pre_attn_scalar ** -0.5`, soft-capped scores (`attn_softcap`; cuDNN has
     no soft cap, so such models take the XLA path there). `local` is this layer's traced flag
     when the scan mixes sliding-window and global layers (`cfg.mixed_layers`): it picks the
-    window and the RoPE table; None when every layer is alike.
+    window and the RoPE table; None when every layer is alike. `key_mask` (bidirectional only):
+    keys to attend, as BERT's `attention_mask` (padding queries still attend the real keys).
     """
 
     cfg: ModelConfig
@@ -108,6 +109,7 @@ class Attention(nn.Module):
         segment_ids: jax.Array | None = None,  # [B, T]
         cache: LayerCache | None = None,
         local: jax.Array | None = None,  # scalar bool: this layer is local (mixed scans only)
+        key_mask: jax.Array | None = None,  # [B, T] bool, True = attend to this key (causal=False)
     ) -> tuple[jax.Array, LayerCache | None]:
         cfg = self.cfg
         B, T, _ = x.shape
@@ -135,12 +137,17 @@ class Attention(nn.Module):
         if kernel == "cudnn" and softcap is not None:
             kernel = "xla"
         impl = "cudnn" if kernel == "cudnn" else None
+        if key_mask is not None and self.causal:
+            raise ValueError("key_mask is for bidirectional (causal=False) attention only.")
         if not self.causal:
             if cache is not None:
                 raise ValueError("a bidirectional (causal=False) Attention has no KV cache.")
             mask = None
             if segment_ids is not None:  # [B, 1, T, T]: same segment (0 = padding) only
                 mask = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+            if key_mask is not None:  # [B, 1, T, T]: real keys only
+                km = jnp.broadcast_to(key_mask.astype(bool)[:, None, None, :], (B, 1, T, T))
+                mask = km if mask is None else mask & km
             out = attend(q, k, v, mask, impl, scale, softcap)
         elif cache is not None:
             cache = LayerCache(
