@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
 
@@ -43,7 +42,6 @@ from lm_jax.losses_rl import group_advantages, grpo_loss
 from lm_jax.optim import make_optimizer
 from lm_jax.scoring import score
 from lm_jax.sharding import batch_sharding, make_mesh
-from lm_jax.train import engine
 from lm_jax.train import finetune as ft_lib
 from lm_jax.train.grpo_data import GRPOConfig, Prompt, RewardFn, step_indices
 from lm_jax.train.loop import params_hash
@@ -53,10 +51,8 @@ from lm_jax.train.tuning import (
     TunedModelTask,
     check_batching,
     check_model,
-    describe_stats,
     prepare_model,
-    run_summary,
-    training_stats,
+    run_tuning,
 )
 
 ROW_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
@@ -301,14 +297,7 @@ def posttrain(base_cfg: ModelConfig, params, tokenizer, prompts: Sequence[Prompt
     task = GRPOTask(cfg, params, trainable, tokenizer, prompts, reward, train_cfg, gcfg,
                     mesh=mesh, eval_prompts=eval_prompts, base_name=base_name, log=log)  # fmt: skip
     del params
-    stats = training_stats(task.abstract, gcfg.lora, mesh, len(prompts))
-    log(describe_stats(stats))
-    if gcfg.save and gcfg.lora is None and jax.process_index() == 0:
-        tokenizer.save(os.path.join(train_cfg.workdir, "tokenizer"))
-    run_cfg = train_cfg if gcfg.save else train_cfg.replace(save_every=0)
-    res = engine.run(task, run_cfg, log, save=gcfg.save)
-    final = {k.split("/", 1)[1]: v for k, v in res.eval.items() if k.startswith("eval/")}
-    out = run_summary(cfg, res, task, stats, final)
+    res, out = run_tuning(task, cfg, tokenizer, train_cfg, gcfg, len(prompts), log)
     for k in ("sample_time_share", "sampler_tokens_per_s"):  # medians over the logged steps
         vals = [r[f"train/{k}"] for r in res.history if f"train/{k}" in r]
         if vals:

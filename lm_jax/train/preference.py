@@ -40,7 +40,6 @@ from lm_jax.configs.train import TrainConfig
 from lm_jax.losses_preference import PairLogps, needs_reference
 from lm_jax.scoring import Scorer
 from lm_jax.sharding import make_mesh
-from lm_jax.train import engine
 from lm_jax.train import finetune as ft_lib
 from lm_jax.train.loop import params_hash
 from lm_jax.train.preference_data import (
@@ -63,10 +62,8 @@ from lm_jax.train.tuning import (
     TunedModelTask,
     check_batching,
     check_model,
-    describe_stats,
     prepare_model,
-    run_summary,
-    training_stats,
+    run_tuning,
 )
 
 REFERENCE_FILE = "reference_logps.npz"
@@ -248,14 +245,8 @@ def posttrain(
                           enc_eval=enc_eval, refs_eval=refs_eval, fingerprint=fp,
                           base_name=base_name, log=log)  # fmt: skip
     del params
-    stats = training_stats(task.abstract, pcfg.lora, mesh, len(enc))
-    log(describe_stats(stats))
-    if pcfg.save and pcfg.lora is None and jax.process_index() == 0:
-        tokenizer.save(os.path.join(train_cfg.workdir, "tokenizer"))
-    run_cfg = train_cfg if pcfg.save else train_cfg.replace(save_every=0)
-    res = engine.run(task, run_cfg, log, save=pcfg.save)
-    final = {k.split("/", 1)[1]: v for k, v in res.eval.items() if k.startswith("eval/")}
-    return {**run_summary(cfg, res, task, stats, final), "method": pcfg.method}
+    _, out = run_tuning(task, cfg, tokenizer, train_cfg, pcfg, len(enc), log)
+    return {**out, "method": pcfg.method}
 
 
 def load_pairs(train_file: str = "", eval_file: str = "", source: str = "shakespeare",

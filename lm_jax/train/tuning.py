@@ -33,6 +33,7 @@ from lm_jax.configs.train import TrainConfig
 from lm_jax.convert.peft import save_peft_adapters
 from lm_jax.nn.transformer import Transformer
 from lm_jax.optim import make_optimizer
+from lm_jax.train import engine
 from lm_jax.train.engine import Task
 from lm_jax.train.loop import params_hash
 from lm_jax.train.state import init_train_state, state_shardings
@@ -235,6 +236,21 @@ class TunedModelTask(Task):
                    "model": self.cfg.replace(lora=None).to_dict()},
         )  # fmt: skip
         self.log(f"saved adapters ({nbytes:,} bytes) at step {step}")
+
+
+def run_tuning(task, cfg: ModelConfig, tokenizer, train_cfg: TrainConfig, opts, n_examples: int,
+               log=print):  # fmt: skip
+    """Run a post-training `task` on the one loop (`opts`: its `lora` and `save`): log the
+    parameter statistics, save the tokenizer beside a full-model run. Returns (the loop's
+    `LoopResult`, `run_summary`)."""
+    stats = training_stats(task.abstract, opts.lora, task.mesh, n_examples)
+    log(describe_stats(stats))
+    if opts.save and opts.lora is None and jax.process_index() == 0:
+        tokenizer.save(os.path.join(train_cfg.workdir, "tokenizer"))
+    run_cfg = train_cfg if opts.save else train_cfg.replace(save_every=0)
+    res = engine.run(task, run_cfg, log, save=opts.save)
+    final = {k.split("/", 1)[1]: v for k, v in res.eval.items() if k.startswith("eval/")}
+    return res, run_summary(cfg, res, task, stats, final)
 
 
 def run_summary(cfg: ModelConfig, res, task, stats: dict, final: dict) -> dict:
