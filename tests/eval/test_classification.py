@@ -107,4 +107,5 @@ def test_cli_unknown_task_lists_tasks():
         cwd=REPO,
     )
     assert r.returncode == 2
-    assert "unknown task 'nope'; available tasks: multi30k_en_de, perplexity, sst2" in r.stderr
+    listed = "available tasks: bigbench:<name>, multi30k_en_de, perplexity, ptb, sst2, sst2_head"
+    assert "unknown task 'nope'; " + listed in r.stderr
