@@ -162,9 +162,15 @@ def test_load_from_saved_folder(case, tmp_path):
 
 
 def test_unsupported_model_type_names_it(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bart", "hidden_size": 8}))
     supported = "['gemma2', 'gemma3_text', 'gpt2', 'llama', 'mistral', 'mixtral', 'qwen2', 'qwen3']"
-    with pytest.raises(ConfigError, match=r"'bert'.*" + re.escape(supported)):
+    with pytest.raises(ConfigError, match=r"'bart'.*" + re.escape(supported)):
+        from_hf(tmp_path)
+
+
+def test_encoder_model_type_points_at_the_encoder_converter(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 8}))
+    with pytest.raises(ConfigError, match=r"'bert' is an encoder.*hf_bert\.from_hf"):
         from_hf(tmp_path)
 
 
