@@ -81,3 +81,50 @@ def _check_sampling(temperature, top_k, top_p) -> None:
         raise ValueError(f"top_k must be >= 0 (0 = no top-k), got {top_k}.")
     if not isinstance(top_p, jax.Array) and not 0.0 < float(top_p) <= 1.0:
         raise ValueError(f"top_p must be in (0, 1] (1 = no nucleus filter), got {top_p}.")
+
+
+# --------------------------------------------------------------------------- per-row settings
+
+
+def rows_sampling_logprobs(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """`sampling_logprobs` with settings per row: logits [B, V]; temperature [B] (> 0), top_k
+    [B] int (0 = all), top_p [B] -> log-probs [B, V] of each row's sampling distribution.
+
+    For equal settings in every row this is `sampling_logprobs` (same kept set, same ties)."""
+    x = logits.astype(jnp.float32) / temperature[:, None]
+    V = x.shape[-1]
+    s = -jnp.sort(-x, axis=-1)  # [B, V] descending
+    k = jnp.where((top_k <= 0) | (top_k >= V), V, top_k)  # [B]
+    kth = jnp.take_along_axis(s, (k - 1)[:, None], axis=-1)  # [B, 1]
+    x = jnp.where(x >= kth, x, -jnp.inf)
+    s = jnp.where(s >= kth, s, -jnp.inf)  # the sorted kept set (ties at the k-th kept)
+    p = jax.nn.softmax(s, axis=-1)
+    before = jnp.cumsum(p, axis=-1) - p
+    n_keep = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1, keepdims=True), 1)
+    thresh = jnp.take_along_axis(s, n_keep - 1, axis=-1)
+    x = jnp.where((top_p[:, None] < 1.0) & (x < thresh), -jnp.inf, x)
+    return jax.nn.log_softmax(x, axis=-1)
+
+
+def sample_rows(logits: jax.Array, keys: jax.Array, temperature, top_k, top_p) -> SampleOutput:
+    """One token per row of logits [B, V] with per-row settings and keys [B] (typed PRNG keys):
+    temperature [B] (0 = greedy: argmax, sample_logprobs 0), top_k [B], top_p [B].
+
+    A row's token depends only on its own logits, key and settings, so a request sampled in a
+    batch of others (the serving engine) gets what it gets alone. The sort for top-k / top-p is
+    skipped when no row asks for either."""
+    logits = logits.astype(jnp.float32)
+    base = jax.nn.log_softmax(logits, axis=-1)
+    greedy = temperature <= 0.0
+    t = jnp.where(greedy, 1.0, temperature)
+    truncate = jnp.any(~greedy & ((top_k > 0) | (top_p < 1.0)))
+    q = jax.lax.cond(
+        truncate,
+        lambda: rows_sampling_logprobs(logits, t, top_k, top_p),
+        lambda: jax.nn.log_softmax(logits / t[:, None], axis=-1),
+    )
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, q).astype(jnp.int32)
+    tok = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)
+    slp = jnp.where(greedy, 0.0, jnp.take_along_axis(q, tok[:, None], axis=-1)[:, 0])
+    lp = jnp.take_along_axis(base, tok[:, None], axis=-1)[:, 0]
+    return SampleOutput(tok, lp, slp)
