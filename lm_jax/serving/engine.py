@@ -119,16 +119,20 @@ class _Step(NamedTuple):
     top_logprobs: jax.Array  # [S, n, top]
 
 
-def _sample(logits, s: _Slots, top: int):
-    """Sample the next token of every slot from logits [S, V] with its key and settings."""
+def _sample(logits, s: _Slots, top: int, want_top):
+    """Sample the next token of every slot from logits [S, V] with its key and settings; the
+    `top` most likely (ids, log-probs) [S, top] only when `want_top` (a traced bool), else 0."""
     keys = jax.vmap(jax.random.fold_in)(s.keys, s.count)
     out = sample_rows(logits, keys, s.temperature, s.top_k, s.top_p)
-    if top:
+    B = logits.shape[0]
+
+    def best():
         lp, ids = jax.lax.top_k(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1), top)
-    else:
-        lp = jnp.zeros((logits.shape[0], 0), jnp.float32)
-        ids = jnp.zeros((logits.shape[0], 0), jnp.int32)
-    return out, ids.astype(jnp.int32), lp
+        return ids.astype(jnp.int32), lp
+
+    none = lambda: (jnp.zeros((B, top), jnp.int32), jnp.zeros((B, top), jnp.float32))
+    ids, lp = jax.lax.cond(want_top, best, none) if top else none()
+    return out, ids, lp
 
 
 @functools.lru_cache(maxsize=8)
@@ -145,7 +149,7 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
         ones = jnp.ones((S,), jnp.float32)
         return _Slots(cache, zeros, zeros, zeros, keys, ones, zeros, ones)
 
-    def prefill(params, s: _Slots, slot, tokens, length, key, temperature, top_k, top_p):
+    def prefill(params, s: _Slots, slot, tokens, length, key, temperature, top_k, top_p, want):
         T = tokens.shape[1]
         row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), s.cache)
         positions = jnp.arange(T, dtype=jnp.int32)[None]
@@ -155,7 +159,7 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
             row, s.tok[:1], s.pos[:1], jnp.zeros((1,), jnp.int32), key[None],
             temperature[None], top_k[None], top_p[None],
         )  # fmt: skip
-        out, ids, lp = _sample(last, one, top)
+        out, ids, lp = _sample(last, one, top, want)
         cache = jax.tree.map(
             lambda c, r: jax.lax.dynamic_update_slice_in_dim(c, r, slot, axis=1), s.cache, row
         )
@@ -171,11 +175,11 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
         )
         return s, _Step(out.tokens[:, None], out.logprobs[:, None], ids[:, None], lp[:, None])
 
-    def decode(params, s: _Slots, active):
+    def decode(params, s: _Slots, active, want):
         def one(s: _Slots, _):
             pos = jnp.minimum(s.pos, C - 1)[:, None]  # finished rows may run past the cache
             logits, cache = model.apply({"params": params}, s.tok[:, None], pos, cache=s.cache)
-            out, ids, lp = _sample(logits[:, 0], s, top)
+            out, ids, lp = _sample(logits[:, 0], s, top, want)
             step = active.astype(jnp.int32)
             s = s._replace(cache=cache, tok=out.tokens, pos=s.pos + step, count=s.count + step)
             return s, _Step(out.tokens, out.logprobs, ids, lp)
@@ -206,7 +210,8 @@ class Engine:
     thread drives it (`lm_jax.serving.runner.Runner` for the server)."""
 
     def __init__(self, config: ModelConfig, params, engine: EngineConfig = EngineConfig()):
-        self.config, self.params = config, params
+        # on device once (host numpy params would be copied over at every dispatch)
+        self.config, self.params = config, jax.device_put(params)
         self.ecfg = engine.check(config.max_len)
         self._init, self._prefill, self._decode = _programs(config, self.ecfg)
         self._state = None  # allocated on first use
@@ -303,6 +308,7 @@ class Engine:
             self.params, self._state, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(n),
             jax.random.key(seed), jnp.float32(req.temperature),
             jnp.int32(0 if greedy else req.top_k), jnp.float32(1.0 if greedy else req.top_p),
+            jnp.bool_(req.logprobs > 0),
         )  # fmt: skip
         self._slots[slot] = _Running(rid, req, frozenset(int(t) for t in req.stop_tokens))
         return first
@@ -328,7 +334,10 @@ class Engine:
         active = np.array([r is not None for r in self._slots])
         if not active.any():
             return events
-        self._state, steps = self._decode(self.params, self._state, jnp.asarray(active))
+        want = any(r is not None and r.req.logprobs > 0 for r in self._slots)
+        self._state, steps = self._decode(
+            self.params, self._state, jnp.asarray(active), jnp.bool_(want)
+        )
         self.decode_dispatches += 1
         steps = jax.device_get(steps)
         for slot in np.flatnonzero(active):
