@@ -94,6 +94,14 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
                 "(GET /v1/models).", 404, "model_not_found",
             )  # fmt: skip
 
+    def checked(body) -> list[str]:
+        """The body's model checked; its stop strings."""
+        check_model(body.model)
+        try:
+            return oa.stop_list(body.stop)
+        except ValueError as e:
+            raise ClientError(str(e)) from None
+
     def engine_request(body, prompt: list[int], max_tokens, logprobs: int, stop_ids, i: int):
         if max_tokens is None:  # as many as fit
             max_tokens = runner.engine.ecfg.max_len - len(prompt)
@@ -234,11 +242,7 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
 
     @app.post("/v1/completions")
     async def completions(body: oa.CompletionBody):
-        check_model(body.model)
-        try:
-            stops = oa.stop_list(body.stop)
-        except ValueError as e:
-            raise ClientError(str(e)) from None
+        stops = checked(body)
         if body.echo and body.logprobs:
             raise ClientError("echo with logprobs (prompt log-probs) is not supported; "
                               "score prompts with lm_jax.eval.harness instead.")  # fmt: skip
@@ -267,7 +271,7 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
             choices.append({"index": i, "text": echo.get(i, "") + text, "logprobs": lp,
                             "finish_reason": finish})  # fmt: skip
         n_in = sum(len(p) for p in prompts)
-        return oa.completion_json(rid, model_name, choices, oa.usage(n_in, n_out))
+        return oa.response_json(rid, model_name, choices, oa.usage(n_in, n_out), chat=False)
 
     async def _gather(streams, stops):
         try:
@@ -278,11 +282,7 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
 
     @app.post("/v1/chat/completions")
     async def chat(body: oa.ChatBody):
-        check_model(body.model)
-        try:
-            stops = oa.stop_list(body.stop)
-        except ValueError as e:
-            raise ClientError(str(e)) from None
+        stops = checked(body)
         messages = [m.model_dump() for m in body.messages]
         try:
             if chat_template is not None:
@@ -312,6 +312,6 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
             lp = oa.chat_logprobs(tokenizer, toks, lps, tops) if body.logprobs else None
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
                             "logprobs": lp, "finish_reason": finish})  # fmt: skip
-        return oa.chat_json(rid, model_name, choices, oa.usage(len(prompt), n_out))
+        return oa.response_json(rid, model_name, choices, oa.usage(len(prompt), n_out), chat=True)
 
     return app

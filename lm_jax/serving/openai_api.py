@@ -149,21 +149,11 @@ def chat_logprobs(tokenizer, tokens, logprobs, tops) -> dict:
     }
 
 
-def completion_json(rid: str, model: str, choices: list[dict], use: dict) -> dict:
+def response_json(rid: str, model: str, choices: list[dict], use: dict, chat: bool) -> dict:
+    """A whole (non-streamed) completion or chat completion."""
     return {
         "id": rid,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": choices,
-        "usage": use,
-    }
-
-
-def chat_json(rid: str, model: str, choices: list[dict], use: dict) -> dict:
-    return {
-        "id": rid,
-        "object": "chat.completion",
+        "object": "chat.completion" if chat else "text_completion",
         "created": int(time.time()),
         "model": model,
         "choices": choices,
