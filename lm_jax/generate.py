@@ -136,6 +136,85 @@ def _limit(config: ModelConfig, max_len: int | None) -> int:
     return int(max_len)
 
 
+class Plan(NamedTuple):
+    """Checked, bucketed inputs of one generation call (`plan_generation`)."""
+
+    tokens: np.ndarray  # [B, T] int32 prompts, right-padded to a PROMPT_BUCKET multiple
+    lengths: np.ndarray  # [B] int32 prompt lengths
+    stop: np.ndarray  # [8k] int32 stop ids, padded with -1 (never matches)
+    max_new: int
+    cache_len: int  # KV-cache slots: prefix + longest prompt + max_new (+ headroom), bucketed
+    top_k: int  # static top-k: 0 for all tokens (and when greedy)
+    greedy: bool  # temperature 0
+    use_top_p: bool  # the nucleus filter is on (top_p < 1, not greedy)
+
+
+def plan_generation(
+    config: ModelConfig,
+    prompt_tokens,
+    max_new_tokens: int,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    prompt_lengths=None,
+    stop_tokens: Sequence[int] = (),
+    pad_id: int = 0,
+    max_len: int | None = None,
+    prefix_shape: tuple[int, ...] | None = None,
+    headroom: int = 0,
+) -> Plan:
+    """Check a generation request and fix its static shapes; every error names the fix.
+
+    `prefix_shape` is that of `prefix_embeds` [B, P, d_model] when given; `headroom` adds cache
+    slots past prefix + prompt + max_new_tokens (a speculative round writes up to that many
+    draft tokens beyond the last one kept), still capped at the maximum length."""
+    V = config.vocab_size
+    _check_sampling(temperature, top_k, top_p)
+    if int(max_new_tokens) < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
+    _check_ids(np.asarray([pad_id]), V, "pad_id")
+    stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
+    _check_ids(stop, V, "stop_tokens")
+    # -1 never matches: a few stop-list sizes share one compiled program.
+    stop = np.pad(stop, (0, _round_up(max(len(stop), 1), 8) - len(stop)), constant_values=-1)
+    tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, V, pad_id)
+    B = tokens.shape[0]
+    N = int(max_new_tokens)
+    P = 0
+    if prefix_shape is not None:
+        shape = tuple(prefix_shape)
+        if len(shape) != 3 or shape[0] != B or shape[2] != config.d_model:
+            raise ValueError(
+                f"prefix_embeds must be [B={B}, P, d_model={config.d_model}] (one row per "
+                f"prompt), got shape {shape}."
+            )
+        P = shape[1]
+    limit = _limit(config, max_len)
+    longest = int(lengths.max())
+    what = f"{P} prefix embeddings + prompt" if P else "prompt"
+    if P + longest > limit:
+        raise ValueError(
+            f"{what} longer than the maximum length: the longest prompt has {longest} tokens "
+            f"but the maximum length is {limit} (config.max_len={config.max_len}); shorten "
+            "the prompt."
+        )
+    if P + longest + N > limit:
+        raise ValueError(
+            f"{what} ({P + longest} tokens) + max_new_tokens ({N}) = {P + longest + N} exceeds "
+            f"the maximum length {limit} (config.max_len={config.max_len}); lower "
+            f"max_new_tokens to at most {limit - P - longest} or shorten the prompt."
+        )
+    cache_len = min(_round_up(P + longest + N + headroom, CACHE_BUCKET), limit)
+    T = min(_round_up(tokens.shape[1], PROMPT_BUCKET), cache_len - P)  # >= longest
+    if T > tokens.shape[1]:
+        tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])), constant_values=pad_id)
+    tokens = tokens[:, :T]  # an array padded past the cache: only pad slots go
+    greedy = float(temperature) == 0.0
+    top_k = 0 if greedy or int(top_k) >= V else int(top_k)
+    use_top_p = float(top_p) < 1.0 and not greedy
+    return Plan(tokens, lengths, stop, N, cache_len, top_k, greedy, use_top_p)
+
+
 # --------------------------------------------------------------------------- generate
 
 
@@ -247,65 +326,36 @@ def generate(
     tokens (default config.max_len; RoPE models may pass more). Under `jax.set_mesh(mesh)`
     with sharded params it runs sharded.
     """
-    V = config.vocab_size
-    _check_sampling(temperature, top_k, top_p)
-    if int(max_new_tokens) < 0:
-        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-    _check_ids(np.asarray([pad_id]), V, "pad_id")
-    stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
-    _check_ids(stop, V, "stop_tokens")
-    # -1 never matches: a few stop-list sizes share one compiled program.
-    stop = np.pad(stop, (0, _round_up(max(len(stop), 1), 8) - len(stop)), constant_values=-1)
-    tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, V, pad_id)
-    B = tokens.shape[0]
-    N = int(max_new_tokens)
-    P = 0
     if prefix_embeds is not None:
         prefix_embeds = jnp.asarray(prefix_embeds)
-        shape = tuple(prefix_embeds.shape)
-        if len(shape) != 3 or shape[0] != B or shape[2] != config.d_model:
-            raise ValueError(
-                f"prefix_embeds must be [B={B}, P, d_model={config.d_model}] (one row per "
-                f"prompt), got shape {shape}."
-            )
-        P = shape[1]
-    limit = _limit(config, max_len)
-    longest = int(lengths.max())
-    what = f"{P} prefix embeddings + prompt" if P else "prompt"
-    if P + longest > limit:
-        raise ValueError(
-            f"{what} longer than the maximum length: the longest prompt has {longest} tokens "
-            f"but the maximum length is {limit} (config.max_len={config.max_len}); shorten "
-            "the prompt."
-        )
-    if P + longest + N > limit:
-        raise ValueError(
-            f"{what} ({P + longest} tokens) + max_new_tokens ({N}) = {P + longest + N} exceeds "
-            f"the maximum length {limit} (config.max_len={config.max_len}); lower "
-            f"max_new_tokens to at most {limit - P - longest} or shorten the prompt."
-        )
+    plan = plan_generation(
+        config,
+        prompt_tokens,
+        max_new_tokens,
+        temperature,
+        top_k,
+        top_p,
+        prompt_lengths,
+        stop_tokens,
+        pad_id,
+        max_len,
+        prefix_shape=None if prefix_embeds is None else prefix_embeds.shape,
+    )
+    B, N = plan.tokens.shape[0], plan.max_new
     if N == 0:
         z = jnp.zeros((B, 0), jnp.float32)
         return GenerateOutput(
             jnp.zeros((B, 0), jnp.int32), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool)
         )
-    cache_len = min(_round_up(P + longest + N, CACHE_BUCKET), limit)
-    T = min(_round_up(tokens.shape[1], PROMPT_BUCKET), cache_len - P)  # >= longest
-    if T > tokens.shape[1]:
-        tokens = np.pad(tokens, ((0, 0), (0, T - tokens.shape[1])), constant_values=pad_id)
-    tokens = tokens[:, :T]  # an array padded past the cache: only pad slots go
-    top_k = 0 if int(top_k) >= V else int(top_k)
-    greedy = float(temperature) == 0.0
-    use_top_p = float(top_p) < 1.0 and not greedy
-    fn = _generate_fn(config, cache_len, N, 0 if greedy else top_k, greedy, use_top_p)
+    fn = _generate_fn(config, plan.cache_len, N, plan.top_k, plan.greedy, plan.use_top_p)
     return fn(
         params,
-        jnp.asarray(tokens),
-        jnp.asarray(lengths),
+        jnp.asarray(plan.tokens),
+        jnp.asarray(plan.lengths),
         key,
-        jnp.float32(1.0 if greedy else temperature),
+        jnp.float32(1.0 if plan.greedy else temperature),
         jnp.float32(top_p),
-        jnp.asarray(stop),
+        jnp.asarray(plan.stop),
         jnp.int32(pad_id),
         prefix_embeds,
     )
