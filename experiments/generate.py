@@ -3,6 +3,8 @@ r"""Sample a continuation of a prompt from an lm_jax checkpoint, a HF folder or 
 python experiments/generate.py --chat --prompt="What is the capital of France?"  # SmolLM2
 python experiments/generate.py --checkpoint=/tmp/run --prompt="ROMEO:" --temperature=0.8
 python experiments/generate.py --hf_dir=/models/gpt2 --prompt="Hello" --top_p=0.9
+python experiments/generate.py --speculative=ngram --lookahead=4 --temperature=0  # prompt lookup
+python experiments/generate.py --speculative=layers --draft_layers=10  # the first 10 blocks draft
 """
 
 from __future__ import annotations
@@ -25,6 +27,14 @@ flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens; 0 = all.")
 flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass; 1 = off.")
 flags.DEFINE_integer("seed", 0, "PRNG seed.")
 flags.DEFINE_bool("chat", False, "Wrap the prompt in the tokenizer's chat template.")
+flags.DEFINE_enum(
+    "speculative", "none", ["none", "ngram", "layers"],
+    "Speculative decoding (exact: same distribution, same greedy output): ngram = prompt lookup, "
+    "layers = the model's first --draft_layers blocks as the draft.",
+)  # fmt: skip
+flags.DEFINE_integer("lookahead", 4, "Speculative decoding: tokens proposed per target forward.")
+flags.DEFINE_integer("draft_layers", 0, "--speculative=layers: blocks in the draft (0 = a third).")
+flags.DEFINE_integer("max_ngram", 3, "--speculative=ngram: longest suffix matched.")
 FLAGS = flags.FLAGS
 
 
@@ -49,13 +59,49 @@ def check_flags():
         raise ConfigError(f"--{e}") from None
     if FLAGS.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
+    if FLAGS.speculative != "none":
+        from lm_jax.speculative import SpeculativeConfig
+
+        method = "ngram" if FLAGS.speculative == "ngram" else "draft"
+        try:
+            SpeculativeConfig(FLAGS.lookahead, method, FLAGS.max_ngram).check()
+        except ValueError as e:
+            raise ConfigError(f"--{e}") from None
+
+
+def sample(cfg, params, ids, stop, pad_id):
+    """generate, or speculative_generate under --speculative; -> (GenerateOutput, stats line)."""
+    import jax
+
+    from lm_jax.errors import ConfigError
+    from lm_jax.generate import generate
+    from lm_jax.speculative import SpeculativeConfig, layer_draft, speculative_generate
+
+    kw = dict(
+        temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, stop_tokens=stop,
+        pad_id=pad_id,
+    )  # fmt: skip
+    key = jax.random.key(FLAGS.seed)
+    if FLAGS.speculative == "none":
+        return generate(cfg, params, [ids], key, FLAGS.max_new_tokens, **kw), ""
+    dcfg = dparams = None
+    if FLAGS.speculative == "layers":
+        n = FLAGS.draft_layers or max(cfg.num_layers // 3, 1)
+        try:
+            dcfg, dparams = layer_draft(cfg, params, n)
+        except ValueError as e:
+            raise ConfigError(f"--draft_layers: {e}") from None
+    method = "ngram" if FLAGS.speculative == "ngram" else "draft"
+    spec = SpeculativeConfig(FLAGS.lookahead, method, FLAGS.max_ngram)
+    out = speculative_generate(
+        cfg, params, [ids], key, FLAGS.max_new_tokens, spec, dcfg, dparams, **kw
+    )
+    line = f"; {out.acceptance:.0%} of drafts accepted, {out.tokens_per_round:.2f} tokens/forward"
+    return out.output, line
 
 
 def main(argv):
-    import jax
     import numpy as np
-
-    from lm_jax.generate import generate
 
     check_flags()
     cfg, params, tok = load()
@@ -71,24 +117,13 @@ def main(argv):
         ids = tok.encode(text)
     stop = () if tok.eos_id is None else (tok.eos_id,)
     t = time.perf_counter()
-    out = generate(
-        cfg,
-        params,
-        [ids],
-        jax.random.key(FLAGS.seed),
-        FLAGS.max_new_tokens,
-        temperature=FLAGS.temperature,
-        top_k=FLAGS.top_k,
-        top_p=FLAGS.top_p,
-        stop_tokens=stop,
-        pad_id=tok.pad_id,
-    )
+    out, stats = sample(cfg, params, ids, stop, tok.pad_id)
     n = int(out.lengths[0])
     secs = time.perf_counter() - t
     new = [int(x) for x in np.asarray(out.tokens[0, :n]) if int(x) not in stop]
     print(text + tok.decode(new))
     logp = float(np.asarray(out.logprobs[0, :n]).sum())
-    print(f"\n[{n} tokens in {secs:.2f}s incl. compile; log p = {logp:.2f}]")
+    print(f"\n[{n} tokens in {secs:.2f}s incl. compile; log p = {logp:.2f}{stats}]")
 
 
 if __name__ == "__main__":

@@ -420,6 +420,9 @@ GENERATE = {
     "two_sources": (["--checkpoint={empty}", "--gguf={bad.gguf}"], r"exactly one of"),
     "bad_flag_value": (["--checkpoint={empty}", "--top_p=abc"], r"--top_p=abc"),
     "bad_sampling_value": (["--checkpoint={empty}", "--temperature=-1"], r"--temperature"),
+    "bad_lookahead": (
+        ["--checkpoint={empty}", "--speculative=ngram", "--lookahead=0"], r"--lookahead must be"
+    ),
 }
 
 
