@@ -111,8 +111,9 @@ SAMPLING = {
 }
 
 
-@pytest.mark.parametrize("how", ["draft_model", "ngram"])
-@pytest.mark.parametrize("setting", sorted(SAMPLING))
+@pytest.mark.parametrize(
+    "how, setting", [("draft_model", "t1"), ("draft_model", "t07_topk5"), ("ngram", "topp08")]
+)
 def test_sampled_tokens_follow_the_target_distribution(how, setting):
     V = 7
     tcfg = llama_style(vocab_size=V, d_model=16, num_heads=2, num_kv_heads=1, num_layers=2,
