@@ -5,7 +5,8 @@ Round r, per row (rows advance at their own pace; positions are per row):
 1. propose d_1..d_k with proposal log-probs q_i [V]: a **draft model** (sampled with the same
    temperature / top-k / top-p as the target, its own KV cache), or **prompt lookup** (the k
    tokens that followed the latest earlier occurrence of the last n tokens, n = max_ngram..1;
-   q_i is a point mass);
+   q_i is a point mass; a round where no row has a match is a plain one-token step, so text with
+   nothing to copy costs one lookup per token, not a (k+1)-token forward);
 2. one target forward over [t, d_1..d_k] at positions pos..pos+k gives the target's sampling
    distributions p_0..p_k (temperature, top-k, top-p applied as in `generate`);
 3. accept d_i while u_i < p_{i-1}(d_i) / q_i(d_i); at the first rejection i, draw the next token
@@ -104,10 +105,11 @@ def _dists(logits, temperature, top_k: int, top_p, greedy: bool, use_top_p: bool
     return sampling_logprobs(logits, temperature, top_k, top_p, use_top_p)
 
 
-def ngram_proposals(seq: jax.Array, pos: jax.Array, k: int, max_ngram: int) -> jax.Array:
-    """Prompt lookup. seq [B, S] tokens by position, known at 0..pos [B] -> proposals [B, k]: the
-    tokens after the latest j with seq[j : j+n] == seq[pos-n+1 : pos+1] and j + n <= pos, for
-    the largest n <= max_ngram that has a match; no match: the last token repeated."""
+def ngram_proposals(seq: jax.Array, pos: jax.Array, k: int, max_ngram: int):
+    """Prompt lookup. seq [B, S] tokens by position, known at 0..pos [B] -> (proposals [B, k],
+    found [B] bool): the tokens after the latest j with seq[j : j+n] == seq[pos-n+1 : pos+1] and
+    j + n <= pos, for the largest n <= max_ngram that has a match; no match: the last token
+    repeated, found False."""
     B, S = seq.shape
     idx = jnp.arange(S)
     padded = jnp.pad(seq, ((0, 0), (0, max_ngram + k)))
@@ -125,7 +127,7 @@ def ngram_proposals(seq: jax.Array, pos: jax.Array, k: int, max_ngram: int) -> j
     tail = jnp.take_along_axis(seq, pos[:, None], axis=1)
     # a continuation cannot be read past the frontier: repeat the last known token there
     known = (best[:, None] >= 0) & (take <= pos[:, None])
-    return jnp.where(known, found, tail).astype(jnp.int32)
+    return jnp.where(known, found, tail).astype(jnp.int32), best >= 0
 
 
 def accept_rule(key, drafts, q, p, greedy: bool):
@@ -235,11 +237,12 @@ def _speculative_fn(
             return jnp.any(~s.done & (s.lengths < max_new))
 
         def propose(s: _State, pos, kd):
-            """-> drafts [B, k], proposal log-probs [B, k, V], new draft cache."""
+            """-> drafts [B, k], proposal log-probs [B, k, V], new draft cache, found [B] (a row
+            has a real proposal: always for a draft model)."""
             if dmodel is None:
-                d = ngram_proposals(s.seq, pos, k, int(spec.max_ngram))
+                d, found = ngram_proposals(s.seq, pos, k, int(spec.max_ngram))
                 q = jnp.where(jax.nn.one_hot(d, config.vocab_size) > 0, 0.0, -jnp.inf)
-                return d, q, None
+                return d, q, None, found
             prev = jnp.take_along_axis(s.seq, (pos - 1)[:, None], axis=1)[:, 0]
             two = jnp.stack([prev, s.tok], axis=1)
             ppos = jnp.minimum(jnp.stack([pos - 1, pos], axis=1), S - 1)
@@ -263,19 +266,40 @@ def _speculative_fn(
             qk = dist(lg)
             d = jnp.concatenate([d.T, draw(qk, k - 1)[:, None]], axis=1)
             q = jnp.concatenate([jnp.swapaxes(q, 0, 1), qk[:, None]], axis=1)
-            return d, q, dc
+            return d, q, dc, jnp.ones((B,), bool)
+
+        def verify(cache, tok, pos, d, q, ka):
+            """One target forward over [tok, d] -> (logits [B, W, V], p, cache, n, next)."""
+            window = jnp.concatenate([tok[:, None], d], axis=1)  # [B, W]
+            wpos = jnp.minimum(pos[:, None] + jnp.arange(W), S - 1)
+            lg, cache = model.apply({"params": params}, window, wpos, cache=cache)
+            p = dist(lg)  # [B, W, V]
+            n, nxt = accept_rule(ka, d, q, p, greedy)
+            return lg, p, cache, n, nxt
+
+        def plain_step(cache, tok, pos, d, q, ka):
+            """No row has a proposal: a one-token forward, as `generate` (same outputs as
+            `verify`, the window padded; only column 0 is emitted)."""
+            lg, cache = model.apply({"params": params}, tok[:, None], pos[:, None], cache=cache)
+            p = dist(lg)  # [B, 1, V]
+            nxt = jnp.argmax(p[:, 0], -1) if greedy else jax.random.categorical(ka, p[:, 0])
+            pad = ((0, 0), (0, k), (0, 0))
+            n = jnp.zeros((B,), jnp.int32)
+            return jnp.pad(lg, pad), jnp.pad(p, pad), cache, n, nxt.astype(jnp.int32)
 
         def body(s: _State) -> _State:
             active = ~s.done & (s.lengths < max_new)
             pos = lengths + s.lengths - 1  # [B] position of s.tok
             kr = jax.random.fold_in(key, s.r)
             kd, ka = jax.random.split(kr)
-            d, q, dc = propose(s, pos, kd)
-            window = jnp.concatenate([s.tok[:, None], d], axis=1)  # [B, W]
-            wpos = jnp.minimum(pos[:, None] + jnp.arange(W), S - 1)
-            lg, cache = model.apply({"params": params}, window, wpos, cache=s.cache)
-            p = dist(lg)  # [B, W, V]
-            n, nxt = accept_rule(ka, d, q, p, greedy)
+            d, q, dc, found = propose(s, pos, kd)
+            args = (s.cache, s.tok, pos, d, q, ka)
+            if dmodel is None:  # prompt lookup: skip the k-token window when nothing matched
+                checked = jnp.any(found & active)
+                lg, p, cache, n, nxt = jax.lax.cond(checked, verify, plain_step, *args)
+            else:
+                checked = jnp.bool_(True)
+                lg, p, cache, n, nxt = verify(*args)
             j = jnp.arange(W)[None]
             emit = jnp.where(j < n[:, None], jnp.pad(d, ((0, 0), (0, 1))), nxt[:, None])
             count = n + 1
@@ -303,7 +327,7 @@ def _speculative_fn(
                 tokens=put(s.tokens, jnp.where(keep, emit, pad_id), at),
                 logprobs=put(s.logprobs, jnp.where(keep, lp, 0.0), at),
                 sample_logprobs=put(s.sample_logprobs, jnp.where(keep, slp, 0.0), at),
-                proposed=s.proposed + k * active,
+                proposed=s.proposed + k * (active & checked),
                 accepted=s.accepted + jnp.where(active, n, 0),
                 rounds=s.rounds + active,
             )

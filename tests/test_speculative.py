@@ -151,19 +151,20 @@ def test_sampled_tokens_follow_the_target_distribution(how, setting):
 
 
 def test_ngram_proposals_continue_the_latest_match():
-    seq = jnp.array([[5, 6, 7, 8, 5, 6, 9, 5, 6, 0, 0, 0]])
+    def check(seq, pos, k, n, want, found=True):
+        got, hit = ngram_proposals(jnp.array([seq]), jnp.array([pos]), k, n)
+        np.testing.assert_array_equal(got, [want])
+        assert bool(hit[0]) is found
+
     # known up to pos 8 ("... 5 6"): the latest earlier "5 6" is at 4 -> continues 9, 5, 6
-    np.testing.assert_array_equal(ngram_proposals(seq, jnp.array([8]), 3, 2), [[9, 5, 6]])
-    # a longer match wins: "7 5 6" is nowhere earlier, but "8 5 6"... -> use a 3-gram case
-    seq3 = jnp.array([[1, 2, 3, 4, 9, 2, 3, 7, 1, 2, 3, 0]])
+    check([5, 6, 7, 8, 5, 6, 9, 5, 6, 0, 0, 0], 8, 3, 2, [9, 5, 6])
     # suffix "1 2 3" (pos 10) matches at 0 -> 4, 9; the 2-gram "2 3" alone would give 7, 1
-    np.testing.assert_array_equal(ngram_proposals(seq3, jnp.array([10]), 2, 3), [[4, 9]])
-    np.testing.assert_array_equal(ngram_proposals(seq3, jnp.array([10]), 2, 2), [[7, 1]])
-    # no match: the last token repeated; reads never pass the frontier
-    seq4 = jnp.array([[1, 2, 3, 4, 0, 0]])
-    np.testing.assert_array_equal(ngram_proposals(seq4, jnp.array([3]), 2, 2), [[4, 4]])
-    seq5 = jnp.array([[1, 2, 1, 0, 0, 0]])  # "1" at 0 -> continues "2, 1", then the frontier
-    np.testing.assert_array_equal(ngram_proposals(seq5, jnp.array([2]), 3, 1), [[2, 1, 1]])
+    seq3 = [1, 2, 3, 4, 9, 2, 3, 7, 1, 2, 3, 0]
+    check(seq3, 10, 2, 3, [4, 9])
+    check(seq3, 10, 2, 2, [7, 1])
+    # no match: the last token repeated, not found; reads never pass the frontier
+    check([1, 2, 3, 4, 0, 0], 3, 2, 2, [4, 4], found=False)
+    check([1, 2, 1, 0, 0, 0], 2, 3, 1, [2, 1, 1])  # "1" at 0 -> "2, 1", then the frontier
 
 
 @pytest.mark.parametrize(
@@ -195,3 +196,35 @@ def test_layer_draft_slices_the_target():
     assert all(x.shape[0] == 2 for x in leaves)
     with pytest.raises(ValueError, match="1 <= num_layers < the target's 3"):
         layer_draft(TARGET, params, 3)
+
+
+def test_prompt_lookup_without_a_match_takes_plain_steps():
+    """Rounds where no row has a match are one-token steps; sampled one row at a time (so whole
+    rounds skip the window), tokens 1-2 still follow the target's sampling distribution."""
+    V = 7
+    cfg = llama_style(vocab_size=V, d_model=16, num_heads=2, num_kv_heads=1, num_layers=2,
+                      max_len=32, mlp_dim=24, initializer_range=0.6)  # fmt: skip
+    params = _params(cfg, 11)
+    prompt = [1, 4, 2]
+    spec = SpeculativeConfig(lookahead=2, method="ngram", max_ngram=2)
+    n, toks, skipped = 600, [], 0
+    for i in range(n):
+        out = speculative_generate(cfg, params, [prompt], jax.random.key(i), 3, spec,
+                                   temperature=1.0)  # fmt: skip
+        toks.append(np.asarray(out.output.tokens[0]))
+        skipped += int(out.rounds[0]) * spec.lookahead - int(out.proposed[0])
+    toks = np.stack(toks)
+    assert skipped > n // 4  # the first sampled token is new to the prompt often
+    p1, p2, _ = _exact_probs(cfg, params, prompt, 1.0, 0, 1.0)
+    expected = (p1[:, None] * p2).ravel().astype(np.float64) * n
+    counts = np.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V)
+    keep = expected >= 5
+    obs = np.append(counts[keep], counts[~keep].sum())
+    exp = np.append(expected[keep], expected[~keep].sum())
+    assert stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue > 1e-3
+    # greedy with nothing to copy: equal to plain greedy, through a plain step
+    ref = generate(cfg, params, [prompt], jax.random.key(0), 3, 0.0)
+    got = speculative_generate(cfg, params, [prompt], jax.random.key(0), 3, spec, temperature=0.0)
+    np.testing.assert_array_equal(got.output.tokens, ref.tokens)
+    np.testing.assert_allclose(got.output.logprobs, ref.logprobs, atol=2e-5)
+    assert int(got.proposed[0]) < spec.lookahead * int(got.rounds[0]), np.asarray(ref.tokens)

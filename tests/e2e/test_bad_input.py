@@ -2,8 +2,11 @@
 missing file, a malformed file, a wrong checkpoint kind, a bad flag value and a mesh that does
 not fit the devices each exit 2 with exactly one `error:` line naming the problem and no
 traceback; a bad flag on a workdir that holds a run leaves its files as they were; old flag
-spellings still work with one `warning:` line. Each case is a subprocess that fails before
-anything compiles (the shared tiny checkpoint is the only training)."""
+spellings still work with one `warning:` line. Each case runs the binary's file as `__main__` in
+a child forked from one warm interpreter (warm_binaries.py: its own argv, flags, cwd and exit
+code, without the 4-6 s of imports a cold process spends), and fails before anything compiles
+(the shared tiny checkpoint is the only training); a few cases also run as cold subprocesses and
+must give the same exit code and error line."""
 
 import hashlib
 import json
@@ -15,6 +18,7 @@ import subprocess
 import sys
 
 import pytest
+from warm_binaries import WarmBinaries
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 TIMEOUT = 120
@@ -27,7 +31,17 @@ def env():
     return e
 
 
+WARM = WarmBinaries(env())
+
+
 def binary(name, *args):
+    """`python experiments/<name>.py args` in a warm forked child."""
+    argv = [str(REPO / "experiments" / f"{name}.py"), *map(str, args)]
+    return WARM.run(argv, cwd=str(REPO), timeout=TIMEOUT)
+
+
+def cold_binary(name, *args):
+    """The same in a fresh interpreter."""
     return subprocess.run(
         [sys.executable, str(REPO / "experiments" / f"{name}.py"), *map(str, args)],
         capture_output=True,
@@ -457,3 +471,21 @@ EVALUATE = {
 def test_evaluate(case, base, files):
     args, pattern = EVALUATE[case]
     one_error_line(binary("evaluate", *_fmt(args, files, base)), pattern)
+
+
+# ---------------------------------------------------------------- warm children = cold processes
+
+COLD = [
+    ("generate", GENERATE["missing_checkpoint"][0]),
+    ("pretrain", ["--preset=tiny", "--train.mesh=data:3"]),
+    ("finetune", ["--train_file={bad.jsonl}"]),
+]
+
+
+@pytest.mark.parametrize("name, args", COLD, ids=[c[0] for c in COLD])
+def test_a_warm_child_behaves_as_a_cold_process(name, args, files, tmp_path):
+    args = [*_fmt(args, files), f"--train.workdir={tmp_path / 'w'}"]
+    if name == "generate":
+        args = args[:-1]
+    warm, cold = binary(name, *args), cold_binary(name, *args)
+    assert one_error_line(warm, ".") == one_error_line(cold, ".")  # both exit 2
