@@ -148,6 +148,26 @@ class Plan(NamedTuple):
     greedy: bool  # temperature 0
     use_top_p: bool  # the nucleus filter is on (top_p < 1, not greedy)
 
+    def empty_output(self) -> GenerateOutput:
+        """The result of a request for 0 new tokens."""
+        B = self.tokens.shape[0]
+        z = jnp.zeros((B, 0), jnp.float32)
+        zi = jnp.zeros((B,), jnp.int32)
+        return GenerateOutput(jnp.zeros((B, 0), jnp.int32), z, z, zi, jnp.zeros((B,), bool))
+
+    def inputs(self, key, temperature: float, top_p: float, pad_id: int) -> tuple:
+        """The jitted decode programs' traced arguments after the params: (tokens, lengths,
+        key, temperature, top_p, stop, pad_id)."""
+        return (
+            jnp.asarray(self.tokens),
+            jnp.asarray(self.lengths),
+            key,
+            jnp.float32(1.0 if self.greedy else temperature),
+            jnp.float32(top_p),
+            jnp.asarray(self.stop),
+            jnp.int32(pad_id),
+        )
+
 
 def plan_generation(
     config: ModelConfig,
@@ -341,22 +361,12 @@ def generate(
         max_len,
         prefix_shape=None if prefix_embeds is None else prefix_embeds.shape,
     )
-    B, N = plan.tokens.shape[0], plan.max_new
-    if N == 0:
-        z = jnp.zeros((B, 0), jnp.float32)
-        return GenerateOutput(
-            jnp.zeros((B, 0), jnp.int32), z, z, jnp.zeros((B,), jnp.int32), jnp.zeros((B,), bool)
-        )
-    fn = _generate_fn(config, plan.cache_len, N, plan.top_k, plan.greedy, plan.use_top_p)
+    if plan.max_new == 0:
+        return plan.empty_output()
+    fn = _generate_fn(config, plan.cache_len, plan.max_new, plan.top_k, plan.greedy, plan.use_top_p)
     return fn(
         params,
-        jnp.asarray(plan.tokens),
-        jnp.asarray(plan.lengths),
-        key,
-        jnp.float32(1.0 if plan.greedy else temperature),
-        jnp.float32(top_p),
-        jnp.asarray(plan.stop),
-        jnp.int32(pad_id),
+        *plan.inputs(key, temperature, top_p, pad_id),
         prefix_embeds,
     )
 

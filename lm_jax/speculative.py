@@ -398,23 +398,17 @@ def speculative_generate(
                 f"the draft has {draft_config.max_len} learned positions but this request needs "
                 f"{plan.cache_len}; lower max_new_tokens or use a longer draft."
             )
-    B, N = plan.tokens.shape[0], plan.max_new
-    if N == 0:
-        z = jnp.zeros((B, 0), jnp.float32)
-        zi = jnp.zeros((B,), jnp.int32)
-        out = GenerateOutput(jnp.zeros((B, 0), jnp.int32), z, z, zi, jnp.zeros((B,), bool))
-        return SpeculativeOutput(out, zi, zi, zi)
+    if plan.max_new == 0:
+        zi = jnp.zeros((plan.tokens.shape[0],), jnp.int32)
+        return SpeculativeOutput(plan.empty_output(), zi, zi, zi)
     fn = _speculative_fn(
-        config, draft_config, spec, plan.cache_len, N, plan.top_k, plan.greedy, plan.use_top_p
+        config,
+        draft_config,
+        spec,
+        plan.cache_len,
+        plan.max_new,
+        plan.top_k,
+        plan.greedy,
+        plan.use_top_p,
     )
-    return fn(
-        params,
-        draft_params,
-        jnp.asarray(plan.tokens),
-        jnp.asarray(plan.lengths),
-        key,
-        jnp.float32(1.0 if plan.greedy else temperature),
-        jnp.float32(top_p),
-        jnp.asarray(plan.stop),
-        jnp.int32(pad_id),
-    )
+    return fn(params, draft_params, *plan.inputs(key, temperature, top_p, pad_id))
