@@ -475,17 +475,15 @@ def test_evaluate(case, base, files):
 
 # ---------------------------------------------------------------- warm children = cold processes
 
-COLD = [
-    ("generate", GENERATE["missing_checkpoint"][0]),
-    ("pretrain", ["--preset=tiny", "--train.mesh=data:3"]),
-    ("finetune", ["--train_file={bad.jsonl}"]),
-]
+COLD = {
+    "generate": GENERATE["missing_checkpoint"][0],
+    "pretrain": ["--preset=tiny", "--train.mesh=data:3", "--train.workdir={tmp}/w"],
+    "finetune": ["--train_file={bad.jsonl}", "--train.workdir={tmp}/w"],
+}
 
 
-@pytest.mark.parametrize("name, args", COLD, ids=[c[0] for c in COLD])
-def test_a_warm_child_behaves_as_a_cold_process(name, args, files, tmp_path):
-    args = [*_fmt(args, files), f"--train.workdir={tmp_path / 'w'}"]
-    if name == "generate":
-        args = args[:-1]
+@pytest.mark.parametrize("name", sorted(COLD))
+def test_a_warm_child_behaves_as_a_cold_process(name, files, tmp_path):
+    args = _fmt([a.replace("{tmp}", str(tmp_path)) for a in COLD[name]], files)
     warm, cold = binary(name, *args), cold_binary(name, *args)
     assert one_error_line(warm, ".") == one_error_line(cold, ".")  # both exit 2

@@ -26,20 +26,14 @@ import time
 MARK = "@@warm "
 
 
-class Completed:
-    """The parts of subprocess.CompletedProcess the tests read."""
-
-    def __init__(self, args, returncode: int, stdout: str, stderr: str):
-        self.args, self.returncode, self.stdout, self.stderr = args, returncode, stdout, stderr
-
-
 class WarmBinaries:
-    """Client: `run(argv, cwd, timeout)` -> Completed. `env` is the server's (and so every
-    child's) environment; it is fixed when the server starts."""
+    """Client: `run(argv, cwd, timeout)` -> subprocess.CompletedProcess. `env` is the server's
+    (and so every child's) environment; it is fixed when the server starts."""
 
     def __init__(self, env: dict[str, str]):
         self.env = env
         self.proc: subprocess.Popen | None = None
+        atexit.register(self.close)
 
     def _start(self) -> subprocess.Popen:
         if self.proc is None or self.proc.poll() is not None:
@@ -50,17 +44,18 @@ class WarmBinaries:
                 text=True,
                 env=self.env,
             )
-            atexit.register(self.close)
         return self.proc
 
-    def run(self, argv: list[str], cwd: str, timeout: float) -> Completed:
+    def run(self, argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
         proc = self._start()
         proc.stdin.write(json.dumps({"argv": argv, "cwd": cwd, "timeout": timeout}) + "\n")
         proc.stdin.flush()
         for line in proc.stdout:
             if line.startswith(MARK):
                 r = json.loads(line[len(MARK) :])
-                return Completed(argv, r["returncode"], r["stdout"], r["stderr"])
+                return subprocess.CompletedProcess(
+                    argv, r["returncode"], r["stdout"], r["stderr"]
+                )
         raise RuntimeError(f"the warm binary server died (exit {proc.wait()}) on {argv}")
 
     def close(self) -> None:
