@@ -1,4 +1,4 @@
-"""Metric sinks: stdout line, JSONL file and TensorBoard (tensorboardX, no TensorFlow)."""
+"""Metric sinks: stdout line, JSONL file and TensorBoard scalar events (`event_file.py`)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 import os
 
 import numpy as np
+
+from lm_jax.train.event_file import ScalarEventWriter
 
 
 def _scalar(v):
@@ -25,9 +27,7 @@ class MetricWriter:
         os.makedirs(workdir, exist_ok=True)
         self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")  # noqa: SIM115
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+            self._tb = ScalarEventWriter(os.path.join(workdir, "tensorboard"))
 
     def write(self, step: int, metrics: dict, prefix: str = "") -> dict:
         row = {f"{prefix}{k}": _scalar(v) for k, v in metrics.items()}
@@ -36,12 +36,13 @@ class MetricWriter:
         self._jsonl.write(json.dumps({"step": int(step), **row}) + "\n")
         self._jsonl.flush()
         if self._tb is not None:
+            scalars = {}
             for k, v in row.items():
                 if isinstance(v, list):
-                    for i, x in enumerate(v):
-                        self._tb.add_scalar(f"{k}/{i}", x, step)
+                    scalars.update({f"{k}/{i}": float(x) for i, x in enumerate(np.ravel(v))})
                 else:
-                    self._tb.add_scalar(k, v, step)
+                    scalars[k] = v
+            self._tb.add_scalars(int(step), scalars)
         return row
 
     def close(self):
