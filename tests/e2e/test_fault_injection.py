@@ -5,7 +5,9 @@ folder unchanged, F6 non-finite policy, F7 disk full.
 Faults come from `LM_JAX_FAULTS` (lm_jax/faults.py): slowed save commits and prunes that print a
 marker line on stderr, so a kill lands inside the phase, and an injected ENOSPC. Every run uses a
 persistent XLA compilation cache so the many restarts cost little compile time; the trajectory is
-the same with or without it. `-s` prints the measured figures (benchmarks/RESULTS.md).
+the same with or without it. Each run is a forked child of a warm interpreter (warm_binaries.py),
+so a restart costs no imports either; kill -9 of the child is a real crash.
+`-s` prints the measured figures (benchmarks/RESULTS.md).
 """
 
 import hashlib
@@ -22,6 +24,7 @@ import time
 import numpy as np
 import pytest
 from test_pretrain_binary import _steps, cmd, env
+from warm_binaries import WarmBinaries
 
 SAVE_EVERY = 5
 STEPS = 60
@@ -97,14 +100,16 @@ def common(corpus, steps=STEPS, *extra):
     ]
 
 
+def run_binary(workdir, args, cache_dir, faults="", timeout=300):
+    """`python experiments/pretrain.py ...` to the end, in a forked child of a warm interpreter
+    (warm_binaries.py: the same process from the binary's first line, without 3-5 s of imports;
+    kill -9 of it is a real crash). test_pretrain_binary.py keeps a cold-process kill -9 case."""
+    server = WarmBinaries.for_env(fenv(cache_dir))
+    return server.run(cmd(workdir, *args), timeout=timeout, env=fenv(cache_dir, faults))
+
+
 def run_ok(workdir, args, cache_dir, faults="", timeout=300):
-    r = subprocess.run(
-        cmd(workdir, *args),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=fenv(cache_dir, faults),
-    )
+    r = run_binary(workdir, args, cache_dir, faults, timeout)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
 
@@ -160,10 +165,9 @@ class Attempt:
         self.err = self.out.with_suffix(".err")
         self.log = pathlib.Path(workdir) / "steps.jsonl"
         self.offset = self.log.stat().st_size if self.log.exists() else 0
-        with open(self.out, "w") as o, open(self.err, "w") as e:
-            self.p = subprocess.Popen(
-                cmd(workdir, *args), stdout=o, stderr=e, env=fenv(cache_dir, faults)
-            )
+        self.p = WarmBinaries.for_env(fenv(cache_dir)).popen(
+            cmd(workdir, *args), self.out, self.err, env=fenv(cache_dir, faults)
+        )
 
     def wait_marker(self, pattern: str, timeout=180) -> bool:
         deadline = time.time() + timeout
@@ -668,13 +672,10 @@ def test_f5_bad_input_fails_fast_and_leaves_the_checkpoints_unchanged(
     before = tree_hash(wd / "checkpoints")
     try:
         t = time.time()
-        r = subprocess.run(
-            cmd(wd, f"--data.source=paragraphs:{text}", "--train.steps=10", *extra),
-            capture_output=True,
-            text=True,
+        r = run_binary(
+            wd, [f"--data.source=paragraphs:{text}", "--train.steps=10", *extra], cache_dir,
             timeout=120,
-            env=fenv(cache_dir),
-        )
+        )  # fmt: skip
         took = time.time() - t
     finally:
         if ro:
@@ -722,9 +723,7 @@ def test_f6_consecutive_bad_steps_halt_and_keep_the_last_good_checkpoint(
         "--debug_nonfinite_step=9",
         "--debug_nonfinite_count=3",
     ]
-    r = subprocess.run(
-        cmd(wd, *args), capture_output=True, text=True, timeout=300, env=fenv(cache_dir)
-    )
+    r = run_binary(wd, args, cache_dir)
     assert r.returncode == 3, r.stderr[-3000:]  # halted by the non-finite policy
     assert "non-finite loss/gradient at step 12 (3 in a row" in r.stderr, r.stderr[-3000:]
     assert "Traceback" not in r.stderr, r.stderr[-3000:]
@@ -774,13 +773,7 @@ def test_f7_disk_full_fails_within_one_save_interval_and_the_next_start_cleans_u
 ):
     wd = tmp_path / "full"
     t = time.time()
-    r = subprocess.run(
-        cmd(wd, *common(corpus)),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env=fenv(cache_dir, "disk_full_at=15"),
-    )
+    r = run_binary(wd, common(corpus), cache_dir, "disk_full_at=15")
     assert r.returncode == 2, r.stderr[-3000:]
     assert re.search(r"saving checkpoint step 15 .* failed - disk full", r.stderr), r.stderr[-3000:]
     log = _steps(wd / "steps.jsonl")

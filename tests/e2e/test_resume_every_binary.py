@@ -5,7 +5,8 @@ or batch hash); SIGTERM saves, exits 0 and resumes the same way. Covers fine-tun
 full; packed multi-turn chat), preference optimisation (DPO, LoRA; the reference log-probs are
 read back from the workdir, not scored again), GRPO (LoRA; the sampler's RNG and the samples
 included), alignment (DPG) and image-text (contrastive); pretraining has its own suite
-(test_fault_injection.py)."""
+(test_fault_injection.py). Every run is a forked child of one warm interpreter (warm_binaries.py:
+the binary from its first line, without the imports); kill -9 of it is a real crash."""
 
 import json
 import os
@@ -13,12 +14,12 @@ import pathlib
 import random
 import re
 import signal
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+from warm_binaries import WarmBinaries
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 PY = sys.executable
@@ -50,7 +51,7 @@ def records(path: pathlib.Path) -> dict[int, dict]:
 
 
 def run_ok(args, cache_dir, timeout=600):
-    r = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env(cache_dir))
+    r = WarmBinaries.for_env(env(cache_dir)).run(args, timeout=timeout)
     assert r.returncode == 0, (r.stdout[-2000:], r.stderr[-3000:])
     return r
 
@@ -58,8 +59,7 @@ def run_ok(args, cache_dir, timeout=600):
 def interrupted(args, cache_dir, out: pathlib.Path, after_save: int, sig, timeout=600):
     """Start `args`, wait until checkpoint step `after_save` is saved, wait a random moment,
     send `sig`; returns (return code, stdout)."""
-    with open(out, "w") as f:
-        p = subprocess.Popen(args, stdout=f, stderr=subprocess.STDOUT, env=env(cache_dir))
+    p = WarmBinaries.for_env(env(cache_dir)).popen(args, stdout=out, stderr=out)
     deadline = time.time() + timeout
     pattern = re.compile(rf"saved checkpoint step {after_save}\b")
     while not pattern.search(out.read_text()):

@@ -9,8 +9,10 @@ its own argv, sys.path[0], working directory, a fresh flag registry (the parent 
 a binary), stdin from /dev/null, stdout and stderr to files, and the exit code Python would
 give (SystemExit's code; 1 and a traceback on an uncaught exception).
 
-Protocol: one JSON request per line on the server's stdin ({argv, cwd, timeout}), one reply line
-`@@warm {returncode, stdout, stderr}` on its stdout.
+Protocol: one JSON request per line on the server's stdin, one reply line `@@warm {...}` on its
+stdout: `{op: spawn, argv, cwd, stdout, stderr, env}` -> `{pid}`; `{op: wait, pid, timeout}` ->
+`{returncode}` (null while it runs). A child killed with `kill -9` dies as a cold process would:
+no atexit handlers, no flush, async checkpoint threads cut wherever they are.
 """
 
 from __future__ import annotations
@@ -24,16 +26,59 @@ import tempfile
 import time
 
 MARK = "@@warm "
+# read by lm_jax at call time, not at import, so one server can serve every value
+RUNTIME_ENV = ("LM_JAX_FAULTS",)
+
+
+class WarmProcess:
+    """A running child, the subset of `subprocess.Popen` the tests use (pid, poll, wait, signals).
+    It is the server's child, so its exit status comes back through the server."""
+
+    def __init__(self, server: WarmBinaries, pid: int, args: list[str]):
+        self._server, self.pid, self.args = server, pid, args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        return self.wait(timeout=0, _raise=False)
+
+    def wait(self, timeout: float | None = None, _raise: bool = True) -> int | None:
+        if self.returncode is None:
+            rc = self._server._request(
+                {"op": "wait", "pid": self.pid, "timeout": 1e9 if timeout is None else timeout}
+            )["returncode"]
+            if rc is None and _raise:
+                raise subprocess.TimeoutExpired(self.args, timeout)
+            self.returncode = rc
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(9)
 
 
 class WarmBinaries:
-    """Client: `run(argv, cwd, timeout)` -> subprocess.CompletedProcess. `env` is the server's
-    (and so every child's) environment; it is fixed when the server starts."""
+    """Client. `run(argv, cwd, timeout)` -> subprocess.CompletedProcess; `popen(argv, stdout,
+    stderr, cwd)` -> WarmProcess. `env` is the server's (and so every child's) environment,
+    fixed when the server starts, except `RUNTIME_ENV`, set per child. `argv` is the script and
+    its arguments, optionally preceded by sys.executable."""
+
+    _pool: dict[tuple, WarmBinaries] = {}
 
     def __init__(self, env: dict[str, str]):
-        self.env = env
+        self.env = {k: v for k, v in env.items() if k not in RUNTIME_ENV}
         self.proc: subprocess.Popen | None = None
         atexit.register(self.close)
+
+    @classmethod
+    def for_env(cls, env: dict[str, str]) -> WarmBinaries:
+        """One shared server per environment (ignoring RUNTIME_ENV)."""
+        key = tuple(sorted((k, v) for k, v in env.items() if k not in RUNTIME_ENV))
+        if key not in cls._pool:
+            cls._pool[key] = cls(env)
+        return cls._pool[key]
 
     def _start(self) -> subprocess.Popen:
         if self.proc is None or self.proc.poll() is not None:
@@ -46,17 +91,50 @@ class WarmBinaries:
             )
         return self.proc
 
-    def run(self, argv: list[str], cwd: str, timeout: float) -> subprocess.CompletedProcess:
+    def _request(self, req: dict) -> dict:
         proc = self._start()
-        proc.stdin.write(json.dumps({"argv": argv, "cwd": cwd, "timeout": timeout}) + "\n")
+        proc.stdin.write(json.dumps(req) + "\n")
         proc.stdin.flush()
         for line in proc.stdout:
             if line.startswith(MARK):
-                r = json.loads(line[len(MARK) :])
-                return subprocess.CompletedProcess(
-                    argv, r["returncode"], r["stdout"], r["stderr"]
-                )
-        raise RuntimeError(f"the warm binary server died (exit {proc.wait()}) on {argv}")
+                return json.loads(line[len(MARK) :])
+        raise RuntimeError(f"the warm binary server died (exit {proc.wait()}) on {req}")
+
+    @staticmethod
+    def _args(argv, env) -> dict:
+        argv = [str(a) for a in argv]
+        if argv[0] == sys.executable:
+            argv = argv[1:]
+        env = env or {}
+        return {"argv": argv, "env": {k: env.get(k) for k in RUNTIME_ENV}}
+
+    def run(
+        self, argv: list, cwd: str | None = None, timeout: float = 600, env: dict | None = None
+    ) -> subprocess.CompletedProcess:
+        """Run to the end (killed after `timeout` s: returncode -9), capturing stdout/stderr."""
+        with tempfile.TemporaryDirectory() as tmp:
+            out, err = os.path.join(tmp, "out"), os.path.join(tmp, "err")
+            p = self.popen(argv, out, err, cwd, env)
+            rc = p.wait(timeout=timeout, _raise=False)
+            if rc is None:
+                p.kill()
+                rc = p.wait()
+            with open(out) as f_out, open(err) as f_err:
+                stdout, stderr = f_out.read(), f_err.read()
+        if rc == -9:
+            stderr += f"\n[warm_binaries] killed (timeout {timeout} s)"
+        return subprocess.CompletedProcess(argv, rc, stdout, stderr)
+
+    def popen(
+        self, argv: list, stdout: str, stderr: str, cwd: str | None = None, env: dict | None = None
+    ) -> WarmProcess:
+        """Start the binary with stdout and stderr going to those files (the same path: both
+        into one file, as `stderr=subprocess.STDOUT`)."""
+        for path in {str(stdout), str(stderr)}:
+            open(path, "w").close()  # readable as soon as this returns, as with Popen
+        req = self._args(argv, env)
+        req.update(op="spawn", cwd=cwd or os.getcwd(), stdout=str(stdout), stderr=str(stderr))
+        return WarmProcess(self, self._request(req)["pid"], req["argv"])
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -87,15 +165,22 @@ def _import_everything() -> None:
     assert not xla_bridge._backends, "importing lm_jax initialized a JAX backend"
 
 
-def _child(req: dict, out_path: str, err_path: str) -> None:
+def _child(req: dict) -> None:
     import runpy
     import traceback
 
     code = 1
     try:
         os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-        os.dup2(os.open(out_path, os.O_WRONLY | os.O_TRUNC), 1)
-        os.dup2(os.open(err_path, os.O_WRONLY | os.O_TRUNC), 2)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        out = os.open(req["stdout"], flags)
+        os.dup2(out, 1)
+        os.dup2(out if req["stderr"] == req["stdout"] else os.open(req["stderr"], flags), 2)
+        for k, v in req["env"].items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         os.chdir(req["cwd"])
         script = req["argv"][0]
         sys.argv = list(req["argv"])
@@ -122,16 +207,15 @@ def _child(req: dict, out_path: str, err_path: str) -> None:
             os._exit(code)
 
 
-def _wait(pid: int, timeout: float) -> int:
+def _wait(pid: int, timeout: float) -> int | None:
+    """The child's exit code (negative: killed by that signal), or None if still running."""
     end = time.monotonic() + timeout
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:
             return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > end:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            return -9
+        if time.monotonic() >= end:
+            return None
         time.sleep(0.01)
 
 
@@ -141,23 +225,16 @@ def serve() -> None:
     _import_everything()
     for line in sys.stdin:
         req = json.loads(line)
-        with tempfile.TemporaryDirectory() as tmp:
-            out_path, err_path = os.path.join(tmp, "out"), os.path.join(tmp, "err")
-            for p in (out_path, err_path):
-                open(p, "w").close()
+        if req["op"] == "spawn":
             sys.stdout.flush()
             sys.stderr.flush()
             pid = os.fork()
             if pid == 0:
-                _child(req, out_path, err_path)
-            rc = _wait(pid, float(req["timeout"]))
-            with open(out_path) as f:
-                out = f.read()
-            with open(err_path) as f:
-                err = f.read()
-        if rc == -9:
-            err += f"\n[warm_binaries] killed after {req['timeout']} s"
-        reply.write(MARK + json.dumps({"returncode": rc, "stdout": out, "stderr": err}) + "\n")
+                _child(req)
+            out = {"pid": pid}
+        else:
+            out = {"returncode": _wait(req["pid"], float(req["timeout"]))}
+        reply.write(MARK + json.dumps(out) + "\n")
         reply.flush()
 
 
