@@ -86,12 +86,25 @@ def mnist5k(split: str) -> LabeledImages:
     return LabeledImages(images[sl], labels[sl], DIGIT_CLASSES, "mnist5k")
 
 
-def digits(split: str) -> LabeledImages:
+def _sklearn_digits() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (float [1797, 8, 8] in 0..16, int labels), read from the CSV
+    it ships (datasets/data/digits.csv.gz: 64 pixels then the label per row) without importing
+    sklearn (about 2 s); `load_digits()` where the file is not there."""
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.submodule_search_locations:
+        path = os.path.join(spec.submodule_search_locations[0], "datasets", "data", "digits.csv.gz")
+        if os.path.isfile(path):
+            arr = np.loadtxt(path, delimiter=",")
+            return arr[:, :-1].reshape(-1, 8, 8), arr[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits
 
     d = load_digits()
-    images = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8]
-    labels = d.target.astype(np.int64)
+    return d.images, d.target.astype(np.int64)
+
+
+def digits(split: str) -> LabeledImages:
+    raw, labels = _sklearn_digits()
+    images = np.round(raw * (255.0 / 16.0)).astype(np.uint8)  # [1797, 8, 8]
     test = np.zeros(len(labels), bool)
     for c in range(10):  # every 5th example of each class is test
         test[np.flatnonzero(labels == c)[::5]] = True

@@ -83,3 +83,16 @@ def test_rephrase_recaptions_each_read_in_training_phrasings_only(tmp_path):
         assert tok.decode(toks[: mask.sum() - 1]) == want
     with pytest.raises(scenes.SceneError, match="class_only_fraction"):
         scenes.scene_batches(b, "train", 4, tok, 40, class_only_fraction=0.5)
+
+
+def test_digits_read_without_sklearn_equal_load_digits():
+    from sklearn.datasets import load_digits
+
+    from lm_jax.data.images import _sklearn_digits
+
+    raw, labels = _sklearn_digits()
+    ref = load_digits()
+    np.testing.assert_array_equal(raw, ref.images)
+    np.testing.assert_array_equal(labels, ref.target)
+    train, test = load_images("digits", "train"), load_images("digits", "test")
+    assert len(train.labels) + len(test.labels) == 1797 and train.images.dtype == np.uint8
