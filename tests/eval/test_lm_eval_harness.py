@@ -12,6 +12,7 @@ import os
 
 import numpy as np
 import pytest
+from hf_gguf import gguf_parsed_once
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -51,11 +52,12 @@ def test_lm_jax_backend_equals_lm_eval_hf_backend(tmp_path, backend):
     (task,) = bigbench.write_lm_eval_tasks(BIGBENCH, ["hhh_alignment"], str(tmp_path), LIMIT)
     gguf = smollm2_gguf_path()
     ours, ll_a, g_a = _run(backend, None, [task], str(tmp_path))
-    ref, ll_b, g_b = _run(
-        "hf",
-        f"pretrained={os.path.dirname(gguf)},gguf_file={os.path.basename(gguf)},dtype=float32",
-        [task], str(tmp_path),
-    )  # fmt: skip
+    with gguf_parsed_once():  # lm-eval's hf backend loads through transformers' GGUF loader
+        ref, ll_b, g_b = _run(
+            "hf",
+            f"pretrained={os.path.dirname(gguf)},gguf_file={os.path.basename(gguf)},dtype=float32",
+            [task], str(tmp_path),
+        )  # fmt: skip
     a, b = np.concatenate(ll_a), np.concatenate(ll_b)
     assert len(a) == len(b) > LIMIT
     print(f"max |loglik lm_jax - hf| {np.max(np.abs(a - b)):.2e} over {len(a)} requests")
