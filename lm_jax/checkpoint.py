@@ -33,6 +33,7 @@ from lm_jax.resume_config import (  # noqa: F401 - re-exported
     config_changes,
 )
 from lm_jax.sharding import make_mesh, params_shardings
+from lm_jax.tree_parts import graft, prune, state_parts
 
 ITEMS = ("params", "train", "data", "meta", "manifest")
 TMP_MARK = ".orbax-checkpoint-tmp"
@@ -198,46 +199,6 @@ class Checkpointer:
                 "config the checkpoint was saved with, or start a new --train.workdir."
             ) from errors[-1][1]
         return None
-
-
-def state_parts(state) -> tuple[Any, dict]:
-    """(params, {field: value}) of a state dataclass; None fields are left out."""
-    fields = {f.name: getattr(state, f.name) for f in dataclasses.fields(state)}
-    params = fields.pop("params")
-    return params, {k: v for k, v in fields.items() if v is not None}
-
-
-def prune(tree, mask):
-    """The nested dict `tree` cut to the leaves where `mask` (same structure) is True;
-    subtrees left empty are dropped. `mask=None` keeps everything."""
-    if mask is None:
-        return tree
-    out = _prune(tree, mask)
-    return {} if out is _CUT else out
-
-
-_CUT = object()
-
-
-def _prune(tree, mask):
-    if isinstance(tree, dict):
-        out = {}
-        for k, v in tree.items():
-            kept = _prune(v, mask[k])
-            if kept is not _CUT:
-                out[k] = kept
-        return out or _CUT
-    return tree if bool(mask) else _CUT
-
-
-def graft(base, part):
-    """`base` with the leaves of the (pruned) nested dict `part` put in place."""
-    if not isinstance(part, dict):
-        return part
-    out = dict(base)
-    for k, v in part.items():
-        out[k] = graft(base[k], v)
-    return out
 
 
 def check_writable(directory: str) -> None:

@@ -1,4 +1,4 @@
-"""Autoregressive sampling with a KV cache, and scoring of given continuations.
+"""Autoregressive sampling with a KV cache (scoring given sequences: `sequence_scoring.py`).
 
 `generate` runs ONE jitted program per static setting (config, shapes, top_k, greedy, ...):
 prefill the preallocated KV cache with the right-padded prompts at positions 0..T-1, sample the
@@ -34,8 +34,8 @@ from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.transformer import Transformer, init_cache
 from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TextInputError
 from lm_jax.nn.vision import check_images
+from lm_jax.prompts import check_ids, prepare_prompts
 from lm_jax.sampling import SampleOutput, _check_sampling, _sample, sample_logits, sampling_logprobs
-from lm_jax.scoring import jitted_score
 from lm_jax.sharding import constrain
 from lm_jax.utils import round_up as _round_up
 
@@ -58,71 +58,6 @@ class GenerateOutput(NamedTuple):
         """[B, N] bool: True at generated tokens (t < lengths)."""
         n = self.tokens.shape[1]
         return jnp.arange(n)[None, :] < self.lengths[:, None]
-
-
-# --------------------------------------------------------------------------- input handling
-
-
-def _check_ids(arr: np.ndarray, vocab: int, what: str) -> None:
-    if arr.size == 0:
-        return
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(
-            f"{what} must be token ids in [0, {vocab}) (the model's vocab_size), got min {lo}, "
-            f"max {hi}: check the tokenizer matches the model and that padding is passed via "
-            "prompt_lengths rather than as out-of-range ids."
-        )
-
-
-def prepare_prompts(
-    prompt_tokens, prompt_lengths=None, vocab_size: int | None = None, pad_id: int = 0
-) -> tuple[np.ndarray, np.ndarray]:
-    """Ragged lists, or an int array [B, T] (+ prompt_lengths) -> (tokens [B, T], lengths [B]).
-
-    Slots past each row's length are set to pad_id; valid ids are checked against vocab_size.
-    """
-    if isinstance(prompt_tokens, (list, tuple)) and (
-        len(prompt_tokens) == 0 or not np.isscalar(prompt_tokens[0])
-    ):
-        if prompt_lengths is not None:
-            raise ValueError("prompt_lengths is only for an int array [B, T]; lists are ragged.")
-        rows = [np.asarray(r, dtype=np.int64).reshape(-1) for r in prompt_tokens]
-        lengths = np.array([len(r) for r in rows], np.int64)
-        T = int(lengths.max()) if len(rows) else 0
-        tokens = np.full((len(rows), T), pad_id, np.int64)
-        for i, r in enumerate(rows):
-            tokens[i, : len(r)] = r
-    else:
-        tokens = np.asarray(prompt_tokens)
-        if tokens.ndim == 1:
-            tokens = tokens[None]
-        if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer):
-            raise ValueError(
-                f"prompt_tokens must be a list of token-id lists or an int array [B, T], got "
-                f"dtype {tokens.dtype} and shape {tokens.shape}."
-            )
-        B, T = tokens.shape
-        if prompt_lengths is None:
-            lengths = np.full((B,), T, np.int64)
-        else:
-            lengths = np.asarray(prompt_lengths, np.int64).reshape(-1)
-            if lengths.shape != (B,) or lengths.min(initial=0) < 0 or lengths.max(initial=0) > T:
-                raise ValueError(
-                    f"prompt_lengths must be [B={B}] ints in [1, T={T}], got {lengths.tolist()}."
-                )
-        tokens = np.where(np.arange(T)[None] < lengths[:, None], tokens, pad_id)
-    if tokens.shape[0] == 0:
-        raise ValueError("no prompts given: pass at least one prompt.")
-    if lengths.min() < 1:
-        empty = np.flatnonzero(lengths < 1).tolist()
-        raise ValueError(
-            f"prompts {empty} are empty: every prompt needs at least one token (e.g. BOS)."
-        )
-    if vocab_size is not None:
-        valid = np.arange(tokens.shape[1])[None] < lengths[:, None]
-        _check_ids(tokens[valid], vocab_size, "prompt tokens")
-    return tokens.astype(np.int32), lengths.astype(np.int32)
 
 
 def _limit(config: ModelConfig, max_len: int | None) -> int:
@@ -192,9 +127,9 @@ def plan_generation(
     _check_sampling(temperature, top_k, top_p)
     if int(max_new_tokens) < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}.")
-    _check_ids(np.asarray([pad_id]), V, "pad_id")
+    check_ids(np.asarray([pad_id]), V, "pad_id")
     stop = np.asarray(list(stop_tokens), np.int32).reshape(-1)
-    _check_ids(stop, V, "stop_tokens")
+    check_ids(stop, V, "stop_tokens")
     # -1 never matches: a few stop-list sizes share one compiled program.
     stop = np.pad(stop, (0, _round_up(max(len(stop), 1), 8) - len(stop)), constant_values=-1)
     tokens, lengths = prepare_prompts(prompt_tokens, prompt_lengths, V, pad_id)
@@ -374,95 +309,13 @@ def generate(
 # --------------------------------------------------------------------------- scoring
 
 
-def sequence_logprobs(
-    config: ModelConfig,
-    params,
-    tokens,
-    lengths=None,
-    mask=None,
-    prompt_lengths=None,
-    chunk: int = 0,
-) -> jax.Array:
-    """Per-token log-probs [B, T] of given sequences in one forward pass (temperature 1), by
-    `lm_jax.scoring` (`chunk` > 0: the head `chunk` positions at a time).
-
-    out[b, t] = log p(tokens[b, t] | tokens[b, :t]) where t >= 1, t < lengths[b] (default T),
-    t >= prompt_lengths[b] (default 1) and mask[b, t] (default all); 0 elsewhere. Summing a row
-    gives log p(continuation | prompt). Tokens past `lengths` are ignored (any value).
-    """
-    tokens = np.asarray(tokens)
-    if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}.")
-    B, T = tokens.shape
-    if T > config.max_len:
-        raise ValueError(
-            f"sequence of {T} tokens is longer than the maximum length {config.max_len}."
-        )
-    t = np.arange(T)[None]
-    lengths = np.full((B,), T) if lengths is None else np.asarray(lengths).reshape(B)
-    ctx = t < lengths[:, None]
-    _check_ids(tokens[ctx], config.vocab_size, "tokens")
-    start = np.ones((B,)) if prompt_lengths is None else np.asarray(prompt_lengths).reshape(B)
-    scored = ctx & (t >= np.maximum(start, 1)[:, None])
-    if mask is not None:
-        scored &= np.asarray(mask).astype(bool)
-    tokens = np.where(ctx, tokens, 0).astype(np.int32)
-    if T < 2:
-        return jnp.zeros((B, T), jnp.float32)
-    batch = {
-        "inputs": jnp.asarray(tokens[:, :-1]),
-        "targets": jnp.asarray(tokens[:, 1:]),
-        "loss_mask": jnp.asarray(scored[:, 1:], jnp.float32),
-    }
-    tok = jitted_score(config, chunk)(params, batch).token_logprobs  # [B, T - 1]
-    return jnp.concatenate([jnp.zeros((B, 1), tok.dtype), tok], axis=1)
-
-
-def continuation_logprobs(
-    config: ModelConfig,
-    params,
-    prompt_tokens,
-    continuations,
-    lengths=None,
-    prompt_lengths=None,
-) -> jax.Array:
-    """log p(continuation token | prompt, earlier continuation) [B, N], laid out as
-    `GenerateOutput.tokens` (0 at j >= lengths[b]); e.g. log a(x) of policy samples under a
-    base model. prompt_tokens as in `generate`; continuations [B, N] with `lengths` [B], or
-    ragged lists."""
-    ptoks, plens = prepare_prompts(prompt_tokens, prompt_lengths, config.vocab_size)
-    if isinstance(continuations, (list, tuple)) and lengths is None:  # ragged lists
-        rows = [np.asarray(r, np.int64).reshape(-1) for r in continuations]
-        lengths = [len(r) for r in rows]
-        cont = np.zeros((len(rows), max(lengths, default=0)), np.int64)
-        for b, r in enumerate(rows):
-            cont[b, : len(r)] = r
-    else:
-        cont = np.asarray(continuations)
-    B, N = cont.shape
-    if B != ptoks.shape[0]:
-        raise ValueError(f"{ptoks.shape[0]} prompts but {B} continuations.")
-    clens = np.full((B,), N) if lengths is None else np.asarray(lengths).reshape(B)
-    total = plens + clens
-    seq = np.zeros((B, int(total.max())), np.int64)
-    for b in range(B):
-        seq[b, : plens[b]] = ptoks[b, : plens[b]]
-        seq[b, plens[b] : total[b]] = cont[b, : clens[b]]
-    out = sequence_logprobs(config, params, seq, total, prompt_lengths=plens)
-    idx = np.minimum(plens[:, None] + np.arange(N)[None], seq.shape[1] - 1)
-    got = jnp.take_along_axis(out, jnp.asarray(idx), axis=1)
-    return jnp.where(jnp.asarray(np.arange(N)[None] < clens[:, None]), got, 0.0)
-
-
 __all__ = [
     "GenerateOutput",
     "SampleOutput",
-    "continuation_logprobs",
     "generate",
     "prepare_prompts",
     "sample_logits",
     "sampling_logprobs",
-    "sequence_logprobs",
 ]
 
 

@@ -2,8 +2,9 @@
 
 Every forward-and-score in lm_jax goes through here: perplexity / bits per byte
 (`lm_jax.eval.perplexity`), option and label scoring (`lm_jax.eval.classification`,
-`lm_jax.train.finetune.label_logliks` / `completion_loss`), `lm_jax.generate.sequence_logprobs`
-and the alignment policies' log pi(x) (`lm_jax.align.policies.sequence_logprob`).
+`lm_jax.train.finetune.label_logliks` / `completion_loss`),
+`lm_jax.sequence_scoring.sequence_logprobs` and the alignment policies' log pi(x)
+(`lm_jax.align.policies.sequence_logprob`).
 
 A batch is {inputs [B, T], targets [B, T], loss_mask [B, T], positions?, segment_ids?}: position
 t predicts targets[b, t] from inputs[b, :t + 1]. `score` returns `Scores`:

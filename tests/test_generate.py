@@ -9,14 +9,9 @@ import pytest
 from scipy import stats
 
 from lm_jax.configs import MoEConfig, gpt2_style, llama_style
-from lm_jax.generate import (
-    continuation_logprobs,
-    generate,
-    sample_logits,
-    sampling_logprobs,
-    sequence_logprobs,
-)
+from lm_jax.generate import generate, sample_logits, sampling_logprobs
 from lm_jax.nn import Transformer
+from lm_jax.sequence_scoring import continuation_logprobs, sequence_logprobs
 from lm_jax.sharding import make_mesh, params_shardings
 
 CONFIGS = {

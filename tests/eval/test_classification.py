@@ -21,8 +21,8 @@ from lm_jax.eval.classification import (
 )
 from lm_jax.eval.perplexity import EvalError
 from lm_jax.eval.tasks import REPO, get_task, load_sst2, run_task, sst2_prompt
-from lm_jax.generate import continuation_logprobs
 from lm_jax.nn.transformer import Transformer
+from lm_jax.sequence_scoring import continuation_logprobs
 
 
 @pytest.fixture(scope="module")

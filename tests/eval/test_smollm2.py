@@ -60,7 +60,7 @@ def test_perplexity_matches_hf_transformers(smol, shakespeare_ids):
 
 
 def test_option_loglikelihood_equals_sequence_scoring(smol):
-    from lm_jax.generate import continuation_logprobs
+    from lm_jax.sequence_scoring import continuation_logprobs
 
     cfg, params, tok = smol
     prompts = [

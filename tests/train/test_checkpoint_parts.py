@@ -5,7 +5,7 @@ state dataclass into params and the other (non-None) fields."""
 import flax.struct
 import numpy as np
 
-from lm_jax.checkpoint import graft, prune, state_parts
+from lm_jax.tree_parts import graft, prune, state_parts
 
 TREE = {"a": {"kernel": np.ones(2), "lora_a": np.zeros(1)}, "b": {"kernel": np.ones(3)}}
 MASK = {"a": {"kernel": False, "lora_a": True}, "b": {"kernel": False}}
