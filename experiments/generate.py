@@ -35,6 +35,10 @@ flags.DEFINE_enum(
 flags.DEFINE_integer("lookahead", 4, "Speculative decoding: tokens proposed per target forward.")
 flags.DEFINE_integer("draft_layers", 0, "--speculative=layers: blocks in the draft (0 = a third).")
 flags.DEFINE_integer("max_ngram", 3, "--speculative=ngram: longest suffix matched.")
+flags.DEFINE_integer(
+    "num_beams", 1, "> 1: beam search with this many beams (HF's; temperature/top-k/top-p unused)."
+)
+flags.DEFINE_float("length_penalty", 1.0, "Beam search: score = log p / length ** this.")
 FLAGS = flags.FLAGS
 
 
@@ -59,6 +63,10 @@ def check_flags():
         raise ConfigError(f"--{e}") from None
     if FLAGS.max_new_tokens < 1:
         raise ConfigError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
+    if FLAGS.num_beams < 1:
+        raise ConfigError(f"--num_beams must be >= 1, got {FLAGS.num_beams}")
+    if FLAGS.num_beams > 1 and FLAGS.speculative != "none":
+        raise ConfigError("--num_beams > 1 and --speculative: choose one (beam search or sampling)")
     if FLAGS.speculative != "none":
         from lm_jax.speculative import SpeculativeConfig
 
@@ -67,6 +75,26 @@ def check_flags():
             SpeculativeConfig(FLAGS.lookahead, method, FLAGS.max_ngram).check()
         except ValueError as e:
             raise ConfigError(f"--{e}") from None
+
+
+def decode(cfg, params, ids, stop, pad_id):
+    """-> (new token ids, summary line): beam search, generate or speculative_generate."""
+    import numpy as np
+
+    if FLAGS.num_beams > 1:
+        from lm_jax.beam_search import beam_search
+
+        out = beam_search(
+            cfg, params, [ids], FLAGS.max_new_tokens, FLAGS.num_beams, FLAGS.length_penalty,
+            stop_tokens=stop, pad_id=pad_id,
+        )  # fmt: skip
+        n = int(out.lengths[0])
+        line = f"{n} tokens; {FLAGS.num_beams} beams, score {float(out.scores[0]):.3f}"
+        return np.asarray(out.tokens[0, :n]), line
+    out, stats = sample(cfg, params, ids, stop, pad_id)
+    n = int(out.lengths[0])
+    logp = float(np.asarray(out.logprobs[0, :n]).sum())
+    return np.asarray(out.tokens[0, :n]), f"{n} tokens; log p = {logp:.2f}{stats}"
 
 
 def sample(cfg, params, ids, stop, pad_id):
@@ -101,8 +129,6 @@ def sample(cfg, params, ids, stop, pad_id):
 
 
 def main(argv):
-    import numpy as np
-
     check_flags()
     cfg, params, tok = load()
     text = FLAGS.prompt
@@ -117,13 +143,10 @@ def main(argv):
         ids = tok.encode(text)
     stop = () if tok.eos_id is None else (tok.eos_id,)
     t = time.perf_counter()
-    out, stats = sample(cfg, params, ids, stop, tok.pad_id)
-    n = int(out.lengths[0])
+    tokens, line = decode(cfg, params, ids, stop, tok.pad_id)
     secs = time.perf_counter() - t
-    new = [int(x) for x in np.asarray(out.tokens[0, :n]) if int(x) not in stop]
-    print(text + tok.decode(new))
-    logp = float(np.asarray(out.logprobs[0, :n]).sum())
-    print(f"\n[{n} tokens in {secs:.2f}s incl. compile; log p = {logp:.2f}{stats}]")
+    print(text + tok.decode([int(x) for x in tokens if int(x) not in stop]))
+    print(f"\n[{line}; {secs:.2f}s incl. compile]")
 
 
 if __name__ == "__main__":

@@ -437,6 +437,10 @@ GENERATE = {
     "bad_lookahead": (
         ["--checkpoint={empty}", "--speculative=ngram", "--lookahead=0"], r"--lookahead must be"
     ),
+    "bad_num_beams": (["--checkpoint={empty}", "--num_beams=0"], r"--num_beams must be >= 1"),
+    "beams_and_speculative": (
+        ["--checkpoint={empty}", "--num_beams=2", "--speculative=ngram"], r"choose one"
+    ),
 }
 
 
