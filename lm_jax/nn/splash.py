@@ -15,8 +15,6 @@ with a KV cache always takes the XLA path.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -54,7 +52,6 @@ def _block(T: int) -> int:
     )
 
 
-@functools.lru_cache(maxsize=16)
 def _kernel(T: int, N: int, window: int | None, softcap: float | None, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import (
         splash_attention_kernel as sk,
@@ -74,8 +71,9 @@ def _kernel(T: int, N: int, window: int | None, softcap: float | None, interpret
         block_q_dq=b, block_kv_dq=b,
     )  # fmt: skip
     multi = sm.MultiHeadMask([mask] * N)
-    # cached across traces: its mask tables must be concrete arrays, also when first built
-    # inside a traced branch (lax.cond over local / global layers)
+    # Built per call, not cached: the kernel object keeps arrays made in the trace that first
+    # calls it, so a kernel reused by another trace (eager apply, then jit) leaks tracers. Its
+    # mask tables are concrete arrays, also inside a traced branch (lax.cond over layer kinds).
     with jax.ensure_compile_time_eval():
         kern = sk.make_splash_mha(
             multi,

@@ -96,6 +96,21 @@ def test_splash_mixed_layers_soft_cap_and_scale_agree_with_xla():
     assert float(jnp.max(jnp.abs(alike - ref))) > 1e-3  # the global layer is not windowed
 
 
+def test_splash_eager_then_under_jit():
+    """The splash kernel is not shared between traces (a reused one leaked the first trace's
+    arrays into the next: UnexpectedTracerError under jit after an eager call)."""
+    cfg = llama_style(vocab_size=64, d_model=64, num_layers=2, num_heads=4, num_kv_heads=2)
+    cfg = cfg.replace(max_len=T)
+    tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (1, T)), jnp.int32)
+    params = nn.unbox(Transformer(cfg).init(jax.random.key(0), tokens)["params"])
+    ref = Transformer(cfg).apply({"params": params}, tokens)
+    sp = cfg.replace(attention_impl="splash")
+    eager = Transformer(sp).apply({"params": params}, tokens)
+    jitted = jax.jit(lambda p, x: Transformer(sp).apply({"params": p}, x))(params, tokens)
+    np.testing.assert_allclose(eager, ref, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(jitted, ref, atol=1e-5, rtol=0)
+
+
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN attention needs an NVIDIA GPU")
 def test_cudnn_matches_xla_bf16():
     q, k, v = [x.astype(jnp.bfloat16) for x in _qkv()]
