@@ -57,7 +57,6 @@ class _Beams(NamedTuple):
     fin_scores: jax.Array  # [B, nb] length-penalised (NEG: empty slot)
     fin_lengths: jax.Array  # [B, nb]
     fin_flags: jax.Array  # [B, nb] the slot holds a finished hypothesis
-    fin_stopped: jax.Array  # [B, nb] ... that ended in a stop token
     open: jax.Array  # [B] improvement still possible (HF's early-stop heuristic unmet)
     all_hit: jax.Array  # every kept candidate of the last step hit (max length)
 
@@ -92,7 +91,7 @@ def _beam_fn(config: ModelConfig, cache_len: int, max_new: int, num_beams: int,
             fin_tokens=jnp.full((B, nb, N), pad_id, jnp.int32),
             fin_scores=jnp.full((B, nb), NEG, jnp.float32),
             fin_lengths=jnp.zeros((B, nb), jnp.int32), fin_flags=jnp.zeros((B, nb), bool),
-            fin_stopped=jnp.zeros((B, nb), bool), open=jnp.ones((B,), bool),
+            open=jnp.ones((B,), bool),
             all_hit=jnp.bool_(False),
         )  # fmt: skip
 
@@ -125,7 +124,6 @@ def _beam_fn(config: ModelConfig, cache_len: int, max_new: int, num_beams: int,
             fin_tokens = cat(s.fin_tokens, seqs)
             fin_lengths = cat(s.fin_lengths, jnp.broadcast_to(s.i + 1, (B, keep)))
             fin_flags = cat(s.fin_flags, just)
-            fin_stopped = cat(s.fin_stopped, just & stopped)
             # HF's early-stop heuristic, at the new generated length
             if early_stopping == "never" and length_penalty > 0.0:
                 hypothetical = jnp.float32(N)
@@ -144,7 +142,7 @@ def _beam_fn(config: ModelConfig, cache_len: int, max_new: int, num_beams: int,
                 i=s.i + 1, logits=lg[:, 0].astype(jnp.float32), cache=cache,
                 run_tokens=run_tokens, run_scores=run_scores, fin_tokens=fin_tokens,
                 fin_scores=fin_scores, fin_lengths=fin_lengths, fin_flags=fin_flags,
-                fin_stopped=fin_stopped, open=s.open & still, all_hit=jnp.all(hit),
+                open=s.open & still, all_hit=jnp.all(hit),
             )  # fmt: skip
 
         def cond(s: _Beams):
@@ -155,7 +153,9 @@ def _beam_fn(config: ModelConfig, cache_len: int, max_new: int, num_beams: int,
         s = jax.lax.while_loop(cond, step, s0)
         n = s.fin_lengths[:, 0]
         toks = jnp.where(jnp.arange(N)[None] < n[:, None], s.fin_tokens[:, 0], pad_id)
-        return BeamOutput(toks, n, s.fin_scores[:, 0], s.fin_stopped[:, 0])
+        last = jnp.take_along_axis(toks, jnp.maximum(n - 1, 0)[:, None], axis=1)[:, 0]
+        finished = jnp.any(last[:, None] == stop, axis=-1)
+        return BeamOutput(toks, n, s.fin_scores[:, 0], finished)
 
     return jax.jit(run)
 

@@ -6,16 +6,21 @@ from __future__ import annotations
 
 import numpy as np
 
+PROMPT_HINT = (
+    "check the tokenizer matches the model and that padding is passed via prompt_lengths rather "
+    "than as out-of-range ids."
+)
 
-def check_ids(arr: np.ndarray, vocab: int, what: str) -> None:
+
+def check_ids(arr: np.ndarray, vocab: int, what: str, hint: str = PROMPT_HINT) -> None:
+    """ValueError naming the range and the fix if any id in `arr` is outside [0, vocab)."""
     if arr.size == 0:
         return
     lo, hi = int(arr.min()), int(arr.max())
     if lo < 0 or hi >= vocab:
         raise ValueError(
-            f"{what} must be token ids in [0, {vocab}) (the model's vocab_size), got min {lo}, "
-            f"max {hi}: check the tokenizer matches the model and that padding is passed via "
-            "prompt_lengths rather than as out-of-range ids."
+            f"{what} must lie in [0, {vocab}) (the model's vocab_size), got min {lo}, max {hi}: "
+            + hint
         )
 
 

@@ -96,3 +96,23 @@ def test_bad_settings_are_clear_errors(model):
         beam_search(cfg, params, PROMPTS, 4, early_stopping="sometimes")
     with pytest.raises(ValueError, match="lower num_beams"):
         beam_search(cfg, params, PROMPTS, 4, num_beams=13)
+
+
+def test_generate_binary_decodes_with_beams_when_asked(model):
+    """experiments/generate.py --num_beams=3 --length_penalty=0.5 prints beam_search's tokens."""
+    import importlib.util
+    import pathlib
+
+    _, cfg, params = model
+    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "generate.py"
+    spec = importlib.util.spec_from_file_location("generate_binary", path)
+    binary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(binary)
+    binary.FLAGS(["generate.py", "--num_beams=3", "--length_penalty=0.5", "--max_new_tokens=9"])
+    ids = PROMPTS[0].tolist()
+    tokens, line = binary.decode(cfg, params, ids, (EOS,), 0)
+    ref = beam_search(cfg, params, [ids], 9, num_beams=3, length_penalty=0.5,
+                      stop_tokens=(EOS,))  # fmt: skip
+    n = int(ref.lengths[0])
+    assert tokens.tolist() == np.asarray(ref.tokens[0, :n]).tolist()
+    assert "3 beams" in line and f"{float(ref.scores[0]):.3f}" in line

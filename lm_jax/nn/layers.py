@@ -11,6 +11,7 @@ import numpy as np
 
 from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.lora import maybe_lora
+from lm_jax.prompts import check_ids
 
 
 def normal_init(std: float):
@@ -67,14 +68,8 @@ def check_token_ids(tokens, vocab_size: int) -> None:
     """Raise if concrete token ids fall outside [0, vocab_size). No-op on tracers."""
     if isinstance(tokens, jax.core.Tracer):
         return
-    arr = np.asarray(tokens)
-    lo, hi = int(arr.min()), int(arr.max())
-    if lo < 0 or hi >= vocab_size:
-        raise ValueError(
-            f"token ids must lie in [0, {vocab_size}) (the model's vocab_size), got min {lo}, "
-            f"max {hi}: check the tokenizer matches the model, and that pad ids (e.g. -1) are "
-            "replaced before the model sees them."
-        )
+    hint = "check the tokenizer matches the model, and that pad ids (e.g. -1) are replaced "
+    check_ids(np.asarray(tokens), vocab_size, "token ids", hint + "before the model sees them.")
 
 
 class Embed(nn.Module):

@@ -491,3 +491,7 @@ def test_a_warm_child_behaves_as_a_cold_process(name, files, tmp_path):
     args = _fmt([a.replace("{tmp}", str(tmp_path)) for a in COLD[name]], files)
     warm, cold = binary(name, *args), cold_binary(name, *args)
     assert one_error_line(warm, ".") == one_error_line(cold, ".")  # both exit 2
+
+
+def test_verify_unknown_check():
+    one_error_line(binary("verify", "--checks=attention,bogus"), r"unknown \['bogus'\]; choose")
