@@ -54,3 +54,41 @@ def _release_compiled_executables():
     if log:
         with open(log, "a") as f:
             f.write(f"{before} -> {_memory_map_count()}\n")
+
+
+@pytest.fixture
+def load_binary():
+    """load_binary("experiments/x.py", argv) -> the binary's module, its absl flags parsed.
+
+    Binaries define their flags on absl's global FLAGS at import, so two binaries (or a benchmark
+    imported by another test in the same worker) that both define, say, --out collide. Flags that
+    are not absl's own are set aside while the binary is imported and put back afterwards.
+    """
+    import importlib.util
+
+    from absl import flags
+
+    fv = flags.FLAGS
+    saved = {name: flag for name, flag in fv._flags().items()
+             if fv.find_module_defining_flag(name, "").split(".")[0] != "absl"}  # fmt: skip
+    for name in saved:
+        if name in fv:
+            delattr(fv, name)
+    loaded = []
+
+    def load(rel_path: str, argv: list[str]):
+        path = REPO / rel_path
+        spec = importlib.util.spec_from_file_location(f"binary_{path.stem}", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        loaded.append(module)
+        fv([path.name, *argv])
+        return module
+
+    yield load
+    for name in list(fv._flags()):
+        if name not in saved and fv.find_module_defining_flag(name, "").split(".")[0] != "absl":
+            delattr(fv, name)
+    for name, flag in saved.items():
+        if name not in fv:
+            fv[name] = flag

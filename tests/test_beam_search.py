@@ -98,17 +98,11 @@ def test_bad_settings_are_clear_errors(model):
         beam_search(cfg, params, PROMPTS, 4, num_beams=13)
 
 
-def test_generate_binary_decodes_with_beams_when_asked(model):
+def test_generate_binary_decodes_with_beams_when_asked(model, load_binary):
     """experiments/generate.py --num_beams=3 --length_penalty=0.5 prints beam_search's tokens."""
-    import importlib.util
-    import pathlib
-
     _, cfg, params = model
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "generate.py"
-    spec = importlib.util.spec_from_file_location("generate_binary", path)
-    binary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(binary)
-    binary.FLAGS(["generate.py", "--num_beams=3", "--length_penalty=0.5", "--max_new_tokens=9"])
+    argv = ["--num_beams=3", "--length_penalty=0.5", "--max_new_tokens=9"]
+    binary = load_binary("experiments/generate.py", argv)
     ids = PROMPTS[0].tolist()
     tokens, line = binary.decode(cfg, params, ids, (EOS,), 0)
     ref = beam_search(cfg, params, [ids], 9, num_beams=3, length_penalty=0.5,

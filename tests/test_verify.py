@@ -18,18 +18,11 @@ def test_every_check_passes_on_8_cpu_devices():
     assert "8 x cpu" in text and text.count("| ok |") == len(checks)
 
 
-def test_a_disagreement_is_a_failure_and_exits_1(monkeypatch, capsys):
-    import importlib.util
-    import pathlib
-
+def test_a_disagreement_is_a_failure_and_exits_1(monkeypatch, capsys, load_binary):
     bad = verify.Check("moe", "broken on purpose", diff=1e-3, tol=1e-5)
     assert not bad.ok and bad.status == "FAIL"
     monkeypatch.setattr(verify, "CHECKS", {"moe": lambda: [bad]})
-    path = pathlib.Path(__file__).resolve().parents[1] / "experiments" / "verify.py"
-    spec = importlib.util.spec_from_file_location("verify_binary", path)
-    binary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(binary)
-    binary.FLAGS(["verify.py"])
+    binary = load_binary("experiments/verify.py", [])
     with pytest.raises(SystemExit) as e:
         binary.main([])
     assert e.value.code == 1
