@@ -6,6 +6,26 @@ os.environ.setdefault("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent XLA compilation cache for the whole suite, its worker processes, the binaries they
+# start and the notebook kernels: the same tiny programs are compiled again and again (a resume test
+# runs one binary three times, and the module fixture below clears the in-memory caches), and a
+# cached tiny pretraining run takes half the time of a cold one. Executables are keyed by their HLO,
+# flags and jax version, so a stale entry is never used. LM_JAX_TEST_XLA_CACHE=0 turns it off.
+if os.environ.get("LM_JAX_TEST_XLA_CACHE", "1") != "0":
+    import tempfile
+
+    cache = os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(tempfile.gettempdir(), "lm_jax_test_xla_cache")
+    )
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    # No size limit inside a run (jax's LRU eviction takes a file lock on every read); the
+    # controller empties the cache at start-up once it has grown past 4 GiB.
+    if "PYTEST_XDIST_WORKER" not in os.environ and os.path.isdir(cache):
+        if sum(e.stat().st_size for e in os.scandir(cache) if e.is_file()) > 4 << 30:
+            import shutil
+
+            shutil.rmtree(cache, ignore_errors=True)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

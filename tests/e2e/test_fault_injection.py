@@ -40,7 +40,8 @@ def report(name, **kw):
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache")
+    """The suite's compilation cache (conftest.py), else one for this module."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp_path_factory.mktemp("xla_cache")
 
 
 def fenv(cache_dir, faults=""):

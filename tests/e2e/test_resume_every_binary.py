@@ -27,7 +27,8 @@ PY = sys.executable
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    return tmp_path_factory.mktemp("xla_cache_resume")
+    """The suite's compilation cache (conftest.py), else one for this module."""
+    return os.environ.get("JAX_COMPILATION_CACHE_DIR") or tmp_path_factory.mktemp("xla_resume")
 
 
 def env(cache_dir):
