@@ -39,6 +39,9 @@ flags.DEFINE_integer(
     "num_beams", 1, "> 1: beam search with this many beams (HF's; temperature/top-k/top-p unused)."
 )
 flags.DEFINE_float("length_penalty", 1.0, "Beam search: score = log p / length ** this.")
+flags.DEFINE_integer(
+    "prefill_chunk", 512, "Prompt tokens per prefill window (bounds its memory); 0 = all at once."
+)
 FLAGS = flags.FLAGS
 
 
@@ -65,6 +68,8 @@ def check_flags():
         raise ConfigError(f"--max_new_tokens must be >= 1, got {FLAGS.max_new_tokens}")
     if FLAGS.num_beams < 1:
         raise ConfigError(f"--num_beams must be >= 1, got {FLAGS.num_beams}")
+    if FLAGS.prefill_chunk < 0:
+        raise ConfigError(f"--prefill_chunk must be >= 0 (0 = all), got {FLAGS.prefill_chunk}")
     if FLAGS.num_beams > 1 and FLAGS.speculative != "none":
         raise ConfigError("--num_beams > 1 and --speculative: choose one (beam search or sampling)")
     if FLAGS.speculative != "none":
@@ -86,7 +91,7 @@ def decode(cfg, params, ids, stop, pad_id):
 
         out = beam_search(
             cfg, params, [ids], FLAGS.max_new_tokens, FLAGS.num_beams, FLAGS.length_penalty,
-            stop_tokens=stop, pad_id=pad_id,
+            stop_tokens=stop, pad_id=pad_id, prefill_chunk=FLAGS.prefill_chunk,
         )  # fmt: skip
         n = int(out.lengths[0])
         line = f"{n} tokens; {FLAGS.num_beams} beams, score {float(out.scores[0]):.3f}"
@@ -107,7 +112,7 @@ def sample(cfg, params, ids, stop, pad_id):
 
     kw = dict(
         temperature=FLAGS.temperature, top_k=FLAGS.top_k, top_p=FLAGS.top_p, stop_tokens=stop,
-        pad_id=pad_id,
+        pad_id=pad_id, prefill_chunk=FLAGS.prefill_chunk,
     )  # fmt: skip
     key = jax.random.key(FLAGS.seed)
     if FLAGS.speculative == "none":

@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from lm_jax.configs.base import ModelConfig
 from lm_jax.generate import CACHE_NAMES, plan_generation
 from lm_jax.nn.transformer import Transformer, init_cache
+from lm_jax.prefill import DEFAULT_CHUNK, check_chunk, prefill
 from lm_jax.sharding import constrain
 
 NEG = -1.0e9  # HF's "never chosen" score
@@ -69,18 +70,16 @@ def _gather(x, idx):
 
 @functools.lru_cache(maxsize=16)
 def _beam_fn(config: ModelConfig, cache_len: int, max_new: int, num_beams: int,
-             length_penalty: float, early_stopping):  # fmt: skip
+             length_penalty: float, early_stopping, prefill_chunk: int):  # fmt: skip
     model = Transformer(config)
     nb, N = num_beams, max_new
     keep = 2 * nb  # HF: max(2, 1 + number of eos ids) * num_beams; the stop list is one set here
 
     def run(params, tokens, lengths, stop, pad_id):
-        B, T = tokens.shape
+        B = tokens.shape[0]
         cache = init_cache(config, B, cache_len)
         cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), cache)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        logits, cache = model.apply({"params": params}, tokens, positions, cache=cache)
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        last, cache = prefill(model, params, tokens, cache, lengths - 1, chunk=prefill_chunk)
         rep = lambda x: jnp.repeat(x, nb, axis=0)  # noqa: E731  [B, ...] -> [B * nb, ...]
         cache = jax.tree.map(lambda c: jnp.repeat(c, nb, axis=1), cache)  # [L, B * nb, ...]
         row_lengths = rep(lengths)
@@ -172,9 +171,11 @@ def beam_search(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     max_len: int | None = None,
+    prefill_chunk: int = DEFAULT_CHUNK,
 ) -> BeamOutput:
-    """The best of `num_beams` beams for each prompt (see the module docstring); prompts as in
-    `generate`. num_beams=1 is greedy decoding."""
+    """The best of `num_beams` beams for each prompt (see the module docstring); prompts and
+    `prefill_chunk` as in `generate`. num_beams=1 is greedy decoding."""
+    prefill_chunk = check_chunk(prefill_chunk)
     if int(num_beams) < 1:
         raise ValueError(f"num_beams must be >= 1, got {num_beams}.")
     if early_stopping not in (True, False, "never"):
@@ -191,7 +192,7 @@ def beam_search(
         pad_id, max_len,
     )  # fmt: skip
     fn = _beam_fn(config, plan.cache_len, plan.max_new, int(num_beams), float(length_penalty),
-                  early_stopping)  # fmt: skip
+                  early_stopping, prefill_chunk)  # fmt: skip
     return fn(
         params,
         jnp.asarray(plan.tokens),

@@ -34,6 +34,7 @@ from lm_jax.configs.base import ModelConfig
 from lm_jax.nn.transformer import Transformer, init_cache
 from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TextInputError
 from lm_jax.nn.vision import check_images
+from lm_jax.prefill import DEFAULT_CHUNK, check_chunk, prefill
 from lm_jax.prompts import check_ids, prepare_prompts
 from lm_jax.sampling import SampleOutput, _check_sampling, _sample, sample_logits, sampling_logprobs
 from lm_jax.sharding import constrain
@@ -192,22 +193,19 @@ def _generate_fn(
     top_k: int,
     greedy: bool,
     use_top_p: bool,
+    prefill_chunk: int = DEFAULT_CHUNK,
 ):
     """The jitted prefill + while_loop decode for one static setting (shapes retrace in jit)."""
     model = Transformer(config)
 
     def run(params, tokens, lengths, key, temperature, top_p, stop, pad_id, prefix):
-        B, T = tokens.shape
+        B = tokens.shape[0]
         P = 0 if prefix is None else prefix.shape[1]  # prefix embeddings before the prompt
         tokens = constrain(tokens, ("batch", "length"))
         cache = init_cache(config, B, cache_len)
         cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), cache)
-        positions = jnp.broadcast_to(jnp.arange(P + T, dtype=jnp.int32), (B, P + T))
-        logits, cache = model.apply(
-            {"params": params}, tokens, positions, cache=cache, prefix_embeds=prefix
-        )
         lengths = lengths + P  # from here on: lengths of [prefix; prompt]
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+        last, cache = prefill(model, params, tokens, cache, lengths - 1, prefix, prefill_chunk)
 
         def sample(lg, i):
             k = jax.random.fold_in(key, i)
@@ -272,6 +270,7 @@ def generate(
     pad_id: int = 0,
     max_len: int | None = None,
     prefix_embeds=None,
+    prefill_chunk: int = DEFAULT_CHUNK,
 ) -> GenerateOutput:
     """Sample up to max_new_tokens continuations of each prompt (see the module docstring).
 
@@ -279,8 +278,10 @@ def generate(
     `prompt_lengths` [B]. `prefix_embeds` [B, P, d_model] (optional) go before every prompt
     (`Transformer(prefix_embeds=)`, e.g. image tokens). `max_len` bounds prefix + prompt + new
     tokens (default config.max_len; RoPE models may pass more). Under `jax.set_mesh(mesh)`
-    with sharded params it runs sharded.
+    with sharded params it runs sharded. The prompt is prefilled in windows of `prefill_chunk`
+    tokens (`lm_jax.prefill`; 0 = all at once).
     """
+    prefill_chunk = check_chunk(prefill_chunk)
     if prefix_embeds is not None:
         prefix_embeds = jnp.asarray(prefix_embeds)
     plan = plan_generation(
@@ -298,7 +299,9 @@ def generate(
     )
     if plan.max_new == 0:
         return plan.empty_output()
-    fn = _generate_fn(config, plan.cache_len, plan.max_new, plan.top_k, plan.greedy, plan.use_top_p)
+    fn = _generate_fn(
+        config, plan.cache_len, plan.max_new, plan.top_k, plan.greedy, plan.use_top_p, prefill_chunk
+    )
     return fn(
         params,
         *plan.inputs(key, temperature, top_p, pad_id),

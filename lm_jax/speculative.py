@@ -35,6 +35,7 @@ import jax.numpy as jnp
 from lm_jax.configs.base import ModelConfig
 from lm_jax.generate import CACHE_NAMES, GenerateOutput, plan_generation
 from lm_jax.nn.transformer import Transformer, init_cache
+from lm_jax.prefill import DEFAULT_CHUNK, check_chunk, prefill
 from lm_jax.sampling import sampling_logprobs
 from lm_jax.sharding import constrain
 
@@ -186,6 +187,7 @@ def _speculative_fn(
     top_k: int,
     greedy: bool,
     use_top_p: bool,
+    prefill_chunk: int = DEFAULT_CHUNK,
 ):
     model = Transformer(config)
     dmodel = None if draft_config is None else Transformer(draft_config)
@@ -197,15 +199,13 @@ def _speculative_fn(
         S = cache_len
         dist = lambda lg: _dists(lg, temperature, top_k, top_p, greedy, use_top_p)
         tokens = constrain(tokens, ("batch", "length"))
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
 
-        def prefill(m, p, cfg):
+        def fill(m, p, cfg):
             c = jax.tree.map(lambda x: constrain(x, CACHE_NAMES), init_cache(cfg, B, S))
-            return m.apply({"params": p}, tokens, positions, cache=c)
+            return prefill(m, p, tokens, c, lengths - 1, chunk=prefill_chunk)
 
-        logits, cache = prefill(model, params, config)
-        dcache = None if dmodel is None else prefill(dmodel, dparams, draft_config)[1]
-        last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+        last, cache = fill(model, params, config)
+        dcache = None if dmodel is None else fill(dmodel, dparams, draft_config)[1]
         p0 = dist(last)
         k0 = jax.random.fold_in(key, 0)
         first = (jnp.argmax(p0, -1) if greedy else jax.random.categorical(k0, p0)).astype(jnp.int32)
@@ -361,11 +361,13 @@ def speculative_generate(
     stop_tokens: Sequence[int] = (),
     pad_id: int = 0,
     max_len: int | None = None,
+    prefill_chunk: int = DEFAULT_CHUNK,
 ) -> SpeculativeOutput:
     """`generate` with speculation (module docstring): same arguments and output, plus the
     draft's proposal and acceptance counts. spec.method "draft" needs `draft_config` and
     `draft_params` (same vocabulary; e.g. `layer_draft`); "ngram" needs neither."""
     spec.check()
+    prefill_chunk = check_chunk(prefill_chunk)
     if spec.method == "draft":
         if draft_config is None or draft_params is None:
             raise ValueError(
@@ -410,5 +412,6 @@ def speculative_generate(
         plan.top_k,
         plan.greedy,
         plan.use_top_p,
+        prefill_chunk,
     )
     return fn(params, draft_params, *plan.inputs(key, temperature, top_p, pad_id))

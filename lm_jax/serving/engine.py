@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax import prefill as prefill_lib
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.generate import CACHE_NAMES, PROMPT_BUCKET, prepare_prompts
 from lm_jax.nn.attention import LayerCache
@@ -51,11 +52,17 @@ class EngineConfig:
     decode_steps: int = 4  # tokens per decode dispatch (fewer host round trips; a finished
     # request wastes at most decode_steps - 1 of them)
     top_logprobs: int = 5  # alternatives per token a request may ask for (computed per step)
+    prefill_chunk: int = prefill_lib.DEFAULT_CHUNK  # prompt tokens per prefill window (0 = all)
 
     def check(self, model_max_len: int) -> EngineConfig:
         for name in ("slots", "max_len", "decode_steps"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--engine.{name} must be >= 1, got {getattr(self, name)}.")
+        if self.prefill_chunk < 0:
+            raise ConfigError(
+                f"--engine.prefill_chunk must be >= 0 (0 = the whole prompt at once), got "
+                f"{self.prefill_chunk}."
+            )
         if self.top_logprobs < 0:
             raise ConfigError(f"--engine.top_logprobs must be >= 0, got {self.top_logprobs}.")
         if self.max_len > model_max_len:
@@ -150,11 +157,10 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
         return _Slots(cache, zeros, zeros, zeros, keys, ones, zeros, ones)
 
     def prefill(params, s: _Slots, slot, tokens, length, key, temperature, top_k, top_p, want):
-        T = tokens.shape[1]
         row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), s.cache)
-        positions = jnp.arange(T, dtype=jnp.int32)[None]
-        logits, row = model.apply({"params": params}, tokens, positions, cache=row)
-        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, axis=0)  # [1, V]
+        last_pos = jnp.reshape(length - 1, (1,)).astype(jnp.int32)
+        chunk = ecfg.prefill_chunk
+        last, row = prefill_lib.prefill(model, params, tokens, row, last_pos, chunk=chunk)
         one = _Slots(
             row, s.tok[:1], s.pos[:1], jnp.zeros((1,), jnp.int32), key[None],
             temperature[None], top_k[None], top_p[None],

@@ -438,6 +438,7 @@ GENERATE = {
         ["--checkpoint={empty}", "--speculative=ngram", "--lookahead=0"], r"--lookahead must be"
     ),
     "bad_num_beams": (["--checkpoint={empty}", "--num_beams=0"], r"--num_beams must be >= 1"),
+    "bad_prefill_chunk": (["--checkpoint={empty}", "--prefill_chunk=-1"], r"--prefill_chunk must"),
     "beams_and_speculative": (
         ["--checkpoint={empty}", "--num_beams=2", "--speculative=ngram"], r"choose one"
     ),
