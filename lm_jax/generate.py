@@ -193,7 +193,7 @@ def _generate_fn(
     top_k: int,
     greedy: bool,
     use_top_p: bool,
-    prefill_chunk: int = DEFAULT_CHUNK,
+    prefill_chunk: int,
 ):
     """The jitted prefill + while_loop decode for one static setting (shapes retrace in jit)."""
     model = Transformer(config)

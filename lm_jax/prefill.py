@@ -56,11 +56,13 @@ def prefill(model: Transformer, params, tokens, cache, last, prefix=None, chunk:
 
     tokens [B, T] int32 at positions 0..T-1 (after the P prefix embeddings [B, P, D] when given:
     positions P..P+T-1), `last` [B] int32 the position to take logits at (prefix included),
-    `cache` from `init_cache`. `chunk` > 0: windows of that many tokens (module docstring)."""
+    `cache` from `init_cache`. `chunk` > 0: windows of that many tokens (module docstring).
+    `last` must lie in [0, P + T): callers derive it from checked prompt lengths."""
     cfg = model.cfg
     B, T = tokens.shape
+    chunk = check_chunk(chunk)
     starts = window_starts(T, 0 if prefix is not None else chunk)
-    C = T if len(starts) == 1 else int(chunk)
+    C = T if len(starts) == 1 else chunk
 
     def run(cache, start, toks, prefix):
         P = 0 if prefix is None else prefix.shape[1]

@@ -187,7 +187,7 @@ def _speculative_fn(
     top_k: int,
     greedy: bool,
     use_top_p: bool,
-    prefill_chunk: int = DEFAULT_CHUNK,
+    prefill_chunk: int,
 ):
     model = Transformer(config)
     dmodel = None if draft_config is None else Transformer(draft_config)

@@ -89,26 +89,24 @@ def load_binary():
     from absl import flags
 
     fv = flags.FLAGS
-    saved = {name: flag for name, flag in fv._flags().items()
-             if fv.find_module_defining_flag(name, "").split(".")[0] != "absl"}  # fmt: skip
+
+    def not_absl(name: str) -> bool:
+        return fv.find_module_defining_flag(name, "").split(".")[0] != "absl"
+
+    saved = {name: fv[name] for name in list(fv) if not_absl(name)}
     for name in saved:
-        if name in fv:
-            delattr(fv, name)
-    loaded = []
+        delattr(fv, name)
 
     def load(rel_path: str, argv: list[str]):
         path = REPO / rel_path
         spec = importlib.util.spec_from_file_location(f"binary_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-        loaded.append(module)
         fv([path.name, *argv])
         return module
 
     yield load
-    for name in list(fv._flags()):
-        if name not in saved and fv.find_module_defining_flag(name, "").split(".")[0] != "absl":
-            delattr(fv, name)
+    for name in [n for n in list(fv) if not_absl(n)]:  # the binaries' flags
+        delattr(fv, name)
     for name, flag in saved.items():
-        if name not in fv:
-            fv[name] = flag
+        fv[name] = flag

@@ -56,7 +56,9 @@ def test_greedy_equals_generate_alone_while_requests_join_and_leave(name):
     cfg = CONFIGS[name]
     params = _params(cfg)
     reqs = _requests(11, temperature=0.0, logprobs=2)
-    eng = Engine(cfg, params, EngineConfig(slots=3, max_len=96, decode_steps=3, top_logprobs=2))
+    chunk = 5 if name == "gpt2" else 0  # GPT-2: prompts (16 slots) prefilled in windows of 5
+    ecfg = EngineConfig(slots=3, max_len=96, decode_steps=3, top_logprobs=2, prefill_chunk=chunk)
+    eng = Engine(cfg, params, ecfg)
     outs = eng.run(reqs)
     # 11 requests through 3 slots: they must have joined a running batch
     assert eng.decode_dispatches < sum(len(o.tokens) for o in outs) / 3
@@ -189,3 +191,5 @@ def test_bad_requests_and_configs_are_named():
         Engine(cfg, _params(cfg), EngineConfig(max_len=200))
     with pytest.raises(ConfigError, match="--engine.slots must be >= 1"):
         Engine(cfg, _params(cfg), EngineConfig(slots=0))
+    with pytest.raises(ConfigError, match="--engine.prefill_chunk must be >= 0"):
+        Engine(cfg, _params(cfg), EngineConfig(prefill_chunk=-1))
