@@ -24,7 +24,7 @@ from lm_jax import cli
 
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir (newest checkpoint).")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder (config.json + safetensors).")
-flags.DEFINE_string("gguf", "", "llama.cpp GGUF file (e.g. SmolLM2-135M).")
+flags.DEFINE_string("gguf", "", "llama.cpp GGUF file, or a packaged name: smollm2, gemma3.")
 flags.DEFINE_string("task", "perplexity", "Task name (an unknown name lists the tasks).")
 flags.DEFINE_string("data_source", "", "perplexity: lm_jax.data source, e.g. tinyshakespeare:<p>.")
 flags.DEFINE_string("split", None, "Split (perplexity: validation; multi30k: test_2016_flickr).")

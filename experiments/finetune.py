@@ -34,7 +34,7 @@ from lm_jax.train.finetune import FinetuneConfig
 
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir to start from.")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder to start from.")
-flags.DEFINE_string("gguf", "", "GGUF file to start from (default: SmolLM2-135M-Instruct).")
+flags.DEFINE_string("gguf", "", "GGUF file or name to start from: smollm2 (default), gemma3.")
 flags.DEFINE_string("task", "sst2", "Built-in task (sst2); ignored with --train_file/--chat.data.")
 flags.DEFINE_string("train_file", "", "JSONL of {prompt, completion} (instead of --task).")
 flags.DEFINE_string("eval_file", "", "JSONL of {prompt, completion} for the completion loss.")

@@ -19,7 +19,7 @@ flags.DEFINE_string("checkpoint", None, "lm_jax training workdir (newest checkpo
 flags.DEFINE_string(
     "hf_dir", None, "Local transformers folder (config.json, safetensors, tokenizer)."
 )
-flags.DEFINE_string("gguf", None, "GGUF file (default when no source is given: SmolLM2-135M).")
+flags.DEFINE_string("gguf", None, "GGUF file or name: smollm2 (default, no source given), gemma3.")
 flags.DEFINE_string("prompt", "Once upon a time", "Prompt text.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")

@@ -46,7 +46,7 @@ flags.DEFINE_enum("method", "dpo", ["dpo", "ipo", "simpo", "sft", "grpo"],
                   "Post-training objective.")
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir to start from.")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder to start from.")
-flags.DEFINE_string("gguf", "", "GGUF file to start from (default: SmolLM2-135M-Instruct).")
+flags.DEFINE_string("gguf", "", "GGUF file or name to start from: smollm2 (default), gemma3.")
 flags.DEFINE_string("train_file", "", "JSONL of {prompt, chosen, rejected} pairs (grpo: "
                     "{prompt, answer?}).")
 flags.DEFINE_string("eval_file", "", "JSONL of held-out pairs (grpo: prompts, or a BIG-bench "

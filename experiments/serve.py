@@ -32,7 +32,7 @@ from lm_jax.serving.runner import ServeConfig
 
 flags.DEFINE_string("checkpoint", None, "lm_jax training workdir (newest checkpoint).")
 flags.DEFINE_string("hf_dir", None, "Local transformers folder (config.json, safetensors).")
-flags.DEFINE_string("gguf", None, "GGUF file (default when no source is given: SmolLM2-135M).")
+flags.DEFINE_string("gguf", None, "GGUF file or name: smollm2 (default, no source given), gemma3.")
 cli.define_config("engine", EngineConfig)
 cli.define_config("serve", ServeConfig)
 FLAGS = flags.FLAGS

