@@ -1,22 +1,11 @@
-"""transformers' own GGUF loader (the reference), with the file parsed once.
+"""transformers' own GGUF loader (the reference), with the file parsed once
+(`benchmarks.common.gguf_parsed_once`)."""
 
-`from_pretrained(..., gguf_file=...)` opens the file three times (config, weights, tokenizer)
-with gguf's GGUFReader, which takes ~6 s for SmolLM2's 49k vocabulary and ~25 s for Gemma 3's
-262k; transformers only reads the parse, so one serves all three."""
-
-import contextlib
-import functools
 import os
-from unittest import mock
 
+from benchmarks.common import gguf_parsed_once
 
-@contextlib.contextmanager
-def gguf_parsed_once():
-    """Inside: `gguf.GGUFReader(path)` parses each path once and hands back that reader."""
-    import gguf
-
-    with mock.patch.object(gguf, "GGUFReader", functools.lru_cache(maxsize=2)(gguf.GGUFReader)):
-        yield
+__all__ = ["gguf_parsed_once", "load_hf_gguf"]
 
 
 def load_hf_gguf(path: str):

@@ -53,7 +53,7 @@ def encode_pair(tokenizer, context: str, continuation: str, add_bos: bool = Fals
             raise EvalError(f"continuation {continuation!r} tokenizes to nothing")
         pre = prefix_token(tokenizer)
         return ([pre], cont) if cont[0] != pre else (cont[:1], cont[1:])
-    n_space = len(context) - len(context.rstrip(" "))
+    n_space = len(context) - len(context.rstrip())  # any whitespace, as lm-eval 0.4.13
     if n_space:
         context, continuation = context[:-n_space], context[-n_space:] + continuation
     whole = encode(tokenizer, context + continuation, add_bos)

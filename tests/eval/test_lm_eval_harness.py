@@ -84,10 +84,19 @@ def test_rolling_windows_cover_every_token_once(backend):
     assert short[0] < whole[0]  # windows of 8 see less context: a lower likelihood
 
 
-def test_encode_pair_moves_trailing_space(backend):
+def test_encode_pair_moves_trailing_whitespace_as_lm_eval(backend):
+    from lm_eval.api.model import TemplateLM
+
     ctx, cont = ll_lib.encode_pair(backend.tok, "Question: 2+2=? Answer: ", "4")
     c2, x2 = ll_lib.encode_pair(backend.tok, "Question: 2+2=? Answer:", " 4")
     assert (ctx, cont) == (c2, x2)
+    # lm-eval's own pair encoding (TemplateLM._encode_pair over the same tokenizer) is the
+    # reference: trailing newlines and tabs move to the continuation too (BIG-bench prompts
+    # end with "\n").
+    for context in ("elements?\n", "A:\n\n", "x \t", "plain", "end. "):
+        for continuation in (" Yes", "No", "\nMaybe"):
+            want = TemplateLM._encode_pair(backend, context, continuation)
+            assert ll_lib.encode_pair(backend.tok, context, continuation) == want
 
 
 def test_bigbench_loader_parent_task_and_errors():
