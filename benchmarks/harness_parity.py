@@ -39,7 +39,7 @@ def _evaluate(lm, task: str, include: str):
     t0 = time.perf_counter()
     out = lm_eval.simple_evaluate(
         model=lm, tasks=[task], batch_size=FLAGS.batch_size, log_samples=True,
-        task_manager=TaskManager(include_path=include),
+        task_manager=TaskManager(include_path=include, include_defaults=False),
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])

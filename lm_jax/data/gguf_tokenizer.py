@@ -74,17 +74,22 @@ def sentencepiece_merges(tokens: list[str], scores, types) -> list[tuple[str, st
     Every split of a NORMAL piece p = a + b with a and b in the vocabulary, ranked by p's score
     (descending), then p's id, then the split point (shorter left part first).
     """
-    ids = {t: i for i, t in enumerate(tokens)}
-    found = []
-    for i, piece in enumerate(tokens):
-        if types[i] != _NORMAL or len(piece) < 2:
-            continue
+    import numpy as np
+
+    known = set(tokens)
+    normal = np.flatnonzero(np.asarray(types) == _NORMAL)
+    # best first: score descending, then id (a stable sort keeps id order among equal scores)
+    order = normal[np.argsort(-np.asarray(scores, np.float64)[normal], kind="stable")]
+    merges = []
+    for i in order.tolist():
+        piece = tokens[i]
         for cut in range(1, len(piece)):
-            left, right = piece[:cut], piece[cut:]
-            if left in ids and right in ids:
-                found.append((-float(scores[i]), i, cut, left, right))
-    found.sort()
-    return [(left, right) for *_, left, right in found]
+            left = piece[:cut]
+            if left in known:
+                right = piece[cut:]
+                if right in known:
+                    merges.append((left, right))
+    return merges
 
 
 def _byte_level_bpe(meta: dict, tokens: list[str], types: list[int]):

@@ -39,7 +39,8 @@ def _run(model, model_args, tasks, include):
 
     out = lm_eval.simple_evaluate(
         model=model, model_args=model_args, tasks=tasks, batch_size=8,
-        task_manager=TaskManager(include_path=include), log_samples=True, device="cpu",
+        task_manager=TaskManager(include_path=include, include_defaults=False), log_samples=True,
+        device="cpu",
     )  # fmt: skip
     (task,) = tasks
     samples = sorted(out["samples"][task], key=lambda s: s["doc_id"])
