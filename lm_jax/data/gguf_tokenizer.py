@@ -18,16 +18,18 @@ tokenizer types cover the decoders lm_jax loads:
 In both, CONTROL tokens (type 3, and UNKNOWN, type 2) become special added tokens and
 USER_DEFINED ones (type 4: Gemma's '\\n\\n', runs of spaces, HTML tags) plain added tokens, all
 matched whole in the raw text (llama.cpp writes a SentencePiece user-defined piece's '▁' as the
-space the text has). With the space prefix, each stretch of text between added tokens gets one,
-as in llama.cpp; sentencepiece prefixes only the start, so the two differ next to a
-user-defined piece (Llama-2-style vocabularies have none; Gemma's has no prefix). BOS/EOS are
-added by a post-processor when `tokenizer.ggml.add_bos_token` / `add_eos_token` say so (a
-'llama' file that does not say adds BOS, as llama.cpp does).
+space the text has). With the space prefix, each stretch of text between added tokens gets one
+(the normalizer runs per stretch); sentencepiece prefixes only the start, so the two differ next
+to a user-defined piece (Llama-2-style vocabularies have none; Gemma's has no prefix). BOS/EOS
+are added by a post-processor when `tokenizer.ggml.add_bos_token` / `add_eos_token` say so (a
+'llama' file that does not say adds BOS, as transformers' GGUF loader assumes).
 """
 
 from __future__ import annotations
 
 from typing import NamedTuple
+
+import numpy as np
 
 from lm_jax.errors import TokenizerError
 
@@ -74,8 +76,6 @@ def sentencepiece_merges(tokens: list[str], scores, types) -> list[tuple[str, st
     Every split of a NORMAL piece p = a + b with a and b in the vocabulary, ranked by p's score
     (descending), then p's id, then the split point (shorter left part first).
     """
-    import numpy as np
-
     known = set(tokens)
     normal = np.flatnonzero(np.asarray(types) == _NORMAL)
     # best first: score descending, then id (a stable sort keeps id order among equal scores)
