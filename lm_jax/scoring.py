@@ -20,6 +20,9 @@ t predicts targets[b, t] from inputs[b, :t + 1]. `score` returns `Scores`:
 Layers, by use:
   `score(cfg, params, batch, chunk=, candidates=)`  pure and differentiable (jit it, take
       gradients through it inside a loss; LoRA params work as in `Transformer`);
+  `score_after_context(cfg, params, context, owner, rows)`  continuations that share
+      contexts (multiple choice): each context runs once, into a KV cache, and its
+      continuations run over it; same numbers as `score` on the concatenated rows;
   `jitted_score(cfg, chunk)`  the one jit cache, keyed by the model config (and chunk);
   `Scorer(cfg, params, mesh, chunk=)`  host-side batches: parameters placed on the mesh by
       `params_shardings`, rows padded to a multiple of the data-parallel size and split over the
@@ -51,7 +54,7 @@ from lm_jax.configs.base import ModelConfig
 from lm_jax.data.gguf_tokenizer import bytes_to_unicode
 from lm_jax.errors import EvalError
 from lm_jax.losses import chunked_token_log_probs, token_log_probs
-from lm_jax.nn.transformer import Transformer, head_logits_fn
+from lm_jax.nn.transformer import Transformer, head_logits_fn, init_cache
 from lm_jax.sharding import batch_sharding, params_shardings, replicated
 
 # (params, inputs [B,T], positions [B,T], segment_ids [B,T]) -> logits [B,T,V]
@@ -145,6 +148,51 @@ def score(
         res = token_log_probs(out, targets, cand, greedy=True)
     tok, cand_lp, is_max = res
     return reduce_scores(tok, cand_lp, mask, is_max)
+
+
+def score_after_context(
+    cfg: ModelConfig, params, context, owner, rows: dict, *, chunk: int = 0
+) -> Scores:
+    """`Scores` of continuation rows that each extend one of a few shared contexts.
+
+    A multiple-choice document asks for log p(choice_k | context) for every k: the context
+    goes through the model once here, into a KV cache, and each choice then runs over that
+    cache, so a K-choice document costs one context pass, not K, and the LM head runs on the
+    choices' positions only.
+
+    context [C, Tc] int32: each context's tokens except its last, right-padded (any id);
+    owner [R] int32: the context row that continuation row r extends;
+    rows {inputs, targets, loss_mask, positions} [R, Tn]: row r's inputs are its context's last
+    token followed by the continuation but its last token, at positions len(context) - 1
+    onwards; targets are the continuation. Returns Scores over [R, Tn].
+
+    Equal to `score` of the concatenated (context + continuation) rows: a cached key is read
+    only by queries at later positions, a context's padding sits at positions its
+    continuations overwrite before attending, and the cache holds Tc + Tn positions.
+    """
+    model = Transformer(cfg)
+    C, Tc = context.shape
+    R, Tn = rows["inputs"].shape
+    cache = init_cache(cfg, C, Tc + Tn)
+    pos = jnp.broadcast_to(jnp.arange(Tc, dtype=jnp.int32), (C, Tc))
+    _, cache = model.apply({"params": params}, context, pos, cache=cache, skip_head=True)
+    cache = jax.tree.map(lambda c: jnp.take(c, owner, axis=1), cache)  # [L, R, S, K, H]
+    h, _ = model.apply(
+        {"params": params}, rows["inputs"], rows["positions"], cache=cache, skip_head=True
+    )
+    head = head_logits_fn(params, cfg)
+    if chunk > 0:
+        res = chunked_token_log_probs(h, head, rows["targets"], chunk, greedy=True)
+    else:
+        res = token_log_probs(head(h), rows["targets"], greedy=True)
+    tok, _, is_max = res
+    return reduce_scores(tok, None, rows["loss_mask"], is_max)
+
+
+@functools.lru_cache(maxsize=16)
+def jitted_score_after_context(cfg: ModelConfig, chunk: int = 0):
+    """jit(score_after_context) for `cfg`: fn(params, context, owner, rows) -> Scores."""
+    return jax.jit(functools.partial(score_after_context, cfg, chunk=chunk))
 
 
 @functools.lru_cache(maxsize=16)
@@ -253,23 +301,63 @@ class Scorer:
         if candidates is not None:
             candidates = np.asarray(candidates, np.int32)
             batch["candidates"] = np.broadcast_to(candidates, (B, candidates.shape[-1]))
-        pad = (-B) % data_parallel_size(self.mesh)
-        if pad:
-            batch = {
-                k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
-                for k, v in batch.items()
-            }
+        batch = self._place(batch)
         cand = batch.pop("candidates", None)
-        if self.mesh is None:
-            arrays = jax.tree.map(jnp.asarray, (batch, cand))
-            out = self.fn(self.params, *arrays)
-        else:
-            sh = batch_sharding(self.mesh, 2, B + pad)
-            arrays = jax.tree.map(lambda v: jax.device_put(v, sh), (batch, cand))
-            with jax.set_mesh(self.mesh):
-                out = self.fn(self.params, *arrays)
-        out = jax.device_get(out)
+        out = self._run(self.fn, batch, cand)
         return Scores(*(None if x is None else np.asarray(x, np.float64)[:B] for x in out))
+
+    @property
+    def shares_contexts(self) -> bool:
+        """Whether `score_after_context` applies: a Transformer whose tokens meet only in
+        attention (capacity-limited MoE routes the tokens of one call together)."""
+        cfg = self.cfg
+        return cfg is not None and (cfg.moe is None or cfg.moe.dispatch == "dropless")
+
+    def score_after_context(self, context, owner, rows: dict) -> Scores:
+        """`score_after_context` (the pure function's shapes) on host arrays; Scores [R, Tn]."""
+        if not self.shares_contexts:
+            raise EvalError("shared-context scoring needs a dense or dropless-MoE Transformer")
+        context, owner = np.asarray(context, np.int32), np.asarray(owner, np.int32)
+        rows = complete_batch(rows)
+        R, Tn = rows["inputs"].shape
+        S = context.shape[1] + Tn
+        if S > self.cfg.max_len or int(rows["positions"].max()) >= S:
+            raise EvalError(
+                f"contexts of {context.shape[1]} + continuations of {Tn} tokens exceed the "
+                f"model's max_len {self.cfg.max_len} (or rows sit past them): score them whole"
+            )
+        if owner.shape != (R,) or owner.min() < 0 or owner.max() >= context.shape[0]:
+            raise EvalError(f"owner must be [R={R}] indices into {context.shape[0]} contexts")
+        del rows["segment_ids"]
+        ctx = self._place({"ids": context})["ids"]
+        placed = self._place({**rows, "owner": owner})
+        owner = placed.pop("owner")
+        out = self._run(jitted_score_after_context(self.cfg, self.chunk), ctx, owner, placed)
+        return Scores(*(None if x is None else np.asarray(x, np.float64)[:R] for x in out))
+
+    def _place(self, arrays: dict) -> dict:
+        """Rows padded (zeros) to a multiple of the data-parallel size, split over the mesh."""
+        n = next(iter(arrays.values())).shape[0]
+        pad = (-n) % data_parallel_size(self.mesh)
+        if pad:
+            arrays = {
+                k: np.concatenate([v, np.zeros((pad,) + v.shape[1:], v.dtype)])
+                for k, v in arrays.items()
+            }
+        if self.mesh is None:
+            return {k: jnp.asarray(v) for k, v in arrays.items()}
+        return {
+            k: jax.device_put(v, batch_sharding(self.mesh, v.ndim, n + pad))
+            for k, v in arrays.items()
+        }
+
+    def _run(self, fn, *args):
+        if self.mesh is None:
+            out = fn(self.params, *args)
+        else:
+            with jax.set_mesh(self.mesh):
+                out = fn(self.params, *args)
+        return jax.device_get(out)
 
     def row_sums(self, batch: dict) -> tuple[np.ndarray, np.ndarray]:
         """(nll [B], tokens [B]) float64 for one batch."""

@@ -10,7 +10,9 @@ Three request kinds, the ones EleutherAI's lm-evaluation-harness asks a model fo
 - `generate_until` lives in `lm_jax.eval.harness` (the one sampler, `lm_jax.generate`).
 
 Every row goes through `lm_jax.scoring.Scorer` (sharded over a mesh when given), sorted by
-length so that padded batches waste little, with lengths bucketed to bound recompiles.
+length so that padded batches waste little, with lengths on a geometric ladder
+(`lm_jax.utils.length_bucket`) to bound recompiles. Requests that share a context (the choices
+of one multiple-choice document) run that context once (`Scorer.score_after_context`).
 """
 
 from __future__ import annotations
@@ -21,9 +23,7 @@ import numpy as np
 
 from lm_jax.eval.perplexity import batch_rows
 from lm_jax.scoring import EvalError, Scorer
-from lm_jax.utils import round_up
-
-LENGTH_BUCKET = 16
+from lm_jax.utils import length_bucket
 
 
 def encode(tokenizer, text: str, add_bos: bool) -> list[int]:
@@ -66,25 +66,45 @@ def score_token_pairs(
     max_len: int,
     pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
     batch_size: int = 16,
+    share_contexts: bool = True,
 ) -> list[tuple[float, bool]]:
     """(sum log p(cont | ctx), every continuation token the argmax) per (ctx ids, cont ids).
 
-    A pair longer than `max_len` + 1 tokens loses its oldest context tokens (and, if the
+    Pairs that share their context ids (a multiple-choice document's choices) go through
+    `Scorer.score_after_context` when `share_contexts` and the scorer allows it: the context
+    once, then each continuation over its cache (same numbers). The rest are scored whole. A
+    pair longer than `max_len` + 1 tokens loses its oldest context tokens (and, if the
     continuation alone is longer, its first tokens are context too)."""
-    seqs, n_cont = [], []
     for ctx, cont in pairs:
         if len(cont) == 0:
             raise EvalError("a continuation is empty: there is nothing to score")
-        seq = (list(ctx) + list(cont))[-(max_len + 1) :]
-        if len(seq) < 2:
+        if len(ctx) + len(cont) < 2:
             raise EvalError("a request has a single token: give it a context (or a BOS token)")
-        seqs.append(np.asarray(seq, np.int32))
-        n_cont.append(min(len(cont), len(seq) - 1))
-    order = np.argsort([-len(s) for s in seqs], kind="stable")  # longest first, as lm-eval
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(seqs)
+    out: list[tuple[float, bool] | None] = [None] * len(pairs)
+    whole = list(range(len(pairs)))
+    if share_contexts and scorer.shares_contexts:
+        groups: dict[tuple, list[int]] = {}
+        for i, (ctx, cont) in enumerate(pairs):
+            if len(ctx) + len(cont) <= max_len + 1:
+                groups.setdefault(tuple(ctx), []).append(i)
+        _score_shared(scorer, pairs, [g for g in groups.values() if len(g) > 1], batch_size, out)
+        whole = [i for i, o in enumerate(out) if o is None]  # alone, too long, or refused
+    _score_whole(scorer, max_len, pairs, whole, batch_size, out)
+    return out  # type: ignore[return-value]
+
+
+def _score_whole(scorer, max_len, pairs, which, batch_size, out) -> None:
+    """Score `which` pairs as whole rows (context + continuation), longest first."""
+    seqs, n_cont = {}, {}
+    for i in which:
+        ctx, cont = pairs[i]
+        seq = (list(ctx) + list(cont))[-(max_len + 1) :]
+        seqs[i] = np.asarray(seq, np.int32)
+        n_cont[i] = min(len(cont), len(seq) - 1)
+    order = sorted(which, key=lambda i: -len(seqs[i]))  # longest first, as lm-eval
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        T = min(round_up(max(len(seqs[i]) - 1 for i in idx), LENGTH_BUCKET), max_len)
+        T = min(length_bucket(max(len(seqs[i]) - 1 for i in idx)), max_len)
         rows = []
         for i in idx:
             seq, n = seqs[i], len(seqs[i]) - 1
@@ -100,7 +120,52 @@ def score_token_pairs(
         s = scorer.score(batch)
         for j, i in enumerate(idx):
             out[i] = (float(s.sums[j]), bool(s.greedy[j] > 0.5))
-    return out
+
+
+def _score_shared(scorer, pairs, groups, batch_size, out) -> None:
+    """Score groups of pairs with one context each through `score_after_context`, up to
+    `batch_size` contexts and a fixed number of continuation rows per call (the mean group
+    size times `batch_size`, to a power of two), longest contexts first. A call whose padded
+    context + continuation would pass the model's max_len is left to `_score_whole`."""
+    if not groups:
+        return
+    mean = sum(map(len, groups)) / len(groups)
+    n_rows = length_bucket(int(np.ceil(mean * batch_size)), batch_size, 1)
+    pieces = []  # (context ids, pair indices), groups wider than a call split
+    for g in sorted(groups, key=lambda g: -len(pairs[g[0]][0])):
+        pieces += [(pairs[g[0]][0], g[k : k + n_rows]) for k in range(0, len(g), n_rows)]
+    calls, cur, used = [], [], 0
+    for piece in pieces:
+        if cur and (len(cur) == batch_size or used + len(piece[1]) > n_rows):
+            calls.append(cur)
+            cur, used = [], 0
+        cur.append(piece)
+        used += len(piece[1])
+    calls.append(cur)
+    for call in calls:
+        Tc = length_bucket(max(len(ctx) - 1 for ctx, _ in call), 8)
+        Tn = length_bucket(max(len(pairs[i][1]) for _, g in call for i in g), 4, 1)
+        if Tc + Tn > scorer.cfg.max_len:
+            continue
+        context = np.zeros((batch_size, Tc), np.int32)
+        rows = {k: np.zeros((n_rows, Tn), np.int32) for k in ("inputs", "targets", "positions")}
+        rows["loss_mask"] = np.zeros((n_rows, Tn), np.float32)
+        owner, r, where = np.zeros(n_rows, np.int32), 0, []
+        for c, (ctx, g) in enumerate(call):
+            context[c, : len(ctx) - 1] = ctx[:-1]
+            for i in g:
+                cont = list(pairs[i][1])
+                n = len(cont)
+                rows["inputs"][r, :n] = [ctx[-1]] + cont[:-1]
+                rows["targets"][r, :n] = cont
+                rows["positions"][r] = len(ctx) - 1 + np.arange(Tn)
+                rows["loss_mask"][r, :n] = 1.0
+                owner[r] = c
+                where.append((r, i))
+                r += 1
+        s = scorer.score_after_context(context, owner, rows)
+        for r, i in where:
+            out[i] = (float(s.sums[r]), bool(s.greedy[r] > 0.5))
 
 
 def loglikelihood_pairs(
