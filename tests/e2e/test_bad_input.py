@@ -420,6 +420,33 @@ def test_train_image_text(case, base, files, tmp_path):
     assert not (tmp_path / "scenes").exists()
 
 
+# ---------------------------------------------------------------- train_rnn_lm
+
+RNN_LM = {
+    "workdir_is_a_file": (["--train.workdir={a_file}"], r"is a file"),
+    "decoder_checkpoint_as_workdir": (["--train.workdir={base}"], r"another kind of run"),
+    "adapters_as_workdir": (["--train.workdir={adapters}"], r"LoRA adapters"),
+    "unknown_preset": (["--preset=large"], r"--preset"),
+    "bad_window": (["--bptt.num_steps=0"], r"num_steps .*must all be >= 1.*--bptt\.num_steps"),
+    "bad_dropout": (["--lstm.dropout=1.5"], r"dropout must be in \[0, 1\).*--lstm\.dropout"),
+    "wrong_vocab": (["--lstm.vocab_size=50"], r"vocabulary's 10000 words"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RNN_LM))
+def test_train_rnn_lm(case, base, files, tmp_path):
+    args, pattern = RNN_LM[case]
+    args = _fmt(args, files, base)
+    before = {p: tree_hash(p) for p in (base, files)}
+    wd = [] if any(a.startswith("--train.workdir") for a in args) else [
+        f"--train.workdir={tmp_path / 'w'}"
+    ]  # fmt: skip
+    r = binary("train_rnn_lm", *wd, *args)
+    one_error_line(r, pattern)
+    assert {p: tree_hash(p) for p in before} == before
+    assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------- generate
 
 GENERATE = {

@@ -349,3 +349,31 @@ def test_image_text_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path):
         out = tmp_path / case.__name__
         case(image_text_argv(data, out), out / "contrastive", ref_log, IT_STEPS, IT_SAVE,
              cache_dir, tmp_path)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------- LSTM LM (PTB)
+
+RNN_SAVE = 8
+
+
+def rnn_argv(workdir):
+    return [
+        PY, str(REPO / "experiments" / "train_rnn_lm.py"), "--limit_train_lines=30",
+        "--limit_eval_lines=5", "--lstm.hidden=16", "--bptt.batch_size=4",
+        "--bptt.num_steps=6", "--bptt.epochs=2", f"--train.save_every={RNN_SAVE}",
+        "--train.log_every=4", "--train.log_step_details=true", f"--train.workdir={workdir}",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_rnn_lm_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path):
+    ref = tmp_path / "ref"
+    out = run_ok(rnn_argv(ref), cache_dir).stdout
+    ref_log = ref / "steps.jsonl"
+    recs = records(ref_log)
+    steps = len(recs)
+    assert steps == 2 * (max(r["window"] for r in recs.values()) + 1)  # two epochs of windows
+    assert '"test_ppl"' in out
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(rnn_argv(wd), wd, ref_log, steps, RNN_SAVE, cache_dir, tmp_path)
