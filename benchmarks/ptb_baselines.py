@@ -27,8 +27,8 @@ PUBLISHED = {5: 141.2}  # Mikolov et al. 2011, "Empirical evaluation and combina
 
 
 def main(_):
+    from lm_jax.data.sources import ptb_lines
     from lm_jax.eval.ngram import KneserNey
-    from lm_jax.eval.tasks import ptb_lines
 
     train, valid, test = ([ln.split() for ln in ptb_lines(s)] for s in ("train", "valid", "test"))
     record = {"machine": machine(), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

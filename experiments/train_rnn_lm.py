@@ -55,7 +55,7 @@ def check_workdir(workdir: str) -> None:
 
 
 def main(_):
-    from lm_jax.eval.tasks import ptb_lines
+    from lm_jax.data.sources import ptb_lines
     from lm_jax.train import engine
     from lm_jax.train.rnn_lm import EOS, BPTTTask, word_stream, word_vocab
 

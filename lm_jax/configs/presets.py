@@ -139,6 +139,24 @@ def llama_small() -> Preset:
 
 
 @register
+def ptb_transformer() -> Preset:
+    """A small Llama-style Transformer on Penn Treebank (a 10k SentencePiece BPE over PTB's
+    own 10k-word text), the Transformer row beside the n-gram and LSTM baselines:
+    `python experiments/pretrain.py --preset=ptb_transformer`, then
+    `python experiments/evaluate.py --checkpoint=runs/ptb_transformer --task=ptb`."""
+    model = llama_style(
+        d_model=256, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=688, max_len=128,
+        vocab_size=10_000, dropout=0.2, tie_embeddings=True,
+    )  # fmt: skip
+    data = dict(source="ptb", tokenizer="sentencepiece:bpe:10000", seq_len=128, batch_size=32)
+    train = TrainConfig(
+        steps=1500, learning_rate=2e-3, warmup_steps=100, weight_decay=0.1, eval_every=250,
+        eval_batches=0, save_every=250, workdir="runs/ptb_transformer",
+    )  # fmt: skip
+    return model, data, train
+
+
+@register
 def moe_small() -> Preset:
     """llama_small with 8 experts, top-2, dropless, in every layer.
     `python experiments/pretrain.py --preset=moe_small`."""

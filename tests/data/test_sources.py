@@ -7,7 +7,7 @@ import pytest
 
 from lm_jax.configs.base import ConfigError
 from lm_jax.data import DataConfig, DataSourceError, load_texts
-from lm_jax.data.sources import read_text, shakespeare_files
+from lm_jax.data.sources import ptb_lines, read_text, shakespeare_files
 
 
 def test_embedded_shakespeare_is_42_works_split_95_5_per_work():
@@ -29,6 +29,18 @@ def test_tinyshakespeare_is_nanogpts_90_10_character_split(shared_data):
     [(_, val)] = load_texts(f"tinyshakespeare:{path}", "validation")
     n = int(len(text) * 0.9)
     assert train == text[:n] and val == text[n:] and len(val) == 111_540
+
+
+def test_ptb_source_is_mikolovs_train_and_valid_splits():
+    (train,) = load_texts("ptb", "train")
+    (valid,) = load_texts("ptb", "validation")
+    assert train[0] == 0 and valid[0] == 1
+    lines = train[1].splitlines()
+    assert len(lines) == 42_068 and sum(len(ln.split()) for ln in lines) == 887_521
+    assert len(valid[1].splitlines()) == 3_370 and "<unk>" in train[1]
+    assert DataConfig(source="ptb").source == "ptb"
+    with pytest.raises(DataSourceError, match="train, valid or test"):
+        ptb_lines("validation")
 
 
 def test_file_and_paragraph_sources(tmp_path):

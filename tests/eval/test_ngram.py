@@ -110,7 +110,7 @@ def test_bad_input_is_a_clear_error(model):
 @pytest.mark.slow
 def test_kn5_on_penn_treebank_matches_mikolov_et_al():
     """Mikolov et al. (2011) report KN5 test perplexity 141.2 on this split (82,430 tokens)."""
-    from lm_jax.eval.tasks import ptb_lines
+    from lm_jax.data.sources import ptb_lines
 
     kn5 = KneserNey.fit([ln.split() for ln in ptb_lines("train")], order=5)
     ppl, n = kn5.perplexity([ln.split() for ln in ptb_lines("test")])
