@@ -29,14 +29,29 @@ class RopeScaling:
     )
     high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are unchanged
     original_max_len: int = 8192  # the pretraining context length
-    rope_type: Literal["llama3", "linear"] = "llama3"  # linear: only `factor` is used
+    # linear: only `factor` is used; factors: each inverse frequency divided by its own entry of
+    # `factors` [head_dim / 2] (a GGUF's rope_freqs tensor, as llama.cpp applies it)
+    rope_type: Literal["llama3", "linear", "factors"] = "llama3"
+    factors: tuple[float, ...] | None = None
 
     def __post_init__(self):
         _check(
-            self.rope_type in ("llama3", "linear"),
-            f"rope_scaling.rope_type must be 'llama3' or 'linear', got {self.rope_type!r}.",
+            self.rope_type in ("llama3", "linear", "factors"),
+            "rope_scaling.rope_type must be 'llama3', 'linear' or 'factors', got "
+            f"{self.rope_type!r}.",
         )
         _check(self.factor > 0, f"rope_scaling.factor must be > 0, got {self.factor}.")
+        if self.factors is not None:
+            object.__setattr__(self, "factors", tuple(float(f) for f in self.factors))
+        _check(
+            (self.rope_type == "factors")
+            == (self.factors is not None and len(self.factors) > 0),
+            "rope_scaling.factors (one per frequency) go with rope_type='factors', only with it.",
+        )
+        _check(
+            self.factors is None or all(f > 0 for f in self.factors),
+            "rope_scaling.factors must all be > 0.",
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,10 +77,14 @@ def _config(reader, arch: str) -> ModelConfig:
         rope_scaling = RopeScaling(float(req("rope.scaling.factor")), rope_type="linear")
     elif scaling not in (None, "none"):
         raise ConfigError(f"GGUF rope scaling {scaling!r} is not supported (only none).")
-    if "rope_freqs.weight" in reader.tensors:
-        raise ConfigError(
-            "GGUF has per-frequency RoPE factors (rope_freqs.weight, Llama 3.1+): not supported."
-        )
+    if "rope_freqs.weight" in reader.tensors:  # Llama 3.1+: llama.cpp divides each frequency
+        if rope_scaling is not None:
+            raise ConfigError("GGUF has both rope_freqs.weight and rope.scaling: not supported.")
+        from gguf.quants import dequantize
+
+        t = reader.tensors["rope_freqs.weight"]
+        factors = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(-1)
+        rope_scaling = RopeScaling(rope_type="factors", factors=tuple(factors.tolist()))
     D, N = int(req("embedding_length")), int(req("attention.head_count"))
     tokens = reader.metadata.get("tokenizer.ggml.tokens")
     vocab = _field(reader, f"{arch}.vocab_size")

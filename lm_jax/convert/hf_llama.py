@@ -44,6 +44,11 @@ def rope_scaling_to_hf(s: RopeScaling | None) -> dict | None:
         return None
     if s.rope_type == "linear":
         return {"rope_type": "linear", "factor": s.factor}
+    if s.rope_type == "factors":
+        raise ConfigError(
+            "per-frequency RoPE factors (from a GGUF's rope_freqs) have no Hugging Face "
+            "rope_scaling form: export to GGUF or keep the lm_jax checkpoint"
+        )
     return {
         "rope_type": "llama3",
         "factor": s.factor,

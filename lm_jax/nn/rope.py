@@ -1,5 +1,6 @@
-"""Rotary position embeddings (HF "rotate_half" convention), with optional Llama-3 or linear
-scaling, and per-layer tables for models that mix local and global layers (Gemma 3)."""
+"""Rotary position embeddings (HF "rotate_half" convention), with optional Llama-3, linear or
+per-frequency (a GGUF's rope_freqs) scaling, and per-layer tables for models that mix local
+and global layers (Gemma 3)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,13 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None = Non
     s = scaling
     if s.rope_type == "linear":
         return inv / s.factor
+    if s.rope_type == "factors":
+        if len(s.factors) != len(inv):
+            raise ValueError(
+                f"rope_scaling.factors has {len(s.factors)} entries but head_dim {head_dim} has "
+                f"{len(inv)} frequencies."
+            )
+        return inv / np.asarray(s.factors, np.float64)
     low_wavelen = s.original_max_len / s.low_freq_factor
     high_wavelen = s.original_max_len / s.high_freq_factor
     wavelen = 2 * math.pi / inv
