@@ -60,8 +60,11 @@ def main(_):
     from lm_jax.train.rnn_lm import EOS, BPTTTask, word_stream, word_vocab
 
     lstm0, bptt0 = ZAREMBA[F.preset]
-    workdir = cli.config("train", TrainConfig(workdir="/tmp/lm_jax_ptb_lstm")).workdir
-    check_workdir(workdir)
+    tcfg = cli.config(
+        "train",
+        TrainConfig(workdir="/tmp/lm_jax_ptb_lstm", log_every=200, progress_bar=False),
+    )
+    check_workdir(tcfg.workdir)
     train_lines = ptb_lines("train")
     vocab = word_vocab(train_lines)
     lstm = cli.config("lstm", dataclasses.replace(lstm0, vocab_size=len(vocab)))
@@ -72,18 +75,16 @@ def main(_):
         train_lines = train_lines[: F.limit_train_lines]
     n_eval = F.limit_eval_lines or None
     splits = {s: word_stream(ptb_lines(s)[:n_eval], vocab) for s in ("valid", "test")}
-    task = BPTTTask(lstm, bptt, word_stream(train_lines, vocab), splits, vocab[EOS])
-    tcfg = cli.config(
-        "train",
-        TrainConfig(workdir="/tmp/lm_jax_ptb_lstm", log_every=200, progress_bar=False),
-    )
+    train_ids = word_stream(train_lines, vocab)
+    task = BPTTTask(lstm, bptt, train_ids, splits, vocab[EOS], seed=tcfg.seed)
     tcfg = dataclasses.replace(
         tcfg, steps=task.total_steps, eval_every=task.epoch_steps,
         save_every=tcfg.save_every if cli.is_set("train.save_every") else task.epoch_steps // 4,
     )  # fmt: skip
     result = engine.run(task, tcfg)
     report = {
-        "preset": F.preset, "lstm": dataclasses.asdict(lstm), "bptt": dataclasses.asdict(bptt),
+        "preset": F.preset, "seed": tcfg.seed, "lstm": dataclasses.asdict(lstm),
+        "bptt": dataclasses.asdict(bptt),
         "steps": result.step, "epochs": bptt.epochs, "resumed_from": result.resumed_from,
         **result.eval,
     }  # fmt: skip
