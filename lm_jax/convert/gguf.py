@@ -114,6 +114,12 @@ def _config(reader, arch: str) -> ModelConfig:
         rope_scaling=rope_scaling,
         tie_embeddings=not has_output,
     )
+    f = rope_scaling.factors if rope_scaling is not None else None
+    if f is not None and len(f) != cfg.head_dim_ // 2:
+        raise ConfigError(
+            f"GGUF rope_freqs.weight has {len(f)} factors but head dim {cfg.head_dim_} needs "
+            f"{cfg.head_dim_ // 2} (one per frequency): the file is malformed."
+        )
     return _gemma3_config(reader, cfg, req) if arch == "gemma3" else cfg
 
 

@@ -28,6 +28,7 @@ import optax
 
 from lm_jax.configs.lstm import BPTTConfig, LSTMConfig
 from lm_jax.errors import ConfigError
+from lm_jax.losses import token_log_probs
 from lm_jax.nn.lstm import LSTMLM, zero_carry
 from lm_jax.train.engine import Task
 from lm_jax.train.loop import params_hash
@@ -69,8 +70,7 @@ def token_nll(params, cfg: LSTMConfig, x, y, carry, rng=None):
         {"params": params}, x, carry, deterministic=not train,
         rngs={"dropout": rng} if train else None,
     )  # fmt: skip
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    return logz - jnp.take_along_axis(logits, y[..., None], axis=-1)[..., 0], new
+    return -token_log_probs(logits, y), new
 
 
 @functools.lru_cache(maxsize=8)

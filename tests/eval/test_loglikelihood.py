@@ -117,3 +117,15 @@ def test_capacity_moe_is_scored_whole_and_bad_calls_are_clear_errors():
         dense.score_after_context(np.zeros((1, 8), np.int32), np.array([0, 1]), rows)
     with pytest.raises(EvalError, match="continuation is empty"):
         ll_lib.score_token_pairs(dense, 64, [([1, 2], [])])
+
+
+def test_length_ladder_is_geometric_and_bounds_padding():
+    from lm_jax.utils import length_bucket
+
+    got = [length_bucket(n) for n in (1, 16, 17, 33, 129, 200, 257)]
+    assert got == [16, 16, 20, 40, 160, 224, 320]
+    assert [length_bucket(n, 1, 1) for n in (1, 2, 3, 5, 9)] == [1, 2, 4, 8, 16]
+    for n in range(17, 2000):
+        b = length_bucket(n)
+        assert n <= b < 1.25 * n + 1  # four steps an octave: under 25% padding
+    assert len({length_bucket(n) for n in range(1, 4097)}) == 1 + 4 * 8  # O(log) shapes

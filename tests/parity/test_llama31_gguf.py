@@ -54,7 +54,7 @@ def _permute(w, n_head):  # llama.cpp's q/k row order
     )
 
 
-def _write_gguf(model, path, rope_freqs=True):
+def _write_gguf(model, path, rope_freqs=True, n_factors=None):
     c = model.config
     sd = {k: v.detach().numpy().astype(np.float32) for k, v in model.state_dict().items()}
     w = gguf.GGUFWriter(str(path), arch="llama")
@@ -84,7 +84,8 @@ def _write_gguf(model, path, rope_freqs=True):
     w.add_tensor("output.weight", sd["lm_head.weight"])
     if rope_freqs:
         head_dim = c.hidden_size // c.num_attention_heads
-        w.add_tensor("rope_freqs.weight", _llama_cpp_rope_factors(head_dim, 10000.0, SCALING))
+        factors = _llama_cpp_rope_factors(head_dim, 10000.0, SCALING)
+        w.add_tensor("rope_freqs.weight", factors[:n_factors])
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -112,3 +113,10 @@ def test_rope_freqs_gguf_equals_hf_llama3_scaling(tmp_path):
     assert plain_err > 1e-3 and plain_err > 20 * err, (plain_err, err)
     with pytest.raises(ConfigError, match="no Hugging Face rope_scaling form"):
         rope_scaling_to_hf(cfg.rope_scaling)
+
+
+def test_rope_freqs_of_the_wrong_length_is_a_clear_error(tmp_path):
+    path = tmp_path / "bad.gguf"
+    _write_gguf(_hf_model(), path, n_factors=5)  # head dim 16 needs 8
+    with pytest.raises(ConfigError, match="has 5 factors but head dim 16 needs 8"):
+        from_gguf(str(path), tokenizer=False)
