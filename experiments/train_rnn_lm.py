@@ -34,27 +34,8 @@ cli.define_config("bptt", BPTTConfig)
 cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
 
 
-def check_workdir(workdir: str) -> None:
-    """A file, or a folder holding another kind of run, fails before anything is written."""
-    from lm_jax.checkpoint import KIND_NAMES, CheckpointError, read_meta, workdir_kind
-
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise ConfigError(f"--train.workdir={workdir} is a file, not a folder; give a folder")
-    kind = workdir_kind(workdir)
-    if kind is not None:
-        raise CheckpointError(
-            f"--train.workdir={workdir} holds {KIND_NAMES[kind]}; give the LSTM run its own folder"
-        )
-    if os.path.isdir(os.path.join(workdir, "checkpoints")):
-        _, meta = read_meta(workdir)
-        if "lstm" not in meta:
-            raise CheckpointError(
-                f"--train.workdir={workdir} holds checkpoints of another kind of run (a "
-                "Transformer's); give the LSTM run its own folder"
-            )
-
-
 def main(_):
+    from lm_jax.checkpoint import check_own_workdir
     from lm_jax.data.sources import ptb_lines
     from lm_jax.train import engine
     from lm_jax.train.rnn_lm import EOS, BPTTTask, word_stream, word_vocab
@@ -64,7 +45,7 @@ def main(_):
         "train",
         TrainConfig(workdir="/tmp/lm_jax_ptb_lstm", log_every=200, progress_bar=False),
     )
-    check_workdir(tcfg.workdir)
+    check_own_workdir(tcfg.workdir, "lstm", "the LSTM run")
     train_lines = ptb_lines("train")
     vocab = word_vocab(train_lines)
     lstm = cli.config("lstm", dataclasses.replace(lstm0, vocab_size=len(vocab)))

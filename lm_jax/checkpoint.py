@@ -24,7 +24,7 @@ import orbax.checkpoint as ocp
 from lm_jax import faults
 from lm_jax.configs.base import ModelConfig
 from lm_jax.data.tokenizer import load_tokenizer
-from lm_jax.errors import CheckpointError, CheckpointMismatch, CheckpointWriteError
+from lm_jax.errors import CheckpointError, CheckpointMismatch, CheckpointWriteError, ConfigError
 from lm_jax.nn.transformer import abstract_params
 from lm_jax.resume_config import (  # noqa: F401 - re-exported
     RESUMABLE_MODEL_FIELDS,
@@ -362,6 +362,28 @@ KIND_NAMES = {
     "image_text": "an image-text run (experiments/train_image_text.py)",
     "hf": "a Hugging Face model",
 }
+
+
+def check_own_workdir(workdir: str, meta_key: str, what: str) -> None:
+    """A `--train.workdir` for a run whose checkpoints carry `meta_key` in their meta (e.g.
+    "lstm", "tagger"): a file, a folder of another kind, or checkpoints of another kind of run
+    fail with a one-line error before anything is written. `what` names the run ("the LSTM run")."""
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"--train.workdir={workdir} is a file, not a folder; give a folder")
+    kind = workdir_kind(workdir)
+    if kind is not None:
+        raise CheckpointError(
+            f"--train.workdir={workdir} holds {KIND_NAMES[kind]}; give {what} its own folder"
+        )
+    if os.path.isdir(os.path.join(workdir, "checkpoints")):
+        if Checkpointer(workdir, read_only=True).latest_step() is None:
+            return  # killed before its first save committed: the run starts afresh
+        _, meta = read_meta(workdir)
+        if meta_key not in meta:
+            raise CheckpointError(
+                f"--train.workdir={workdir} holds checkpoints of another kind of run; give "
+                f"{what} its own folder"
+            )
 
 
 def not_a_workdir(workdir: str) -> str:

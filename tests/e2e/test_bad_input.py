@@ -122,6 +122,8 @@ def files(tmp_path_factory):
     for split in ("train", "dev", "test"):
         (d / "sst2" / "sst2" / f"stsa.binary.{split}").write_text("positive a fine film\n")
     (d / "a_file").write_text("x")
+    (d / "good.tsv").write_text("Paris\tB-loc\nis\tO\n\nBob\tB-per\n")
+    (d / "bad.tsv").write_text("Paris\tB-loc\nlonely\n")
     return d
 
 
@@ -442,6 +444,46 @@ def test_train_rnn_lm(case, base, files, tmp_path):
         f"--train.workdir={tmp_path / 'w'}"
     ]  # fmt: skip
     r = binary("train_rnn_lm", *wd, *args)
+    one_error_line(r, pattern)
+    assert {p: tree_hash(p) for p in before} == before
+    assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- train_tagger
+
+TAGGER = {
+    "missing_file": (["--task=files", f"--train_file={MISSING}.tsv", "--dev_file={good.tsv}",
+                      "--test_file={good.tsv}"], r"not found"),  # fmt: skip
+    "missing_file_flag": (["--task=files", "--train_file={good.tsv}"], r"missing: dev, test"),
+    "malformed_file": (["--task=files", "--train_file={bad.tsv}", "--dev_file={good.tsv}",
+                        "--test_file={good.tsv}"],
+                       r"bad.tsv:2: expected token<TAB>tag"),  # fmt: skip
+    "tags_outside_labels": (["--task=files", "--train_file={good.tsv}", "--dev_file={good.tsv}",
+                             "--test_file={good.tsv}", "--labels=O,B-loc"],
+                            r"tags outside the label set \(B-per\).*--labels"),  # fmt: skip
+    "decoder_checkpoint_as_workdir": (["--train.workdir={base}"], r"another kind of run"),
+    "adapters_as_workdir": (["--train.workdir={adapters}"], r"LoRA adapters"),
+    "workdir_is_a_file": (["--train.workdir={a_file}"], r"is a file"),
+    "bad_flag_value": (["--tagger.max_tokens=abc"], r"--tagger\.max_tokens=abc"),
+    "bad_config_value": (["--tagger.max_tokens=2"], r"max_tokens must be >= 4"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+    "batch_vs_mesh": (["--tagger.batch_size=3"], r"not a multiple of the mesh's data axis"),
+    "unknown_task": (["--task=chunking"], r"--task"),
+    "missing_init": (["--task=files", "--train_file={good.tsv}", "--dev_file={good.tsv}",
+                      "--test_file={good.tsv}", f"--init={MISSING}"],
+                     r"neither a folder"),  # fmt: skip
+}
+
+
+@pytest.mark.parametrize("case", sorted(TAGGER))
+def test_train_tagger(case, base, files, tmp_path):
+    args, pattern = TAGGER[case]
+    args = _fmt(args, files, base)
+    before = {p: tree_hash(p) for p in (base, files)}
+    wd = [] if any(a.startswith("--train.workdir") for a in args) else [
+        f"--train.workdir={tmp_path / 'w'}"
+    ]  # fmt: skip
+    r = binary("train_tagger", *wd, *args)
     one_error_line(r, pattern)
     assert {p: tree_hash(p) for p in before} == before
     assert not (tmp_path / "w").exists()

@@ -4,9 +4,10 @@ parameters and batches to the bit (`--log_step_details` rows: loss hex, params h
 or batch hash); SIGTERM saves, exits 0 and resumes the same way. Covers fine-tuning (LoRA and
 full; packed multi-turn chat), preference optimisation (DPO, LoRA; the reference log-probs are
 read back from the workdir, not scored again), GRPO (LoRA; the sampler's RNG and the samples
-included), alignment (DPG) and image-text (contrastive); pretraining has its own suite
-(test_fault_injection.py). Every run is a forked child of one warm interpreter (warm_binaries.py:
-the binary from its first line, without the imports); kill -9 of it is a real crash."""
+included), alignment (DPG), image-text (contrastive), the LSTM LM and the sequence tagger;
+pretraining has its own suite (test_fault_injection.py). Every run is a forked child of one warm
+interpreter (warm_binaries.py: the binary from its first line, without the imports); kill -9 of
+it is a real crash."""
 
 import json
 import os
@@ -377,3 +378,57 @@ def test_rnn_lm_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path):
     for case in (crash_resume_case, sigterm_case):
         wd = tmp_path / case.__name__
         case(rnn_argv(wd), wd, ref_log, steps, RNN_SAVE, cache_dir, tmp_path)
+
+
+# ---------------------------------------------------------------------------- sequence labelling
+
+TAG_SAVE = 4
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory):
+    """A random 2-layer, 32-wide BERT folder with all-MiniLM-L6-v2's tokenizer."""
+    import shutil
+
+    import jax
+    import jax.numpy as jnp
+
+    from lm_jax.configs.encoder import EncoderConfig, bert_style
+    from lm_jax.convert import hf_bert
+    from lm_jax.nn.encoder import Encoder
+
+    d = tmp_path_factory.mktemp("tiny_bert")
+    model = bert_style(vocab_size=30522, d_model=32, num_layers=2, num_heads=2, mlp_dim=64,
+                       max_len=64)  # fmt: skip
+    cfg = EncoderConfig(model, head="none", pooler=True)
+    params = Encoder(cfg).init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    hf_bert.to_hf(cfg, params, str(d))
+    src = pathlib.Path(hf_bert.packaged_minilm_dir())
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt"):
+        shutil.copy(src / name, d / name)
+    return d
+
+
+def tagger_argv(init, workdir):
+    return [
+        PY, str(REPO / "experiments" / "train_tagger.py"), "--task=ner_wnut16",
+        f"--init={init}", "--limit_train=48", "--limit_eval=8", "--tagger.batch_size=8",
+        "--tagger.epochs=2", "--tagger.pool_batches=2", f"--train.save_every={TAG_SAVE}",
+        "--train.log_every=4", "--train.log_step_details=true", f"--train.workdir={workdir}",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tagger_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, tiny_bert):
+    ref = tmp_path / "ref"
+    out = run_ok(tagger_argv(tiny_bert, ref), cache_dir).stdout
+    ref_log = ref / "steps.jsonl"
+    recs = records(ref_log)
+    steps = len(recs)
+    assert steps == 12  # two epochs of 6 batches of 8 sentences
+    hashes = [r["batch_hash"] for r in recs.values()]
+    assert len(set(hashes)) == len(hashes)  # the second epoch is reshuffled
+    assert '"test_entity_f1"' in out and '"most_frequent_tag_baseline"' in out
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(tagger_argv(tiny_bert, wd), wd, ref_log, steps, TAG_SAVE, cache_dir, tmp_path)
