@@ -2,7 +2,8 @@
 (v1.0: ReLU, scaled tied head; v1.1: gated GELU, unscaled): encoder states and decoder
 logits within 1e-4 on padded sources long enough for the log-spaced position buckets; the
 bucket function itself; to_hf round trips; cached decoding equals the full forward pass; greedy
-decoding equals HF `generate`."""
+decoding equals HF `generate`; beam search with 4 beams gives HF `generate(num_beams=4)`'s ids
+and scores (length penalties 1, 0, -1; early stopping on and off), and 1 beam is greedy."""
 
 import jax
 import jax.numpy as jnp
@@ -20,9 +21,10 @@ SIZES = dict(vocab_size=61, d_model=24, d_kv=8, d_ff=40, num_layers=2, num_decod
              eos_token_id=1)  # fmt: skip
 
 
-def hf_model(ff: str, tie: bool, seed: int = 0):
+def hf_model(ff: str, tie: bool, seed: int = 0, init: float = 1.0):
     torch.manual_seed(seed)
-    cfg = transformers.T5Config(feed_forward_proj=ff, tie_word_embeddings=tie, **SIZES)
+    cfg = transformers.T5Config(feed_forward_proj=ff, tie_word_embeddings=tie,
+                                initializer_factor=init, **SIZES)  # fmt: skip
     return transformers.T5ForConditionalGeneration(cfg).eval()
 
 
@@ -126,3 +128,47 @@ def test_cached_decoding_equals_the_full_forward_and_hf_greedy(ff, tie):
                           max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
                           num_beams=1, use_cache=False)  # fmt: skip
     np.testing.assert_array_equal(ids, ref.numpy()[:, 1:])
+
+
+@pytest.mark.parametrize(
+    "ff,tie,init,length_penalty,early_stopping,mixed",
+    [("relu", True, 1.0, 1.0, False, False), ("relu", True, 1.0, 0.0, False, True),
+     ("relu", True, 1.0, 0.0, True, True), ("gated-gelu", False, 0.5, -1.0, False, False)],
+)  # fmt: skip
+def test_beam_search_equals_hf_generate_num_beams_4(ff, tie, init, length_penalty,
+                                                    early_stopping, mixed):  # fmt: skip
+    from lm_jax.beam_search import seq2seq_beam_search
+
+    hf = hf_model(ff, tie, seed=3, init=init)
+    with torch.no_grad():  # a larger EOS row: EOS likely in some contexts, unlikely in others
+        hf.shared.weight[1] *= 3.0
+    cfg, params = hf_t5.from_hf(hf)
+    src, mask, _ = batch(3, B=4)
+    steps = 9
+    got = seq2seq_beam_search(cfg, params, src, steps, num_beams=4, length_penalty=length_penalty,
+                              early_stopping=early_stopping, source_mask=mask)  # fmt: skip
+    lengths = np.asarray(got.lengths)
+    if mixed:  # some hypotheses end in EOS, others run to max_new_tokens
+        assert np.asarray(got.finished).any() and not np.asarray(got.finished).all(), lengths
+    with torch.no_grad():
+        ref = hf.generate(input_ids=torch.tensor(src), attention_mask=torch.tensor(mask),
+                          max_new_tokens=steps, num_beams=4, do_sample=False, eos_token_id=1,
+                          length_penalty=length_penalty, early_stopping=early_stopping,
+                          use_cache=False, return_dict_in_generate=True,
+                          output_scores=True)  # fmt: skip
+    ids = ref.sequences.numpy()[:, 1:]  # without the decoder start token
+    # HF fills past a hypothesis with `pad_token_id or eos` (a pad id of 0 reads as unset):
+    # compare each hypothesis up to and including its EOS, and the lengths
+    hf_len = [int(np.argmax(r == 1)) + 1 if (r == 1).any() else len(r) for r in ids]
+    assert lengths.tolist() == hf_len
+    toks = np.asarray(got.tokens)
+    for b, n in enumerate(hf_len):
+        np.testing.assert_array_equal(toks[b, :n], ids[b, :n])
+        assert (toks[b, n:] == cfg.pad_token_id).all()
+    np.testing.assert_allclose(np.asarray(got.scores), ref.sequences_scores.numpy(), rtol=1e-4,
+                               atol=1e-6)  # fmt: skip
+    greedy = seq2seq_beam_search(cfg, params, src, steps, num_beams=1, source_mask=mask,
+                                 stop_tokens=())  # fmt: skip
+    np.testing.assert_array_equal(
+        np.asarray(greedy.tokens), _greedy(cfg, params, src, mask, steps)[0]
+    )
