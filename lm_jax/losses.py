@@ -130,3 +130,20 @@ def chunked_cross_entropy(
     zero = jnp.zeros((), jnp.float32)
     out, _ = jax.lax.scan(step, (zero, zero, zero), (split(hidden), split(targets), split(mask)))
     return out
+
+
+def label_smoothed_nll(
+    logits: jax.Array,  # [B, T, V]
+    targets: jax.Array,  # [B, T] int
+    mask: jax.Array,  # [B, T] 1 = counted
+    smoothing: float = 0.0,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(summed label-smoothed loss, summed NLL, token count), float32. The smoothed target puts
+    1 - smoothing on the label and smoothing spread evenly over the V classes (label included),
+    as torch's `cross_entropy(label_smoothing=...)`: loss = (1 - e) NLL + e mean_v(-log p_v)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+    uniform = -jnp.mean(logp, axis=-1)
+    m = mask.astype(jnp.float32)
+    loss = (1.0 - smoothing) * nll + smoothing * uniform
+    return jnp.sum(loss * m), jnp.sum(nll * m), jnp.sum(m)

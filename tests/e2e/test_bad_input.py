@@ -124,6 +124,11 @@ def files(tmp_path_factory):
     (d / "a_file").write_text("x")
     (d / "good.tsv").write_text("Paris\tB-loc\nis\tO\n\nBob\tB-per\n")
     (d / "bad.tsv").write_text("Paris\tB-loc\nlonely\n")
+    (d / "two.en").write_text("a dog\na cat\n")
+    (d / "one.de").write_text("ein Hund\n")
+    (d / "two.de").write_text("ein Hund\neine Katze\n")
+    (d / "long.en").write_text("a " * 300 + "\nshort\n")
+    (d / "binary.en").write_bytes(b"\xff\xfe\x00bad\n\x80\n")
     return d
 
 
@@ -484,6 +489,39 @@ def test_train_tagger(case, base, files, tmp_path):
         f"--train.workdir={tmp_path / 'w'}"
     ]  # fmt: skip
     r = binary("train_tagger", *wd, *args)
+    one_error_line(r, pattern)
+    assert {p: tree_hash(p) for p in before} == before
+    assert not (tmp_path / "w").exists()
+
+
+# ---------------------------------------------------------------- train_seq2seq
+
+SEQ2SEQ = {
+    "missing_file": (["--task=files", f"--train_files={MISSING}.en,{{two.de}}"], r"not found"),
+    "one_file": (["--task=files", "--train_files={two.en}"], r"SOURCE,TARGET"),
+    "mismatched_files": (["--task=files", "--train_files={two.en},{one.de}"],
+                         r"2 source lines but 1 target lines"),  # fmt: skip
+    "malformed_file": (["--task=files", "--train_files={binary.en},{two.de}"], r"UTF-8"),
+    "source_too_long": (["--task=files", "--train_files={long.en},{two.de}", "--vocab_size=300"],
+                        r"pair 0: .*max_source_len=128"),  # fmt: skip
+    "decoder_checkpoint_as_workdir": (["--train.workdir={base}"], r"another kind of run"),
+    "adapters_as_workdir": (["--train.workdir={adapters}"], r"LoRA adapters"),
+    "bad_flag_value": (["--seq2seq.batch_size=abc"], r"--seq2seq\.batch_size=abc"),
+    "bad_config_value": (["--seq2seq.label_smoothing=1.5"], r"label_smoothing must be in"),
+    "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
+    "batch_vs_mesh": (["--seq2seq.batch_size=3"], r"not a multiple of the mesh's data axis"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SEQ2SEQ))
+def test_train_seq2seq(case, base, files, tmp_path):
+    args, pattern = SEQ2SEQ[case]
+    args = _fmt(args, files, base)
+    before = {p: tree_hash(p) for p in (base, files)}
+    wd = [] if any(a.startswith("--train.workdir") for a in args) else [
+        f"--train.workdir={tmp_path / 'w'}"
+    ]  # fmt: skip
+    r = binary("train_seq2seq", *wd, *args)
     one_error_line(r, pattern)
     assert {p: tree_hash(p) for p in before} == before
     assert not (tmp_path / "w").exists()

@@ -432,3 +432,50 @@ def test_tagger_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, tiny_bert
     for case in (crash_resume_case, sigterm_case):
         wd = tmp_path / case.__name__
         case(tagger_argv(tiny_bert, wd), wd, ref_log, steps, TAG_SAVE, cache_dir, tmp_path)
+
+
+# ---------------------------------------------------------------------------- seq2seq (T5)
+
+S2S_SAVE = 4
+
+
+@pytest.fixture(scope="module")
+def pair_files(tmp_path_factory, shared_data):
+    """48 Multi30k training pairs as plain line-aligned files (train) and 4 for val / test."""
+    import gzip
+
+    d = tmp_path_factory.mktemp("pairs")
+    for lang in ("en", "de"):
+        with gzip.open(shared_data / "multi30k" / f"train.{lang}.gz", "rt") as f:
+            lines = [next(f) for _ in range(56)]
+        (d / f"train.{lang}").write_text("".join(lines[:48]))
+        (d / f"val.{lang}").write_text("".join(lines[48:52]))
+    return d
+
+
+def seq2seq_argv(d, workdir):
+    return [
+        PY, str(REPO / "experiments" / "train_seq2seq.py"), "--task=files",
+        f"--train_files={d / 'train.en'},{d / 'train.de'}",
+        f"--val_files={d / 'val.en'},{d / 'val.de'}", "--vocab_size=400",
+        "--t5.model.d_model=32", "--t5.model.num_layers=1", "--t5.model.num_heads=2",
+        "--t5.model.head_dim=8", "--t5.model.mlp_dim=64", "--seq2seq.batch_size=8",
+        "--seq2seq.pool_batches=2", "--train.steps=12", "--seq2seq.num_beams=2",
+        "--seq2seq.max_new_tokens=6", f"--train.save_every={S2S_SAVE}", "--train.log_every=4",
+        "--train.log_step_details=true", f"--train.workdir={workdir}",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_seq2seq_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, pair_files):
+    ref = tmp_path / "ref"
+    out = run_ok(seq2seq_argv(pair_files, ref), cache_dir).stdout
+    ref_log = ref / "steps.jsonl"
+    recs = records(ref_log)
+    assert len(recs) == 12
+    hashes = [r["batch_hash"] for r in recs.values()]
+    assert len(set(hashes[:6])) == 6 and hashes[:6] != hashes[6:]  # epoch 2 is reshuffled
+    assert '"val_bleu"' in out and '"val_ppl"' in out
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(seq2seq_argv(pair_files, wd), wd, ref_log, 12, S2S_SAVE, cache_dir, tmp_path)

@@ -1,0 +1,288 @@
+"""Sequence-to-sequence training of a T5-family encoder-decoder (`lm_jax.nn.t5.T5`) on
+(source, target) pairs, as a `Task` of the one loop (checkpoints, exact resume, SIGTERM, the
+non-finite policy, metrics); translation quality by beam search and sacrebleu.
+
+Pairs are token ids: source + [EOS] into the encoder; the decoder reads [start] + target and
+predicts target + [EOS]. Loss: label-smoothed cross entropy (`losses.label_smoothed_nll`)
+averaged over the target tokens of the batch. Batches are a function of the step index (as in
+`lm_jax.train.tagging`: per-epoch seeded permutation, length-sorted pools, shuffled batches),
+padded up the geometric length ladder. Evaluation: the validation loss (periodic) and, at the
+end, beam-search translations of every evaluation split scored by BLEU / chrF (sacrebleu).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+from collections.abc import Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from lm_jax.beam_search import seq2seq_beam_search
+from lm_jax.configs.t5 import T5Config
+from lm_jax.configs.train import TrainConfig
+from lm_jax.errors import ConfigError, DataSourceError
+from lm_jax.eval.generation_metrics import generation_report
+from lm_jax.losses import label_smoothed_nll
+from lm_jax.nn.t5 import T5, abstract_params
+from lm_jax.optim import make_optimizer
+from lm_jax.sharding import batch_sharding, params_shardings
+from lm_jax.train.engine import Task
+from lm_jax.train.loop import params_hash
+from lm_jax.train.state import TrainState, opt_state_shardings
+from lm_jax.train.step import apply_update
+from lm_jax.train.tagging import epoch_batches
+from lm_jax.utils import length_bucket
+
+BATCH_KEYS = ("source", "source_mask", "target_in", "target_out", "target_mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class Seq2SeqConfig:
+    """Batching, loss and decoding of a seq2seq run (the optimiser is `TrainConfig`'s)."""
+
+    batch_size: int = 64  # pairs per update (a multiple of the mesh's data axis)
+    epochs: float = 20.0  # train.steps, when set, wins
+    max_source_len: int = 128  # subword tokens, EOS included; longer sources are an error
+    max_target_len: int = 128
+    label_smoothing: float = 0.1
+    pool_batches: int = 50
+    num_beams: int = 4
+    length_penalty: float = 0.6
+    max_new_tokens: int = 80
+    eval_batch_size: int = 100
+    eval_limit: int = 0  # sentences per split in the final BLEU evaluation (0 = all)
+
+    def __post_init__(self):
+        if min(self.batch_size, self.eval_batch_size, self.pool_batches, self.num_beams) < 1:
+            raise ConfigError("seq2seq batch sizes, pool_batches and num_beams must be >= 1")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ConfigError(
+                f"seq2seq.label_smoothing must be in [0, 1), got {self.label_smoothing}"
+            )
+        if min(self.max_source_len, self.max_target_len, self.max_new_tokens) < 2:
+            raise ConfigError("seq2seq max_source_len, max_target_len, max_new_tokens must be >= 2")
+        if not self.epochs > 0:
+            raise ConfigError(f"seq2seq.epochs must be > 0, got {self.epochs}")
+
+
+def encode_pairs(tokenizer, sources: Sequence[str], targets: Sequence[str], eos: int,
+                 max_source: int, max_target: int, what: str = "train"):  # fmt: skip
+    """[(source ids + EOS, target ids + EOS)]; a pair past the limits is a one-line error."""
+    if len(sources) != len(targets):
+        raise DataSourceError(
+            f"{what}: {len(sources)} source lines but {len(targets)} target lines; the files "
+            "must be line-aligned"
+        )
+    out = []
+    for i, (s, t) in enumerate(zip(sources, targets)):
+        a, b = list(tokenizer.encode(s)) + [eos], list(tokenizer.encode(t)) + [eos]
+        if len(a) > max_source or len(b) > max_target:
+            raise DataSourceError(
+                f"{what} pair {i}: {len(a)} source / {len(b)} target tokens, past "
+                f"max_source_len={max_source} / max_target_len={max_target}; raise them "
+                "(--seq2seq.max_source_len) or drop the pair"
+            )
+        out.append((np.asarray(a, np.int32), np.asarray(b, np.int32)))
+    return out
+
+
+def collate(pairs, batch_size: int, start: int, pad: int) -> dict:
+    """Padded [batch_size, S] / [batch_size, T] arrays (filler rows empty but for one key)."""
+    S = length_bucket(max(len(a) for a, _ in pairs), minimum=8)
+    T = length_bucket(max(len(b) for _, b in pairs), minimum=8)
+    out = {
+        "source": np.full((batch_size, S), pad, np.int32),
+        "source_mask": np.zeros((batch_size, S), np.int32),
+        "target_in": np.full((batch_size, T), pad, np.int32),
+        "target_out": np.full((batch_size, T), pad, np.int32),
+        "target_mask": np.zeros((batch_size, T), np.int32),
+    }
+    for j, (a, b) in enumerate(pairs):
+        out["source"][j, : len(a)], out["source_mask"][j, : len(a)] = a, 1
+        out["target_in"][j, 0], out["target_in"][j, 1 : len(b)] = start, b[:-1]
+        out["target_out"][j, : len(b)], out["target_mask"][j, : len(b)] = b, 1
+    out["source_mask"][len(pairs) :, 0] = 1
+    return out
+
+
+def loss_fn(params, batch, cfg: T5Config, smoothing: float, rng=None):
+    model = T5(cfg, deterministic=rng is None)
+    logits = model.apply(
+        {"params": params}, batch["source"], batch["target_in"], batch["source_mask"],
+        rngs=None if rng is None else {"dropout": rng},
+    )  # fmt: skip
+    mask = batch["target_mask"]
+    loss_sum, nll_sum, n = label_smoothed_nll(logits, batch["target_out"], mask, smoothing)
+    n = jnp.maximum(n, 1.0)
+    return loss_sum / n, {"loss": loss_sum / n, "nll": nll_sum / n, "tokens": n}
+
+
+def _train_step(state: TrainState, batch, rng, *, cfg, tx, train_cfg, smoothing):
+    rng = jax.random.fold_in(rng, state.step)
+    grads, m = jax.grad(loss_fn, has_aux=True)(state.params, batch, cfg, smoothing, rng)
+    new, gnorm, finite = apply_update(state, grads, m["loss"], tx=tx, train_cfg=train_cfg)
+    return new, {**m, "grad_norm": gnorm, "finite": finite}
+
+
+@functools.lru_cache(maxsize=8)
+def _eval_loss_fn(cfg: T5Config, smoothing: float):
+    return jax.jit(lambda p, b: loss_fn(p, b, cfg, smoothing)[1])
+
+
+class Seq2SeqTask(Task):
+    """`train`: encoded pairs (`encode_pairs`); `evals`: {split: (source texts, reference
+    texts)}; `decode(ids) -> text` turns generated ids back into text for BLEU."""
+
+    def __init__(self, cfg: T5Config, s2s: Seq2SeqConfig, train_cfg: TrainConfig, tokenizer,
+                 train, evals: dict, mesh, decode: Callable | None = None):  # fmt: skip
+        self.cfg, self.s2s, self.train_cfg, self.mesh = cfg, s2s, train_cfg, mesh
+        self.tokenizer, self.train, self.evals = tokenizer, train, evals
+        self.decode = decode or (lambda ids: tokenizer.decode(ids))
+        if not train:
+            raise DataSourceError("no training pairs")
+        lengths = np.asarray([len(a) + len(b) for a, b in train])
+        self.lengths = lengths
+        self.epoch_steps = len(epoch_batches(lengths, s2s.batch_size, s2s.pool_batches, 0, 0))
+        self.tx = make_optimizer(train_cfg)
+        self.rng = jax.random.key(train_cfg.seed + 1)
+        boxed = abstract_params(cfg)
+        p_sh = params_shardings(boxed, mesh)
+        params = nn.unbox(boxed)
+        o_abs = jax.eval_shape(self.tx.init, params)
+        rep = NamedSharding(mesh, PartitionSpec())
+        self.shardings = TrainState(rep, p_sh, opt_state_shardings(o_abs, params, p_sh, mesh), rep)
+        scalar = jax.ShapeDtypeStruct((), jnp.int32)
+        self.abstract = TrainState(scalar, params, o_abs, scalar)
+        b_sh = batch_sharding(mesh, 2, s2s.batch_size)
+        step = functools.partial(_train_step, cfg=cfg, tx=self.tx, train_cfg=train_cfg,
+                                 smoothing=s2s.label_smoothing)  # fmt: skip
+        self._step = jax.jit(
+            step, in_shardings=(self.shardings, {k: b_sh for k in BATCH_KEYS}, None),
+            out_shardings=(self.shardings, None), donate_argnums=(0,),
+        )  # fmt: skip
+        self._epoch: tuple[int, list] | None = None
+        self._batch_ids = np.zeros(0, np.int64)
+        self._valid = None
+
+    def steps_for(self, epochs: float) -> int:
+        return max(1, int(round(epochs * self.epoch_steps)))
+
+    def init_state(self):
+        cfg, tx = self.cfg, self.tx
+        x = jnp.zeros((1, 4), jnp.int32)
+
+        def make(rng):
+            p = nn.unbox(T5(cfg).init(rng, x, x)["params"])
+            z = jnp.zeros((), jnp.int32)
+            return TrainState(z, p, tx.init(p), z)
+
+        with jax.set_mesh(self.mesh):
+            return jax.jit(make, out_shardings=self.shardings)(jax.random.key(self.train_cfg.seed))
+
+    def abstract_state(self):
+        return self.abstract, self.shardings
+
+    def meta(self) -> dict:
+        return {"seq2seq": {"t5": self.cfg.to_dict(), "config": dataclasses.asdict(self.s2s)}}
+
+    def describe(self, state) -> str:
+        n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
+        return (f"T5 encoder-decoder {n / 1e6:.1f}M params, {len(self.train)} pairs, "
+                f"{self.epoch_steps} batches an epoch")  # fmt: skip
+
+    def _pairs(self, ids) -> dict:
+        pad = self.cfg.pad_token_id
+        return collate([self.train[i] for i in ids], self.s2s.batch_size,
+                       self.cfg.decoder_start_token_id, pad)  # fmt: skip
+
+    def batch(self, step: int) -> dict:
+        s = self.s2s
+        epoch, j = divmod(step, self.epoch_steps)
+        if self._epoch is None or self._epoch[0] != epoch:
+            seed = self.train_cfg.seed
+            self._epoch = (
+                epoch,
+                epoch_batches(self.lengths, s.batch_size, s.pool_batches, seed, epoch),
+            )
+        self._batch_ids = self._epoch[1][j]
+        return self._pairs(self._batch_ids)
+
+    def train_step(self, state, step: int):
+        batch = self.batch(step)
+        with jax.set_mesh(self.mesh):
+            return self._step(state, batch, self.rng)
+
+    def step_record(self, step: int, metrics: dict, state) -> dict:
+        return {
+            "step": step, "loss_hex": float(metrics["loss"]).hex(),
+            "batch_hash": hashlib.sha256(np.asarray(self._batch_ids).tobytes()).hexdigest()[:16],
+            "params_hash": params_hash(state.params),
+        }  # fmt: skip
+
+    def valid_loss(self, state, pairs) -> dict:
+        """Token-weighted label-smoothed loss and NLL (perplexity) over `pairs`."""
+        fn, B = _eval_loss_fn(self.cfg, self.s2s.label_smoothing), self.s2s.eval_batch_size
+        tot = {"loss": 0.0, "nll": 0.0, "tokens": 0.0}
+        order = np.argsort([len(b) for _, b in pairs], kind="stable")
+        for s in range(0, len(order), B):
+            chunk = [pairs[i] for i in order[s : s + B]]
+            b = collate(chunk, B, self.cfg.decoder_start_token_id, self.cfg.pad_token_id)
+            with jax.set_mesh(self.mesh):
+                m = jax.device_get(fn(state.params, b))
+            n = float(m["tokens"])
+            tot["loss"] += float(m["loss"]) * n
+            tot["nll"] += float(m["nll"]) * n
+            tot["tokens"] += n
+        n = max(tot["tokens"], 1.0)
+        return {"loss": tot["loss"] / n, "ppl": float(np.exp(tot["nll"] / n))}
+
+    def translate(self, state, sources: Sequence[str]) -> list[str]:
+        """Beam-search translations of `sources` (length-sorted batches, one shape a batch)."""
+        s, eos = self.s2s, self.cfg.eos_token_id
+        enc = [list(self.tokenizer.encode(x))[: s.max_source_len - 1] + [eos] for x in sources]
+        order = np.argsort([len(e) for e in enc], kind="stable")
+        out: list[str] = [""] * len(enc)
+        for i in range(0, len(order), s.eval_batch_size):
+            rows = order[i : i + s.eval_batch_size]
+            S = length_bucket(max(len(enc[r]) for r in rows), minimum=8)
+            src = np.full((s.eval_batch_size, S), self.cfg.pad_token_id, np.int32)
+            mask = np.zeros_like(src)
+            for j, r in enumerate(rows):
+                src[j, : len(enc[r])], mask[j, : len(enc[r])] = enc[r], 1
+            mask[len(rows) :, 0] = 1
+            with jax.set_mesh(self.mesh):
+                res = seq2seq_beam_search(
+                    self.cfg, state.params, src, s.max_new_tokens, s.num_beams,
+                    s.length_penalty, source_mask=mask,
+                )  # fmt: skip
+            toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
+            for j, r in enumerate(rows):
+                ids = [t for t in toks[j, : lens[j]].tolist() if t != eos]
+                out[r] = self.decode(ids)
+        return out
+
+    def evaluate(self, state, step: int) -> dict:
+        if "val" not in self.evals:
+            return {}
+        if self._valid is None:
+            src, ref = self.evals["val"]
+            self._valid = encode_pairs(self.tokenizer, src, ref, self.cfg.eos_token_id,
+                                       10**6, 10**6, "val")  # fmt: skip
+        return {f"val_{k}": v for k, v in self.valid_loss(state, self._valid).items()}
+
+    def final_evaluate(self, state, step: int) -> dict:
+        out = self.evaluate(state, step)
+        for name, (src, ref) in self.evals.items():
+            n = self.s2s.eval_limit or len(src)
+            hyps = self.translate(state, src[:n])
+            rep = generation_report(hyps, list(ref[:n]))
+            out.update({f"{name}_{k}": v for k, v in rep.items() if k in ("bleu", "chrf")})
+            out[f"{name}_sentences"] = float(n)
+            self.examples = list(zip(src[:3], hyps[:3], ref[:3]))
+        return out
