@@ -47,11 +47,48 @@ def table(report: dict) -> str:
     return "\n".join(f"{k:<{width}}  {fmt(v)}" for k, v in rows)
 
 
+def _is_seq2seq(workdir: str) -> bool:
+    import os
+
+    from lm_jax.checkpoint import read_meta
+
+    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+        return False
+    try:
+        return "seq2seq" in read_meta(workdir)[1]
+    except Exception:  # noqa: BLE001 - not a readable workdir: load_model says why
+        return False
+
+
+def _seq2seq(F) -> int:
+    """multi30k_en_de on an encoder-decoder workdir (experiments/train_seq2seq.py): beam search."""
+    from lm_jax.eval.tasks import DEFAULT_DATA_DIR, load_multi30k
+    from lm_jax.sharding import make_mesh
+    from lm_jax.train.seq2seq import evaluate_translation
+
+    if F.task != "multi30k_en_de":
+        cli.fail(
+            f"{F.checkpoint} is an encoder-decoder run: it evaluates --task=multi30k_en_de only"
+        )
+    split = F.split or "test_2016_flickr"
+    en, de = load_multi30k(F.data_dir or DEFAULT_DATA_DIR, split)
+    en, de = en[: F.limit], de[: F.limit]
+    report = {"split": split, **evaluate_translation(F.checkpoint, en, de, make_mesh(""),
+                                                      eval_batch_size=F.batch_size)}  # fmt: skip
+    print(table(report))
+    if F.out:
+        with open(F.out, "w") as f:
+            json.dump(report, f, indent=1, default=str)
+    return 0
+
+
 def main(argv):
     F = flags.FLAGS
     from lm_jax.eval.tasks import get_task, load_model, run_task
 
     get_task(F.task)  # unknown task: fail before loading anything
+    if F.checkpoint and _is_seq2seq(F.checkpoint):
+        return _seq2seq(F)
     model = load_model(F.checkpoint, F.hf_dir, F.gguf)
     opts = {
         k: getattr(F, k)

@@ -87,3 +87,13 @@ class T5Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> T5Config:
+        d = dict(d)
+        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown T5Config fields {sorted(unknown)}")
+        if isinstance(d.get("model"), dict):
+            d["model"] = ModelConfig.from_dict(d["model"])
+        return cls(**d)

@@ -135,6 +135,70 @@ def _eval_loss_fn(cfg: T5Config, smoothing: float):
     return jax.jit(lambda p, b: loss_fn(p, b, cfg, smoothing)[1])
 
 
+def translate(cfg: T5Config, s2s: Seq2SeqConfig, params, tokenizer, sources: Sequence[str],
+              mesh, decode: Callable | None = None) -> list[str]:  # fmt: skip
+    """Beam-search translations of `sources` (length-sorted batches of `s2s.eval_batch_size`)."""
+    decode = decode or tokenizer.decode
+    eos, B = cfg.eos_token_id, s2s.eval_batch_size
+    enc = [list(tokenizer.encode(x))[: s2s.max_source_len - 1] + [eos] for x in sources]
+    order = np.argsort([len(e) for e in enc], kind="stable")
+    out: list[str] = [""] * len(enc)
+    for i in range(0, len(order), B):
+        rows = order[i : i + B]
+        S = length_bucket(max(len(enc[r]) for r in rows), minimum=8)
+        src = np.full((B, S), cfg.pad_token_id, np.int32)
+        mask = np.zeros_like(src)
+        for j, r in enumerate(rows):
+            src[j, : len(enc[r])], mask[j, : len(enc[r])] = enc[r], 1
+        mask[len(rows) :, 0] = 1
+        with jax.set_mesh(mesh):
+            res = seq2seq_beam_search(cfg, params, src, s2s.max_new_tokens, s2s.num_beams,
+                                      s2s.length_penalty, source_mask=mask)  # fmt: skip
+        toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
+        for j, r in enumerate(rows):
+            out[r] = decode([t for t in toks[j, : lens[j]].tolist() if t != eos])
+    return out
+
+
+def load_seq2seq(workdir: str, mesh):
+    """(T5Config, Seq2SeqConfig, params, tokenizer) from a train_seq2seq workdir (newest step)."""
+    import os
+
+    import orbax.checkpoint as ocp
+
+    from lm_jax.checkpoint import Checkpointer, read_meta
+    from lm_jax.data.tokenizer import load_tokenizer
+    from lm_jax.errors import CheckpointError
+
+    _, meta = read_meta(workdir)
+    if "seq2seq" not in meta:
+        raise CheckpointError(f"{workdir!r} holds no seq2seq run (experiments/train_seq2seq.py)")
+    cfg = T5Config.from_dict(meta["seq2seq"]["t5"])
+    s2s = Seq2SeqConfig(**meta["seq2seq"]["config"])
+    boxed = abstract_params(cfg)
+    sh = params_shardings(boxed, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          nn.unbox(boxed), sh)  # fmt: skip
+    ckpt = Checkpointer(workdir, read_only=True)
+    restored = ckpt.manager.restore(
+        ckpt.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
+    )
+    return cfg, s2s, restored["params"], load_tokenizer(os.path.join(workdir, "tokenizer"))
+
+
+def evaluate_translation(workdir: str, sources, references, mesh, **overrides) -> dict:
+    """BLEU / chrF (sacrebleu) of a seq2seq workdir's beam-search translations; `overrides`
+    replace Seq2SeqConfig decoding fields (num_beams, length_penalty, eval_batch_size, ...)."""
+    cfg, s2s, params, tokenizer = load_seq2seq(workdir, mesh)
+    s2s = dataclasses.replace(s2s, **{k: v for k, v in overrides.items() if v is not None})
+    hyps = translate(cfg, s2s, params, tokenizer, sources, mesh)
+    rep = generation_report(hyps, list(references))
+    return {
+        "n": len(hyps), **rep, "num_beams": s2s.num_beams, "length_penalty": s2s.length_penalty,
+        "examples": list(zip(sources[:3], hyps[:3])),
+    }  # fmt: skip
+
+
 class Seq2SeqTask(Task):
     """`train`: encoded pairs (`encode_pairs`); `evals`: {split: (source texts, reference
     texts)}; `decode(ids) -> text` turns generated ids back into text for BLEU."""
@@ -243,29 +307,8 @@ class Seq2SeqTask(Task):
         return {"loss": tot["loss"] / n, "ppl": float(np.exp(tot["nll"] / n))}
 
     def translate(self, state, sources: Sequence[str]) -> list[str]:
-        """Beam-search translations of `sources` (length-sorted batches, one shape a batch)."""
-        s, eos = self.s2s, self.cfg.eos_token_id
-        enc = [list(self.tokenizer.encode(x))[: s.max_source_len - 1] + [eos] for x in sources]
-        order = np.argsort([len(e) for e in enc], kind="stable")
-        out: list[str] = [""] * len(enc)
-        for i in range(0, len(order), s.eval_batch_size):
-            rows = order[i : i + s.eval_batch_size]
-            S = length_bucket(max(len(enc[r]) for r in rows), minimum=8)
-            src = np.full((s.eval_batch_size, S), self.cfg.pad_token_id, np.int32)
-            mask = np.zeros_like(src)
-            for j, r in enumerate(rows):
-                src[j, : len(enc[r])], mask[j, : len(enc[r])] = enc[r], 1
-            mask[len(rows) :, 0] = 1
-            with jax.set_mesh(self.mesh):
-                res = seq2seq_beam_search(
-                    self.cfg, state.params, src, s.max_new_tokens, s.num_beams,
-                    s.length_penalty, source_mask=mask,
-                )  # fmt: skip
-            toks, lens = np.asarray(res.tokens), np.asarray(res.lengths)
-            for j, r in enumerate(rows):
-                ids = [t for t in toks[j, : lens[j]].tolist() if t != eos]
-                out[r] = self.decode(ids)
-        return out
+        return translate(self.cfg, self.s2s, state.params, self.tokenizer, sources, self.mesh,
+                         self.decode)  # fmt: skip
 
     def evaluate(self, state, step: int) -> dict:
         if "val" not in self.evals:

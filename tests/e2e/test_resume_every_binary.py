@@ -476,6 +476,11 @@ def test_seq2seq_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, pair_fil
     hashes = [r["batch_hash"] for r in recs.values()]
     assert len(set(hashes[:6])) == 6 and hashes[:6] != hashes[6:]  # epoch 2 is reshuffled
     assert '"val_bleu"' in out and '"val_ppl"' in out
+    # evaluate.py reads the encoder-decoder workdir and translates with beam search
+    evaluate = [PY, str(REPO / "experiments" / "evaluate.py"), f"--checkpoint={ref}",
+                "--task=multi30k_en_de", "--limit=3", "--batch_size=4"]  # fmt: skip
+    ev = run_ok(evaluate, cache_dir).stdout
+    assert re.search(r"^bleu\s+\d", ev, re.M) and re.search(r"^num_beams\s+2$", ev, re.M), ev
     for case in (crash_resume_case, sigterm_case):
         wd = tmp_path / case.__name__
         case(seq2seq_argv(pair_files, wd), wd, ref_log, 12, S2S_SAVE, cache_dir, tmp_path)
