@@ -33,6 +33,7 @@ EXPECTED = [
     "05_alignment",
     "06_image_text",
     "07_sharding",
+    "09_encoders_translation",
     "10_eval_harness",
 ]
 NOTEBOOK_LIMIT_S = 180  # per notebook, all cells together (target: ~90 s on 2 CPU cores)
