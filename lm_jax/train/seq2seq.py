@@ -14,14 +14,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from lm_jax.beam_search import seq2seq_beam_search
 from lm_jax.configs.t5 import T5Config
@@ -30,13 +28,8 @@ from lm_jax.errors import ConfigError, DataSourceError
 from lm_jax.eval.generation_metrics import generation_report
 from lm_jax.losses import label_smoothed_nll
 from lm_jax.nn.t5 import T5, abstract_params
-from lm_jax.optim import make_optimizer
-from lm_jax.sharding import batch_sharding, params_shardings
-from lm_jax.train.engine import Task
-from lm_jax.train.loop import params_hash
-from lm_jax.train.state import TrainState, opt_state_shardings
-from lm_jax.train.step import apply_update
-from lm_jax.train.tagging import epoch_batches
+from lm_jax.sharding import params_shardings
+from lm_jax.train.example_task import ExampleTask
 from lm_jax.utils import length_bucket
 
 BATCH_KEYS = ("source", "source_mask", "target_in", "target_out", "target_mask")
@@ -123,13 +116,6 @@ def loss_fn(params, batch, cfg: T5Config, smoothing: float, rng=None):
     return loss_sum / n, {"loss": loss_sum / n, "nll": nll_sum / n, "tokens": n}
 
 
-def _train_step(state: TrainState, batch, rng, *, cfg, tx, train_cfg, smoothing):
-    rng = jax.random.fold_in(rng, state.step)
-    grads, m = jax.grad(loss_fn, has_aux=True)(state.params, batch, cfg, smoothing, rng)
-    new, gnorm, finite = apply_update(state, grads, m["loss"], tx=tx, train_cfg=train_cfg)
-    return new, {**m, "grad_norm": gnorm, "finite": finite}
-
-
 @functools.lru_cache(maxsize=8)
 def _eval_loss_fn(cfg: T5Config, smoothing: float):
     return jax.jit(lambda p, b: loss_fn(p, b, cfg, smoothing)[1])
@@ -199,58 +185,27 @@ def evaluate_translation(workdir: str, sources, references, mesh, **overrides) -
     }  # fmt: skip
 
 
-class Seq2SeqTask(Task):
+class Seq2SeqTask(ExampleTask):
     """`train`: encoded pairs (`encode_pairs`); `evals`: {split: (source texts, reference
     texts)}; `decode(ids) -> text` turns generated ids back into text for BLEU."""
 
     def __init__(self, cfg: T5Config, s2s: Seq2SeqConfig, train_cfg: TrainConfig, tokenizer,
                  train, evals: dict, mesh, decode: Callable | None = None):  # fmt: skip
-        self.cfg, self.s2s, self.train_cfg, self.mesh = cfg, s2s, train_cfg, mesh
+        self.cfg, self.s2s = cfg, s2s
         self.tokenizer, self.train, self.evals = tokenizer, train, evals
         self.decode = decode or (lambda ids: tokenizer.decode(ids))
-        if not train:
-            raise DataSourceError("no training pairs")
-        lengths = np.asarray([len(a) + len(b) for a, b in train])
-        self.lengths = lengths
-        self.epoch_steps = len(epoch_batches(lengths, s2s.batch_size, s2s.pool_batches, 0, 0))
-        self.tx = make_optimizer(train_cfg)
-        self.rng = jax.random.key(train_cfg.seed + 1)
-        boxed = abstract_params(cfg)
-        p_sh = params_shardings(boxed, mesh)
-        params = nn.unbox(boxed)
-        o_abs = jax.eval_shape(self.tx.init, params)
-        rep = NamedSharding(mesh, PartitionSpec())
-        self.shardings = TrainState(rep, p_sh, opt_state_shardings(o_abs, params, p_sh, mesh), rep)
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self.abstract = TrainState(scalar, params, o_abs, scalar)
-        b_sh = batch_sharding(mesh, 2, s2s.batch_size)
-        step = functools.partial(_train_step, cfg=cfg, tx=self.tx, train_cfg=train_cfg,
-                                 smoothing=s2s.label_smoothing)  # fmt: skip
-        self._step = jax.jit(
-            step, in_shardings=(self.shardings, {k: b_sh for k in BATCH_KEYS}, None),
-            out_shardings=(self.shardings, None), donate_argnums=(0,),
-        )  # fmt: skip
-        self._epoch: tuple[int, list] | None = None
-        self._batch_ids = np.zeros(0, np.int64)
+        loss = lambda p, b, r: loss_fn(p, b, cfg, s2s.label_smoothing, r)  # noqa: E731
+        self.setup(abstract_params(cfg), loss, BATCH_KEYS, [len(a) + len(b) for a, b in train],
+                   s2s.batch_size, s2s.pool_batches, train_cfg, mesh)  # fmt: skip
         self._valid = None
 
-    def steps_for(self, epochs: float) -> int:
-        return max(1, int(round(epochs * self.epoch_steps)))
-
-    def init_state(self):
-        cfg, tx = self.cfg, self.tx
+    def init_params(self, rng, given):
         x = jnp.zeros((1, 4), jnp.int32)
+        return nn.unbox(T5(self.cfg).init(rng, x, x)["params"])
 
-        def make(rng):
-            p = nn.unbox(T5(cfg).init(rng, x, x)["params"])
-            z = jnp.zeros((), jnp.int32)
-            return TrainState(z, p, tx.init(p), z)
-
-        with jax.set_mesh(self.mesh):
-            return jax.jit(make, out_shardings=self.shardings)(jax.random.key(self.train_cfg.seed))
-
-    def abstract_state(self):
-        return self.abstract, self.shardings
+    def collate(self, indices) -> dict:
+        return collate([self.train[i] for i in indices], self.s2s.batch_size,
+                       self.cfg.decoder_start_token_id, self.cfg.pad_token_id)  # fmt: skip
 
     def meta(self) -> dict:
         return {"seq2seq": {"t5": self.cfg.to_dict(), "config": dataclasses.asdict(self.s2s)}}
@@ -259,35 +214,6 @@ class Seq2SeqTask(Task):
         n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
         return (f"T5 encoder-decoder {n / 1e6:.1f}M params, {len(self.train)} pairs, "
                 f"{self.epoch_steps} batches an epoch")  # fmt: skip
-
-    def _pairs(self, ids) -> dict:
-        pad = self.cfg.pad_token_id
-        return collate([self.train[i] for i in ids], self.s2s.batch_size,
-                       self.cfg.decoder_start_token_id, pad)  # fmt: skip
-
-    def batch(self, step: int) -> dict:
-        s = self.s2s
-        epoch, j = divmod(step, self.epoch_steps)
-        if self._epoch is None or self._epoch[0] != epoch:
-            seed = self.train_cfg.seed
-            self._epoch = (
-                epoch,
-                epoch_batches(self.lengths, s.batch_size, s.pool_batches, seed, epoch),
-            )
-        self._batch_ids = self._epoch[1][j]
-        return self._pairs(self._batch_ids)
-
-    def train_step(self, state, step: int):
-        batch = self.batch(step)
-        with jax.set_mesh(self.mesh):
-            return self._step(state, batch, self.rng)
-
-    def step_record(self, step: int, metrics: dict, state) -> dict:
-        return {
-            "step": step, "loss_hex": float(metrics["loss"]).hex(),
-            "batch_hash": hashlib.sha256(np.asarray(self._batch_ids).tobytes()).hexdigest()[:16],
-            "params_hash": params_hash(state.params),
-        }  # fmt: skip
 
     def valid_loss(self, state, pairs) -> dict:
         """Token-weighted label-smoothed loss and NLL (perplexity) over `pairs`."""

