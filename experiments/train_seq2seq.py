@@ -101,7 +101,7 @@ def main(_):
     from lm_jax.checkpoint import check_own_workdir
     from lm_jax.data.sp_tokenizer import SentencePieceTokenizer
     from lm_jax.data.tokenizer import load_tokenizer
-    from lm_jax.sharding import make_mesh
+    from lm_jax.sharding import check_batch_divides, make_mesh
     from lm_jax.train import engine
     from lm_jax.train.seq2seq import Seq2SeqTask, encode_pairs
 
@@ -113,11 +113,7 @@ def main(_):
     ))  # fmt: skip
     check_own_workdir(tcfg.workdir, "seq2seq", "the seq2seq run")
     mesh = make_mesh(tcfg.mesh)
-    if s2s.batch_size % mesh.shape.get("data", 1):
-        raise ConfigError(
-            f"--seq2seq.batch_size={s2s.batch_size} is not a multiple of the mesh's data axis "
-            f"({mesh.shape['data']}); pick a multiple"
-        )
+    check_batch_divides(s2s.batch_size, mesh, "seq2seq.batch_size")
     splits = load_splits()
     src, tgt = splits["train"]
     if F.limit_train:

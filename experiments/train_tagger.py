@@ -30,7 +30,6 @@ from absl import flags
 from lm_jax import cli
 from lm_jax.configs.tagging import TaggerConfig
 from lm_jax.configs.train import TrainConfig
-from lm_jax.errors import ConfigError
 
 TRAIN_FIELDS = (
     "steps learning_rate lr_schedule warmup_steps min_lr_ratio weight_decay beta1 beta2 "
@@ -57,7 +56,7 @@ cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
 def main(_):
     from lm_jax.checkpoint import check_own_workdir
     from lm_jax.eval.tasks import DEFAULT_DATA_DIR
-    from lm_jax.sharding import make_mesh
+    from lm_jax.sharding import check_batch_divides, make_mesh
     from lm_jax.train import engine
     from lm_jax.train.tagging import TaggingTask
     from lm_jax.train.tagging_tasks import build_encoder, check_labels, load_tagging_data
@@ -71,11 +70,7 @@ def main(_):
     ))  # fmt: skip
     check_own_workdir(tcfg.workdir, "tagger", "the tagger run")
     mesh = make_mesh(tcfg.mesh)
-    if tagger.batch_size % mesh.shape.get("data", 1):
-        raise ConfigError(
-            f"--tagger.batch_size={tagger.batch_size} is not a multiple of the mesh's data axis "
-            f"({mesh.shape['data']}); pick a multiple"
-        )
+    check_batch_divides(tagger.batch_size, mesh, "tagger.batch_size")
     files = {"train": F.train_file, "dev": F.dev_file, "test": F.test_file}
     data = load_tagging_data(F.task, F.data_dir or DEFAULT_DATA_DIR, held_out=F.held_out,
                              split_seed=F.split_seed, files=files)  # fmt: skip

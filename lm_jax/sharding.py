@@ -148,6 +148,17 @@ def logical_names(abstract_boxed):
     return jax.tree.map(_names_of, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+def check_batch_divides(batch_size: int, mesh: Mesh, flag: str) -> None:
+    """A batch of `batch_size` rows must split evenly over the mesh's data axis (`flag` names
+    the setting in the one-line error)."""
+    data = mesh.shape.get("data", 1)
+    if batch_size % data:
+        raise MeshError(
+            f"--{flag}={batch_size} is not a multiple of the mesh's data axis ({data}); pick a "
+            "multiple"
+        )
+
+
 def replicated(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec())
 

@@ -427,6 +427,19 @@ def test_train_image_text(case, base, files, tmp_path):
     assert not (tmp_path / "scenes").exists()
 
 
+def run_training_case(name, table, case, base, files, tmp_path):
+    """A training binary's case from `table`: one error line, the inputs untouched, no workdir."""
+    args, pattern = table[case]
+    args = _fmt(args, files, base)
+    before = {p: tree_hash(p) for p in (base, files)}
+    wd = [] if any(a.startswith("--train.workdir") for a in args) else [
+        f"--train.workdir={tmp_path / 'w'}"
+    ]  # fmt: skip
+    one_error_line(binary(name, *wd, *args), pattern)
+    assert {p: tree_hash(p) for p in before} == before
+    assert not (tmp_path / "w").exists()
+
+
 # ---------------------------------------------------------------- train_rnn_lm
 
 RNN_LM = {
@@ -442,16 +455,7 @@ RNN_LM = {
 
 @pytest.mark.parametrize("case", sorted(RNN_LM))
 def test_train_rnn_lm(case, base, files, tmp_path):
-    args, pattern = RNN_LM[case]
-    args = _fmt(args, files, base)
-    before = {p: tree_hash(p) for p in (base, files)}
-    wd = [] if any(a.startswith("--train.workdir") for a in args) else [
-        f"--train.workdir={tmp_path / 'w'}"
-    ]  # fmt: skip
-    r = binary("train_rnn_lm", *wd, *args)
-    one_error_line(r, pattern)
-    assert {p: tree_hash(p) for p in before} == before
-    assert not (tmp_path / "w").exists()
+    run_training_case("train_rnn_lm", RNN_LM, case, base, files, tmp_path)
 
 
 # ---------------------------------------------------------------- train_tagger
@@ -482,16 +486,7 @@ TAGGER = {
 
 @pytest.mark.parametrize("case", sorted(TAGGER))
 def test_train_tagger(case, base, files, tmp_path):
-    args, pattern = TAGGER[case]
-    args = _fmt(args, files, base)
-    before = {p: tree_hash(p) for p in (base, files)}
-    wd = [] if any(a.startswith("--train.workdir") for a in args) else [
-        f"--train.workdir={tmp_path / 'w'}"
-    ]  # fmt: skip
-    r = binary("train_tagger", *wd, *args)
-    one_error_line(r, pattern)
-    assert {p: tree_hash(p) for p in before} == before
-    assert not (tmp_path / "w").exists()
+    run_training_case("train_tagger", TAGGER, case, base, files, tmp_path)
 
 
 # ---------------------------------------------------------------- train_seq2seq
@@ -515,16 +510,7 @@ SEQ2SEQ = {
 
 @pytest.mark.parametrize("case", sorted(SEQ2SEQ))
 def test_train_seq2seq(case, base, files, tmp_path):
-    args, pattern = SEQ2SEQ[case]
-    args = _fmt(args, files, base)
-    before = {p: tree_hash(p) for p in (base, files)}
-    wd = [] if any(a.startswith("--train.workdir") for a in args) else [
-        f"--train.workdir={tmp_path / 'w'}"
-    ]  # fmt: skip
-    r = binary("train_seq2seq", *wd, *args)
-    one_error_line(r, pattern)
-    assert {p: tree_hash(p) for p in before} == before
-    assert not (tmp_path / "w").exists()
+    run_training_case("train_seq2seq", SEQ2SEQ, case, base, files, tmp_path)
 
 
 # ---------------------------------------------------------------- generate
