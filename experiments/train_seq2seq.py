@@ -26,16 +26,11 @@ import time
 from absl import flags
 
 from lm_jax import cli
+from lm_jax.configs.seq2seq import Seq2SeqConfig
 from lm_jax.configs.t5 import T5Config, t5_style
-from lm_jax.configs.train import TrainConfig
+from lm_jax.configs.train import EXAMPLE_TASK_FIELDS, TrainConfig
 from lm_jax.errors import ConfigError, DataSourceError
-from lm_jax.train.seq2seq import Seq2SeqConfig
 
-TRAIN_FIELDS = (
-    "steps learning_rate lr_schedule warmup_steps min_lr_ratio weight_decay beta1 beta2 "
-    "adam_eps grad_clip seed mesh eval_every log_every save_every keep_checkpoints workdir "
-    "nonfinite max_consecutive_skips log_step_details progress_bar"
-).split()
 F = flags.FLAGS
 flags.DEFINE_enum("task", "multi30k_en_de", ["multi30k_en_de", "files"], "Translation task.")
 flags.DEFINE_string("data_dir", None, "Folder with multi30k/ (default ../shared/data).")
@@ -53,7 +48,7 @@ MULTI30K = T5Config(
 )  # fmt: skip
 cli.define_config("t5", T5Config)
 cli.define_config("seq2seq", Seq2SeqConfig)
-cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
+cli.define_config("train", TrainConfig, fields=EXAMPLE_TASK_FIELDS)
 
 
 def _read_lines(path: str) -> list[str]:

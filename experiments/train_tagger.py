@@ -29,13 +29,8 @@ from absl import flags
 
 from lm_jax import cli
 from lm_jax.configs.tagging import TaggerConfig
-from lm_jax.configs.train import TrainConfig
+from lm_jax.configs.train import EXAMPLE_TASK_FIELDS, TrainConfig
 
-TRAIN_FIELDS = (
-    "steps learning_rate lr_schedule warmup_steps min_lr_ratio weight_decay beta1 beta2 "
-    "adam_eps grad_clip seed mesh eval_every log_every save_every keep_checkpoints workdir "
-    "nonfinite max_consecutive_skips log_step_details progress_bar"
-).split()
 F = flags.FLAGS
 flags.DEFINE_enum("task", "pos_brown", ["pos_brown", "ner_wnut16", "files"], "Tagging task.")
 flags.DEFINE_string("init", "minilm", "BERT-family folder or hub name (minilm = packaged).")
@@ -50,7 +45,7 @@ flags.DEFINE_integer("split_seed", 0, "ner_wnut16: seed of the held-out split.")
 flags.DEFINE_integer("limit_train", 0, "Use only the first N training sentences (0 = all).")
 flags.DEFINE_integer("limit_eval", 0, "Score only the first N dev / test sentences (0 = all).")
 cli.define_config("tagger", TaggerConfig)
-cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
+cli.define_config("train", TrainConfig, fields=EXAMPLE_TASK_FIELDS)
 
 
 def main(_):

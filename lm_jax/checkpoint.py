@@ -422,19 +422,24 @@ def load_model(workdir: str, step: int | None = None, mesh=None):
             "no lm_jax decoder checkpoint; give the --train.workdir of a pretrain run"
         )
     cfg = ModelConfig.from_dict(meta["model"])
-    mesh = make_mesh("") if mesh is None else mesh
-    boxed = abstract_params(cfg)
-    shardings = params_shardings(boxed, mesh)
+    params = restore_params(workdir, step, abstract_params(cfg), mesh)
+    return cfg, params, load_tokenizer(os.path.join(workdir, "tokenizer"))
 
+
+def restore_params(workdir: str, step: int, boxed_params, mesh=None):
+    """The params alone of checkpoint `step` in `workdir`, onto the logical shardings of the
+    boxed abstract params (any model) on `mesh` (default: all devices on data)."""
+    mesh = make_mesh("") if mesh is None else mesh
+    shardings = params_shardings(boxed_params, mesh)
     target = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(boxed), shardings
-    )
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+        nn.unbox(boxed_params), shardings,
+    )  # fmt: skip
     ckpt = Checkpointer(workdir, read_only=True)
     restored = ckpt.manager.restore(
         step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
     )
-    tokenizer = load_tokenizer(os.path.join(workdir, "tokenizer"))
-    return cfg, restored["params"], tokenizer
+    return restored["params"]
 
 
 def meta_dict(model_cfg, train_cfg, data_cfg, extra: dict | None = None) -> dict:

@@ -334,3 +334,15 @@ def llama_style(**kw) -> ModelConfig:
     )
     base.update(kw)
     return ModelConfig(**base)
+
+
+def with_model_from_dict(cls, d: dict):
+    """`cls(**d)` for a config dataclass holding a `ModelConfig` as `model` (EncoderConfig,
+    T5Config), the nested dict rebuilt; an unknown field is a ConfigError naming it."""
+    d = dict(d)
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} fields {sorted(unknown)}.")
+    if isinstance(d.get("model"), dict):
+        d["model"] = ModelConfig.from_dict(d["model"])
+    return cls(**d)

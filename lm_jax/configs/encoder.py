@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-from lm_jax.configs.base import ConfigError, ModelConfig
+from lm_jax.configs.base import ConfigError, ModelConfig, with_model_from_dict
 
 HEADS = ("none", "mlm", "token", "sequence")
 
@@ -119,10 +119,4 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> EncoderConfig:
-        d = dict(d)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        _check(not unknown, f"unknown EncoderConfig fields {sorted(unknown)}.")
-        if isinstance(d.get("model"), dict):
-            d["model"] = ModelConfig.from_dict(d["model"])
-        return cls(**d)
+        return with_model_from_dict(cls, d)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from lm_jax.configs.base import ConfigError, ModelConfig
+from lm_jax.configs.base import ConfigError, ModelConfig, with_model_from_dict
 
 
 def t5_style(feed_forward: str = "relu", **kw) -> ModelConfig:
@@ -90,10 +90,4 @@ class T5Config:
 
     @classmethod
     def from_dict(cls, d: dict) -> T5Config:
-        d = dict(d)
-        unknown = set(d) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown T5Config fields {sorted(unknown)}")
-        if isinstance(d.get("model"), dict):
-            d["model"] = ModelConfig.from_dict(d["model"])
-        return cls(**d)
+        return with_model_from_dict(cls, d)

@@ -85,3 +85,12 @@ class TrainConfig:
 
     def replace(self, **kw) -> TrainConfig:
         return dataclasses.replace(self, **kw)
+
+
+# The TrainConfig fields a task over a fixed list of examples reads (the tagger and seq2seq
+# binaries: `lm_jax.train.example_task`); the others would do nothing there.
+EXAMPLE_TASK_FIELDS = (
+    "steps learning_rate lr_schedule warmup_steps min_lr_ratio weight_decay beta1 beta2 "
+    "adam_eps grad_clip seed mesh eval_every log_every save_every keep_checkpoints workdir "
+    "nonfinite max_consecutive_skips log_step_details progress_bar"
+).split()

@@ -32,6 +32,10 @@ def config_from_hf(d: dict) -> T5Config:
         raise ConfigError(
             f"model_type {d.get('model_type')!r} is not T5; lm_jax reads model_type 't5'"
         )
+    missing = [k for k in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")
+               if k not in d]  # fmt: skip
+    if missing:
+        raise ConfigError(f"the T5 config.json lacks {', '.join(missing)}: not a T5 config")
     ff = d.get("feed_forward_proj", "relu")
     if ff not in ("relu", "gated-gelu"):
         raise ConfigError(f"feed_forward_proj {ff!r} is not supported; use 'relu' or 'gated-gelu'")
@@ -48,10 +52,16 @@ def config_from_hf(d: dict) -> T5Config:
         model=model, num_decoder_layers=d.get("num_decoder_layers") or d["num_layers"],
         relative_attention_num_buckets=d.get("relative_attention_num_buckets", 32),
         relative_attention_max_distance=d.get("relative_attention_max_distance", 128),
-        scale_decoder_outputs=bool(scale), pad_token_id=d.get("pad_token_id", 0) or 0,
-        eos_token_id=d.get("eos_token_id", 1) if d.get("eos_token_id") is not None else 1,
-        decoder_start_token_id=d.get("decoder_start_token_id", 0) or 0,
+        scale_decoder_outputs=bool(scale), pad_token_id=_id(d, "pad_token_id", 0),
+        eos_token_id=_id(d, "eos_token_id", 1),
+        decoder_start_token_id=_id(d, "decoder_start_token_id", 0),
     )  # fmt: skip
+
+
+def _id(d: dict, key: str, default: int) -> int:
+    """A special-token id of a HF config; missing or null -> T5's default."""
+    v = d.get(key)
+    return default if v is None else int(v)
 
 
 def config_to_hf(cfg: T5Config) -> dict:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -22,46 +23,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.beam_search import seq2seq_beam_search
+from lm_jax.checkpoint import read_meta, restore_params
+from lm_jax.configs.seq2seq import Seq2SeqConfig
 from lm_jax.configs.t5 import T5Config
 from lm_jax.configs.train import TrainConfig
-from lm_jax.errors import ConfigError, DataSourceError
+from lm_jax.data.tokenizer import load_tokenizer
+from lm_jax.errors import CheckpointError, ConfigError, DataSourceError
 from lm_jax.eval.generation_metrics import generation_report
 from lm_jax.losses import label_smoothed_nll
 from lm_jax.nn.t5 import T5, abstract_params
-from lm_jax.sharding import params_shardings
 from lm_jax.train.example_task import ExampleTask
 from lm_jax.utils import length_bucket
 
 BATCH_KEYS = ("source", "source_mask", "target_in", "target_out", "target_mask")
-
-
-@dataclasses.dataclass(frozen=True)
-class Seq2SeqConfig:
-    """Batching, loss and decoding of a seq2seq run (the optimiser is `TrainConfig`'s)."""
-
-    batch_size: int = 64  # pairs per update (a multiple of the mesh's data axis)
-    epochs: float = 20.0  # train.steps, when set, wins
-    max_source_len: int = 128  # subword tokens, EOS included; longer sources are an error
-    max_target_len: int = 128
-    label_smoothing: float = 0.1
-    pool_batches: int = 50
-    num_beams: int = 4
-    length_penalty: float = 0.6
-    max_new_tokens: int = 80
-    eval_batch_size: int = 100
-    eval_limit: int = 0  # sentences per split in the final BLEU evaluation (0 = all)
-
-    def __post_init__(self):
-        if min(self.batch_size, self.eval_batch_size, self.pool_batches, self.num_beams) < 1:
-            raise ConfigError("seq2seq batch sizes, pool_batches and num_beams must be >= 1")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ConfigError(
-                f"seq2seq.label_smoothing must be in [0, 1), got {self.label_smoothing}"
-            )
-        if min(self.max_source_len, self.max_target_len, self.max_new_tokens) < 2:
-            raise ConfigError("seq2seq max_source_len, max_target_len, max_new_tokens must be >= 2")
-        if not self.epochs > 0:
-            raise ConfigError(f"seq2seq.epochs must be > 0, got {self.epochs}")
 
 
 def encode_pairs(tokenizer, sources: Sequence[str], targets: Sequence[str], eos: int,
@@ -126,7 +100,13 @@ def translate(cfg: T5Config, s2s: Seq2SeqConfig, params, tokenizer, sources: Seq
     """Beam-search translations of `sources` (length-sorted batches of `s2s.eval_batch_size`)."""
     decode = decode or tokenizer.decode
     eos, B = cfg.eos_token_id, s2s.eval_batch_size
-    enc = [list(tokenizer.encode(x))[: s2s.max_source_len - 1] + [eos] for x in sources]
+    enc = [list(tokenizer.encode(x)) + [eos] for x in sources]
+    for i, e in enumerate(enc):
+        if len(e) > s2s.max_source_len:
+            raise DataSourceError(
+                f"source {i} has {len(e)} tokens (EOS included), past max_source_len="
+                f"{s2s.max_source_len}: shorten it or raise --seq2seq.max_source_len"
+            )
     order = np.argsort([len(e) for e in enc], kind="stable")
     out: list[str] = [""] * len(enc)
     for i in range(0, len(order), B):
@@ -148,28 +128,13 @@ def translate(cfg: T5Config, s2s: Seq2SeqConfig, params, tokenizer, sources: Seq
 
 def load_seq2seq(workdir: str, mesh):
     """(T5Config, Seq2SeqConfig, params, tokenizer) from a train_seq2seq workdir (newest step)."""
-    import os
-
-    import orbax.checkpoint as ocp
-
-    from lm_jax.checkpoint import Checkpointer, read_meta
-    from lm_jax.data.tokenizer import load_tokenizer
-    from lm_jax.errors import CheckpointError
-
-    _, meta = read_meta(workdir)
+    step, meta = read_meta(workdir)
     if "seq2seq" not in meta:
         raise CheckpointError(f"{workdir!r} holds no seq2seq run (experiments/train_seq2seq.py)")
     cfg = T5Config.from_dict(meta["seq2seq"]["t5"])
     s2s = Seq2SeqConfig(**meta["seq2seq"]["config"])
-    boxed = abstract_params(cfg)
-    sh = params_shardings(boxed, mesh)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                          nn.unbox(boxed), sh)  # fmt: skip
-    ckpt = Checkpointer(workdir, read_only=True)
-    restored = ckpt.manager.restore(
-        ckpt.latest_step(), args=ocp.args.Composite(params=ocp.args.StandardRestore(target))
-    )
-    return cfg, s2s, restored["params"], load_tokenizer(os.path.join(workdir, "tokenizer"))
+    params = restore_params(workdir, step, abstract_params(cfg), mesh)
+    return cfg, s2s, params, load_tokenizer(os.path.join(workdir, "tokenizer"))
 
 
 def evaluate_translation(workdir: str, sources, references, mesh, **overrides) -> dict:
@@ -191,6 +156,11 @@ class Seq2SeqTask(ExampleTask):
 
     def __init__(self, cfg: T5Config, s2s: Seq2SeqConfig, train_cfg: TrainConfig, tokenizer,
                  train, evals: dict, mesh, decode: Callable | None = None):  # fmt: skip
+        if s2s.max_new_tokens > cfg.model.max_len:
+            raise ConfigError(
+                f"seq2seq.max_new_tokens={s2s.max_new_tokens} is past the decoder cache of "
+                f"t5.model.max_len={cfg.model.max_len}: lower it or raise --t5.model.max_len"
+            )
         self.cfg, self.s2s = cfg, s2s
         self.tokenizer, self.train, self.evals = tokenizer, train, evals
         self.decode = decode or (lambda ids: tokenizer.decode(ids))

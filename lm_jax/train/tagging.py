@@ -7,7 +7,8 @@ pre-tokenized input (transformers' `is_split_into_words=True`), framed by the to
 special tokens ([CLS] ... [SEP]); each word's label sits on its **first subword**, the other
 positions are not scored (label -1). A word the tokenizer turns into nothing (a lone control
 character) becomes [UNK], so every word has a position and a prediction. Sentences longer than
-`max_tokens` are cut into rows of whole words.
+`max_tokens` are cut into rows of whole words; a single word with more subwords than a row holds
+keeps its first ones (its label sits on the first).
 
 Batches are a function of the step index alone (`lm_jax.train.example_task`: per-epoch seeded
 permutation, length-sorted pools, shuffled batches): nothing but the train state needs saving.
@@ -83,7 +84,10 @@ def unk_id_of(tokenizer) -> int:
         i = tk.token_to_id(name)
         if i is not None:
             return int(i)
-    return int(getattr(tokenizer, "pad_id", 0) or 0)
+    raise ConfigError(
+        "the tokenizer has no unknown-word token ([UNK] / <unk>) for words it turns into no "
+        "subword; use a tokenizer with one"
+    )
 
 
 def encode_sentences(

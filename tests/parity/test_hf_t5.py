@@ -172,3 +172,12 @@ def test_beam_search_equals_hf_generate_num_beams_4(ff, tie, init, length_penalt
     np.testing.assert_array_equal(
         np.asarray(greedy.tokens), _greedy(cfg, params, src, mask, steps)[0]
     )
+
+
+def test_a_config_that_is_no_t5_is_a_config_error():
+    from lm_jax.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"lacks d_kv, d_ff"):
+        hf_t5.config_from_hf({"vocab_size": 10, "d_model": 8, "num_layers": 1, "num_heads": 2})
+    with pytest.raises(ConfigError, match=r"feed_forward_proj 'gated-silu' is not supported"):
+        hf_t5.config_from_hf({**SIZES, "d_ff": 8, "feed_forward_proj": "gated-silu"})

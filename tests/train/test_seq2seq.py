@@ -4,19 +4,22 @@ line-misaligned or too-long pairs are one-line errors; a tiny T5 learns to rever
 on the one loop and beam search then reverses unseen ones; 8 devices give the single-device
 steps."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
+from lm_jax.configs.seq2seq import Seq2SeqConfig
 from lm_jax.configs.t5 import T5Config, t5_style
 from lm_jax.configs.train import TrainConfig
 from lm_jax.errors import DataSourceError
 from lm_jax.losses import label_smoothed_nll
 from lm_jax.sharding import make_mesh
 from lm_jax.train import engine
-from lm_jax.train.seq2seq import Seq2SeqConfig, Seq2SeqTask, collate, encode_pairs
+from lm_jax.train.seq2seq import Seq2SeqTask, collate, encode_pairs
 
 
 def test_label_smoothed_loss_equals_torch():
@@ -113,3 +116,15 @@ def test_eight_devices_give_the_single_device_steps():
     np.testing.assert_allclose(one, eight, rtol=2e-5)
     for a, b in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)  # Adam: tiny grads, sign-like steps
+
+
+def test_a_source_past_the_limit_and_a_decode_past_the_cache_are_one_line_errors():
+    from lm_jax.errors import ConfigError
+    from lm_jax.train.seq2seq import translate
+
+    task = _reverse_task(make_mesh("data:1", jax.devices()[:1]), steps=1)
+    with pytest.raises(DataSourceError, match=r"source 1 has 13 tokens .*max_source_len=12"):
+        translate(task.cfg, task.s2s, None, Digits(), ["12", "1" * 12], task.mesh)
+    long = dataclasses.replace(task.s2s, max_new_tokens=17)  # t5.model.max_len is 16
+    with pytest.raises(ConfigError, match=r"max_new_tokens=17 is past .*max_len=16"):
+        Seq2SeqTask(task.cfg, long, task.train_cfg, Digits(), task.train, {}, task.mesh)

@@ -213,3 +213,12 @@ def test_bad_config_values_are_one_line_errors(minilm_tokenizer):
         TaggerConfig(max_tokens=2)
     with pytest.raises(ConfigError, match="leaves no room"):
         encode_sentences(minilm_tokenizer, [["a"]], None, max_tokens=2)
+
+
+def test_a_tokenizer_without_an_unknown_token_is_refused():
+    from types import SimpleNamespace
+
+    from lm_jax.train.tagging import unk_id_of
+
+    with pytest.raises(ConfigError, match=r"no unknown-word token"):
+        unk_id_of(SimpleNamespace(tk=SimpleNamespace(token_to_id=lambda name: None, encode=None)))
