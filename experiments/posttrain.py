@@ -23,11 +23,13 @@ GRPO samples G completions per prompt from the policy each step and rewards them
       --posttrain.num_generations=8 --posttrain.num_iterations=2 --posttrain.loss_type=dr_grpo \
       --eval_file=../shared/data/bigbench/arithmetic/2_digit_addition/task.json
 Data: --train_file / --eval_file, JSONL of {"prompt", "answer"?} (--eval_file may be a BIG-bench
-task.json); without them, generated 1- and 2-digit addition / subtraction problems (held-out
-ones distinct from the training ones). GRPO flags (GRPOConfig): num_generations,
-prompts_per_step, num_iterations, epsilon, epsilon_high, beta, kl_bias_correction, loss_type
-(grpo | dr_grpo | bnpo), scale_rewards, reward (arith_exact | wholeword:WORD | word:WORD |
-regex:PATTERN), max_new_tokens, temperature, prompt_len, plus the shared lora.*, bf16_base, ...
+task.json, or several, comma-separated, sampled down to --eval_limit with the seed); without
+them, generated 1- and 2-digit addition / subtraction problems, never one of the held-out ones.
+The held-out reward is measured before the first step too (the base model's). GRPO flags
+(GRPOConfig): num_generations, prompts_per_step, num_iterations, epsilon, epsilon_high, beta,
+kl_bias_correction, loss_type (grpo | dr_grpo | bnpo), scale_rewards, reward (arith_exact |
+wholeword:WORD | word:WORD | regex:PATTERN), max_new_tokens, temperature, prompt_len, plus the
+shared lora.*, bf16_base, ...
 """
 
 from __future__ import annotations
@@ -49,12 +51,13 @@ flags.DEFINE_string("hf_dir", "", "Hugging Face model folder to start from.")
 flags.DEFINE_string("gguf", "", "GGUF file or name to start from: smollm2 (default), gemma3.")
 flags.DEFINE_string("train_file", "", "JSONL of {prompt, chosen, rejected} pairs (grpo: "
                     "{prompt, answer?}).")
-flags.DEFINE_string("eval_file", "", "JSONL of held-out pairs (grpo: prompts, or a BIG-bench "
-                    "task.json).")
+flags.DEFINE_string("eval_file", "", "JSONL of held-out pairs (grpo: prompts, or BIG-bench "
+                    "task.json files, comma-separated).")
 flags.DEFINE_string("pairs_source", "shakespeare", "Text source of the default pairs.")
 flags.DEFINE_integer("train_limit", None, "Use the first N pairs (default pairs: 512; grpo's "
                      "generated problems: 2000).")
-flags.DEFINE_integer("eval_limit", 128, "Held-out pairs / prompts (default data); 0 = none.")
+flags.DEFINE_integer("eval_limit", 128, "Held-out pairs / prompts (default data; grpo: a "
+                     "seeded sample of --eval_file's); 0 = none (grpo's --eval_file: all).")
 flags.DEFINE_string("out", "", "Write the JSON report here.")
 
 # TrainConfig fields the post-training loop reads (the rest would do nothing here).
@@ -123,15 +126,12 @@ def grpo_main(F, train0) -> dict:
     if not cli.is_set("train.log_every"):
         train_cfg = train_cfg.replace(log_every=max(1, min(25, train_cfg.steps)))
     make_mesh(train_cfg.mesh)
+    held_out = gd.read_prompt_files(F.eval_file, F.eval_limit, train_cfg.seed)
     if F.train_file:
         prompts = gd.read_prompts_jsonl(F.train_file)[: F.train_limit]
-    else:
-        prompts = gd.arithmetic_problems(F.train_limit or 2000, train_cfg.seed)
-    if F.eval_file:
-        held_out = gd.read_prompts_jsonl(F.eval_file)[: F.eval_limit or None]
-    elif F.train_file or not F.eval_limit:
-        held_out = []
-    else:
+    else:  # generated problems, none of them a held-out one
+        prompts = gd.arithmetic_problems(F.train_limit or 2000, train_cfg.seed, exclude=held_out)
+    if not F.eval_file and not F.train_file and F.eval_limit:
         held_out = gd.arithmetic_problems(F.eval_limit, train_cfg.seed + 1, exclude=prompts)
     if gcfg.reward == "arith_exact":
         for p in list(prompts) + list(held_out):

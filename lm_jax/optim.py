@@ -1,4 +1,5 @@
-"""Optimizers: AdamW with warmup + cosine decay, clipping, trainable-parameter masks."""
+"""Optimizers: AdamW or Adafactor with warmup + cosine decay, clipping, trainable-parameter
+masks."""
 
 from __future__ import annotations
 
@@ -62,17 +63,27 @@ def decay_mask(params):
 
 
 def make_optimizer(cfg: TrainConfig, trainable=None) -> optax.GradientTransformation:
-    """AdamW(+clipping) on trainable leaves; frozen leaves (mask False) get no optimizer state."""
-    tx = optax.chain(
-        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
-        optax.adamw(
+    """AdamW or Adafactor (+clipping) on trainable leaves; frozen leaves (mask False) get no
+    optimizer state."""
+    if cfg.optimizer == "adafactor":
+        update = optax.adafactor(
+            learning_rate_schedule(cfg),
+            multiply_by_parameter_scale=True,
+            weight_decay_rate=cfg.weight_decay or None,
+            weight_decay_mask=decay_mask,
+        )
+    else:
+        update = optax.adamw(
             learning_rate_schedule(cfg),
             b1=cfg.beta1,
             b2=cfg.beta2,
             eps=cfg.adam_eps,
             weight_decay=cfg.weight_decay,
             mask=decay_mask,
-        ),
+        )
+    tx = optax.chain(
+        optax.clip_by_global_norm(cfg.grad_clip) if cfg.grad_clip > 0 else optax.identity(),
+        update,
     )
     if trainable is None:
         return tx

@@ -97,6 +97,13 @@ def check_resume_config(step: int, directory: str, saved: dict, current: dict) -
             f"checkpoint step {step} in {directory} saved its data position in another row "
             f"stream: data.{show(bad[:3])}; resuming would repeat or skip examples; {fix}"
         )
+    train = changes("train", {"optimizer": "adamw"})  # metas before the field: AdamW
+    bad = [c for c in train if c[0] == "optimizer"]
+    if bad:
+        raise CheckpointMismatch(
+            f"checkpoint step {step} in {directory} holds the state of another optimizer: "
+            f"train.{show(bad)}; {fix}"
+        )
     notes = [f"model.{k}: {a!r} -> {b!r}" for k, a, b in model]
     notes += [f"data.{k}: {a!r} -> {b!r}" for k, a, b in data]
-    return notes + [f"train.{k}: {a!r} -> {b!r}" for k, a, b in changes("train")]
+    return notes + [f"train.{k}: {a!r} -> {b!r}" for k, a, b in train]

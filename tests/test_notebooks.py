@@ -33,6 +33,7 @@ EXPECTED = [
     "05_alignment",
     "06_image_text",
     "07_sharding",
+    "08_post_training",
     "09_encoders_translation",
     "10_eval_harness",
 ]

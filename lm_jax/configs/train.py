@@ -22,7 +22,11 @@ class TrainConfig:
     cooldown_fraction: float = 0.2  # wsd: share of lr_decay_steps spent in the cooldown
     cooldown_shape: Literal["linear", "1-sqrt"] = "1-sqrt"  # wsd: (Hägele et al. 2024)
     min_lr_ratio: float = 0.1  # final lr = ratio * learning_rate
-    weight_decay: float = 0.1  # AdamW decay on matrices only
+    # adamw | adafactor: factored second moments with updates scaled by each matrix's RMS
+    # (Shazeer & Stern 2018; T5's optimizer: its std-1 embeddings learn at Adam's fixed step
+    # size only slowly); adafactor ignores beta1/beta2/adam_eps
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    weight_decay: float = 0.1  # decay on matrices only (adafactor: scaled by the lr, as optax)
     beta1: float = 0.9
     beta2: float = 0.95
     adam_eps: float = 1e-8
@@ -90,7 +94,7 @@ class TrainConfig:
 # The TrainConfig fields a task over a fixed list of examples reads (the tagger and seq2seq
 # binaries: `lm_jax.train.example_task`); the others would do nothing there.
 EXAMPLE_TASK_FIELDS = (
-    "steps learning_rate lr_schedule warmup_steps min_lr_ratio weight_decay beta1 beta2 "
+    "steps learning_rate lr_schedule warmup_steps min_lr_ratio optimizer weight_decay beta1 beta2 "
     "adam_eps grad_clip seed mesh eval_every log_every save_every keep_checkpoints workdir "
     "nonfinite max_consecutive_skips log_step_details progress_bar"
 ).split()

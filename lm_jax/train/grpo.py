@@ -37,7 +37,6 @@ from lm_jax import adapters as lora_lib
 from lm_jax.checkpoint import meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
-from lm_jax.generate import generate
 from lm_jax.losses_rl import group_advantages, grpo_loss
 from lm_jax.optim import make_optimizer
 from lm_jax.scoring import score
@@ -45,6 +44,7 @@ from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train import finetune as ft_lib
 from lm_jax.train.grpo_data import GRPOConfig, Prompt, RewardFn, step_indices
 from lm_jax.train.loop import params_hash
+from lm_jax.train.sampled_pairs import sample_completions
 from lm_jax.train.sft_data import _encode, make_batch
 from lm_jax.train.step import accumulate_grads, apply_update, mask_frozen
 from lm_jax.train.tuning import (
@@ -166,11 +166,11 @@ class GRPOTask(TunedModelTask):
             self.tx = make_optimizer(opt_cfg, trainable=trainable)
         self.gcfg, self.tokenizer, self.reward = gcfg, tokenizer, reward
         self.prompts, self.eval_prompts = list(prompts), list(eval_prompts)
+        self.eval_at_start = bool(self.eval_prompts)  # the base model's held-out reward
         if not self.prompts:
             raise ConfigError("no training prompts.")
         enc = lambda ps: [encode_prompt(tokenizer, p.prompt, gcfg.prompt_len) for p in ps]  # noqa: E731
         self.enc, self.enc_eval = enc(self.prompts), enc(self.eval_prompts)
-        self.eos = getattr(tokenizer, "eos_id", None)
         self.seq_len = gcfg.prompt_len + gcfg.max_new_tokens - 1
         self.k_sample = jax.random.fold_in(jax.random.key(train_cfg.seed), 0x6790)
         rows = batch_sharding(mesh, 2, gcfg.rows)
@@ -207,14 +207,8 @@ class GRPOTask(TunedModelTask):
 
     def sample(self, params, enc: Sequence[Sequence[int]], key, temperature: float):
         """(completion ids per row (EOS kept), texts (EOS dropped), generated tokens)."""
-        g = self.gcfg
-        out = generate(self.cfg, params, [list(e) for e in enc], key, g.max_new_tokens,
-                       temperature=temperature, stop_tokens=() if self.eos is None else [self.eos],
-                       )  # fmt: skip
-        toks, lengths = jax.device_get((out.tokens, out.lengths))
-        ids = [[int(t) for t in r[:n]] for r, n in zip(toks, lengths)]
-        texts = [self.tokenizer.decode([t for t in r if t != self.eos]) for r in ids]
-        return ids, texts, int(np.sum(lengths))
+        return sample_completions(self.cfg, params, self.tokenizer, enc, key,
+                                  self.gcfg.max_new_tokens, temperature)  # fmt: skip
 
     def train_step(self, state, step: int):
         g = self.gcfg

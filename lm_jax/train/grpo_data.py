@@ -146,6 +146,16 @@ def read_prompts_jsonl(path: str) -> list[Prompt]:
     return out
 
 
+def read_prompt_files(paths: str, limit: int = 0, seed: int = 0) -> list[Prompt]:
+    """The prompts of comma-separated files (`read_prompts_jsonl` each), concatenated; with
+    `limit`, a seeded sample of `limit` of them (in file order), so every file is represented."""
+    out = [p for path in paths.split(",") if path for p in read_prompts_jsonl(path)]
+    if limit and limit < len(out):
+        keep = np.sort(np.random.default_rng([seed, 4099]).choice(len(out), limit, replace=False))
+        out = [out[i] for i in keep]
+    return out
+
+
 def arith_prompt(question: str) -> str:
     """The prompt of an arithmetic question ("What is 3 plus 4?")."""
     return f"Q: {question}\nA:"

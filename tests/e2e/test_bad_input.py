@@ -335,6 +335,10 @@ GRPO = {
     "malformed_prompts": (["--train_file={bad.jsonl}"], r"bad\.jsonl:2: not JSON"),
     "missing_prompts": (["--train_file=/nonexistent/prompts.jsonl"], r"not found"),
     "not_a_bigbench_task": (["--eval_file={a_file}.json"], r"not found|BIG-bench"),
+    "second_eval_file_missing": (
+        ["--eval_file={good_pairs.jsonl},/nonexistent/task.json"],
+        r"/nonexistent/task\.json.*not found",
+    ),
     "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
 }
 

@@ -58,3 +58,25 @@ def test_a_longer_wsd_run_repeats_the_shorter_one_until_its_cooldown():
 def test_bad_cooldown_fraction_is_a_config_error():
     with pytest.raises(ConfigError, match=r"cooldown_fraction must be in \(0, 1\]"):
         TrainConfig(lr_schedule="wsd", cooldown_fraction=0.0)
+
+
+def test_adafactor_first_step_is_relative_to_the_parameter_scale():
+    """Adafactor's first update in closed form (Shazeer & Stern 2018; an unfactored matrix, so
+    v = g^2): -lr * RMS(W) * sign(g), while AdamW's is -lr * sign(g) whatever W's scale."""
+    import jax.numpy as jnp
+
+    from lm_jax.optim import make_optimizer
+
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(0.0, 3.0, (4, 6)), jnp.float32)
+    g = jnp.asarray(rng.normal(size=(4, 6)), jnp.float32)
+    params, grads = {"kernel": w}, {"kernel": g}
+    base = dict(steps=10, learning_rate=0.01, warmup_steps=0, weight_decay=0.0, grad_clip=0.0,
+                lr_schedule="constant")  # fmt: skip
+    for name, want in [
+        ("adafactor", -0.01 * float(jnp.sqrt(jnp.mean(w**2))) * np.sign(g)),
+        ("adamw", -0.01 * np.sign(g)),
+    ]:
+        tx = make_optimizer(TrainConfig(optimizer=name, **base))
+        upd, _ = tx.update(grads, tx.init(params), params)
+        np.testing.assert_allclose(upd["kernel"], want, rtol=1e-4, err_msg=name)

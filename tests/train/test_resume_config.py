@@ -79,3 +79,14 @@ def test_a_meta_saved_before_the_qwen_gemma_switches_still_resumes():
     assert check_resume_config(5, "/w", old, meta(model)) == []
     with pytest.raises(CheckpointMismatch, match="model.attn_softcap"):
         check_resume_config(5, "/w", old, meta(model.replace(attn_softcap=30.0)))
+
+
+def test_another_optimizer_is_refused_and_older_metas_read_as_adamw():
+    with pytest.raises(CheckpointMismatch, match=r"another optimizer: train\.optimizer \(saved "
+                       r"'adamw', now 'adafactor'\)"):  # fmt: skip
+        check_resume_config(5, "/w", meta(), meta(train=TRAIN.replace(optimizer="adafactor")))
+    old = meta()
+    del old["train"]["optimizer"]  # a checkpoint written before the field
+    assert check_resume_config(5, "/w", old, meta()) == []
+    with pytest.raises(CheckpointMismatch, match="another optimizer"):
+        check_resume_config(5, "/w", old, meta(train=TRAIN.replace(optimizer="adafactor")))
