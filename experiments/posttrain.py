@@ -28,8 +28,9 @@ them, generated 1- and 2-digit addition / subtraction problems, never one of the
 The held-out reward is measured before the first step too (the base model's). GRPO flags
 (GRPOConfig): num_generations, prompts_per_step, num_iterations, epsilon, epsilon_high, beta,
 kl_bias_correction, loss_type (grpo | dr_grpo | bnpo), scale_rewards, reward (arith_exact |
-wholeword:WORD | word:WORD | regex:PATTERN), max_new_tokens, temperature, prompt_len, plus the
-shared lora.*, bf16_base, ...
+arith_last | wholeword:WORD | word:WORD | regex:PATTERN), max_new_tokens, temperature,
+prompt_len, chat_template (each prompt sent as a user turn: '' = the tokenizer's own template),
+plus the shared lora.*, bf16_base, ...
 """
 
 from __future__ import annotations
@@ -133,10 +134,12 @@ def grpo_main(F, train0) -> dict:
         prompts = gd.arithmetic_problems(F.train_limit or 2000, train_cfg.seed, exclude=held_out)
     if not F.eval_file and not F.train_file and F.eval_limit:
         held_out = gd.arithmetic_problems(F.eval_limit, train_cfg.seed + 1, exclude=prompts)
-    if gcfg.reward == "arith_exact":
+    if gcfg.reward in gd.ANSWER_REWARDS:
         for p in list(prompts) + list(held_out):
             if p.answer is None:
-                raise ConfigError(f"reward arith_exact needs an 'answer' for prompt {p.prompt!r}.")
+                raise ConfigError(
+                    f"reward {gcfg.reward} needs an 'answer' for prompt {p.prompt!r}."
+                )
     return grpo_lib.run(
         **{k: getattr(F, k) for k in ("checkpoint", "hf_dir", "gguf")},
         prompts=prompts, eval_prompts=held_out, reward=lambda tok: make_reward(gcfg.reward, tok),

@@ -2,6 +2,7 @@
 `lm_jax.train.grpo_data.RewardFn`).
 
   arith_exact            exact-match arithmetic answer (`lm_jax.train.grpo_data.arith_exact`)
+  arith_last             the first line's last integer is the answer (`grpo_data.arith_last`)
   wholeword:you, word:x,
   regex:PATTERN          an alignment feature (`lm_jax.align.features.parse_constraint`) of the
                          completion text, re-encoded with the tokenizer: phi(x) in {0, 1}
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 
 from lm_jax.align.features import parse_constraint
-from lm_jax.train.grpo_data import RewardFn, arith_exact, check_reward_spec
+from lm_jax.train.grpo_data import RewardFn, arith_exact, arith_last, check_reward_spec
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -43,6 +44,6 @@ def feature_reward(spec: str, tokenizer) -> RewardFn:
 def make_reward(spec: str, tokenizer) -> RewardFn:
     """The reward named `spec` (ConfigError if unknown)."""
     check_reward_spec(spec)
-    if spec == "arith_exact":
-        return arith_exact
+    if spec in ("arith_exact", "arith_last"):
+        return {"arith_exact": arith_exact, "arith_last": arith_last}[spec]
     return feature_reward(spec, tokenizer)

@@ -37,11 +37,13 @@ from lm_jax import adapters as lora_lib
 from lm_jax.checkpoint import meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
+from lm_jax.data.chat_template import render_chat, resolve_template
 from lm_jax.losses_rl import group_advantages, grpo_loss
 from lm_jax.optim import make_optimizer
 from lm_jax.scoring import score
 from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train import finetune as ft_lib
+from lm_jax.train.chat_data import special_tokens
 from lm_jax.train.grpo_data import GRPOConfig, Prompt, RewardFn, step_indices
 from lm_jax.train.loop import params_hash
 from lm_jax.train.sampled_pairs import sample_completions
@@ -61,8 +63,21 @@ ROW_KEYS = ("inputs", "targets", "loss_mask", "positions", "segment_ids")
 # --------------------------------------------------------------------------- rows and loss
 
 
-def encode_prompt(tokenizer, text: str, prompt_len: int) -> list[int]:
-    """Prompt ids with the tokenizer's special tokens, the oldest cut to `prompt_len`."""
+def encode_prompt(tokenizer, text: str, prompt_len: int, template: str | None = None) -> list[int]:
+    """Prompt ids with the tokenizer's special tokens, the oldest cut to `prompt_len`; with a
+    chat `template` (jinja source), `text` as one user turn rendered for the assistant's reply
+    and tokenized as transformers' apply_chat_template does (too long: ConfigError)."""
+    if template is not None:
+        msgs = [{"role": "user", "content": text}]
+        rendered = render_chat(template, msgs, add_generation_prompt=True,
+                               **special_tokens(tokenizer))  # fmt: skip
+        ids = _encode(tokenizer, rendered, False)
+        if len(ids) > prompt_len:
+            raise ConfigError(
+                f"prompt {text!r} is {len(ids)} tokens in the chat template, more than "
+                f"prompt_len {prompt_len}: raise --posttrain.prompt_len."
+            )
+        return ids
     ids = _encode(tokenizer, text, True)
     if not ids:
         raise ConfigError(f"prompt {text!r} tokenizes to nothing: give every prompt some text.")
@@ -169,7 +184,10 @@ class GRPOTask(TunedModelTask):
         self.eval_at_start = bool(self.eval_prompts)  # the base model's held-out reward
         if not self.prompts:
             raise ConfigError("no training prompts.")
-        enc = lambda ps: [encode_prompt(tokenizer, p.prompt, gcfg.prompt_len) for p in ps]  # noqa: E731
+        template = (None if gcfg.chat_template is None
+                    else resolve_template(gcfg.chat_template, tokenizer))  # fmt: skip
+        enc = lambda ps: [encode_prompt(tokenizer, p.prompt, gcfg.prompt_len, template)  # noqa: E731
+                          for p in ps]  # fmt: skip
         self.enc, self.enc_eval = enc(self.prompts), enc(self.eval_prompts)
         self.seq_len = gcfg.prompt_len + gcfg.max_new_tokens - 1
         self.k_sample = jax.random.fold_in(jax.random.key(train_cfg.seed), 0x6790)

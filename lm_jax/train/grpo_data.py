@@ -25,6 +25,7 @@ import numpy as np
 
 from lm_jax import adapters as lora_lib
 from lm_jax.configs.base import ConfigError
+from lm_jax.data.chat_template import BUILTIN_TEMPLATES
 from lm_jax.losses_rl import default_scale_rewards
 from lm_jax.train.jsonl import check_strings, jsonl_objects
 
@@ -49,6 +50,9 @@ class GRPOConfig:
     max_new_tokens: int = 16  # completion budget (dr_grpo's max_completion_length)
     temperature: float = 1.0  # sampling temperature (log-probs are taken at it, as TRL does)
     prompt_len: int = 48  # prompt tokens kept (the oldest are cut)
+    # None: prompts as plain text; else each prompt is a user turn rendered for the reply by
+    # this chat template ('' = the tokenizer's own; chatml | llama3 | gemma)
+    chat_template: str | None = None
     lora: lora_lib.LoraConfig | None = None  # None = full-parameter training
     bf16_base: bool = False  # LoRA: frozen base weights in bfloat16
     eval_examples: int = 0  # held-out prompts per evaluation (greedy); 0 = all of them
@@ -83,6 +87,11 @@ class GRPOConfig:
                 "or drop them for full-parameter training."
             )
         check_reward_spec(self.reward)
+        if self.chat_template and self.chat_template not in BUILTIN_TEMPLATES:
+            raise ConfigError(
+                f"unknown chat template {self.chat_template!r}: choose one of "
+                f"{sorted(BUILTIN_TEMPLATES)}, or '' for the tokenizer's own."
+            )
 
     @property
     def rows(self) -> int:
@@ -106,15 +115,19 @@ class GRPOConfig:
 FEATURE_KINDS = ("word", "wholeword", "regex")
 
 
+ANSWER_REWARDS = ("arith_exact", "arith_last")  # rewards that read each prompt's answer
+
+
 def check_reward_spec(spec: str) -> None:
     """ConfigError unless `spec` names a known reward (before any model is loaded)."""
-    if spec == "arith_exact":
+    if spec in ANSWER_REWARDS:
         return
     kind, sep, rest = spec.partition(":")
     if kind in FEATURE_KINDS and sep and rest:
         return
     raise ConfigError(
-        f"unknown reward {spec!r}: use arith_exact, wholeword:WORD, word:WORD or regex:PATTERN."
+        f"unknown reward {spec!r}: use arith_exact, arith_last, wholeword:WORD, word:WORD or "
+        "regex:PATTERN."
     )
 
 
@@ -208,12 +221,31 @@ def step_indices(n: int, per_step: int, seed: int, step: int) -> list[int]:
 _INT = re.compile(r"[-+]?\d+")
 
 
-def arith_exact(prompts, completions, answers) -> np.ndarray:
-    """1.0 where the completion's first integer equals the answer (none: 0.0), [B]."""
+def _answer_match(completions, answers, name: str, pick) -> np.ndarray:
     out = np.zeros(len(completions), np.float32)
     for i, (c, a) in enumerate(zip(completions, answers)):
         if a is None:
-            raise ConfigError("reward arith_exact needs an 'answer' for every prompt.")
-        m = _INT.search(c)
-        out[i] = float(m is not None and int(m.group()) == int(a))
+            raise ConfigError(f"reward {name} needs an 'answer' for every prompt.")
+        got = pick(c)
+        out[i] = float(got is not None and int(got) == int(a))
     return out
+
+
+def arith_exact(prompts, completions, answers) -> np.ndarray:
+    """1.0 where the completion's first integer equals the answer (none: 0.0), [B]: the
+    strict reading (BIG-bench's exact match of the target after "A:")."""
+    first = lambda c: (m.group() if (m := _INT.search(c)) else None)  # noqa: E731
+    return _answer_match(completions, answers, "arith_exact", first)
+
+
+def arith_last(prompts, completions, answers) -> np.ndarray:
+    """1.0 where the last integer of the completion's first non-empty line equals the answer,
+    [B]: a flexible extraction (like lm-eval's gsm8k "flexible-extract") that credits a worked
+    answer ("3 + 4 = 7") the strict reading scores 0."""
+
+    def last(c):
+        line = next((x for x in c.strip().splitlines() if x.strip()), "")
+        found = _INT.findall(line)
+        return found[-1] if found else None
+
+    return _answer_match(completions, answers, "arith_last", last)

@@ -13,6 +13,7 @@ from lm_jax.align.rewards import make_reward
 from lm_jax.configs import ConfigError, llama_style
 from lm_jax.configs.train import TrainConfig
 from lm_jax.data.byte_tokenizer import ByteTokenizer
+from lm_jax.data.chat_template import resolve_template
 from lm_jax.losses_rl import group_advantages, grpo_loss, k3_kl
 from lm_jax.nn import Transformer
 from lm_jax.sharding import make_mesh
@@ -123,6 +124,23 @@ def test_prompts_and_rewards(tmp_path):
     assert step_indices(10, 5, 0, 3) == step_indices(10, 5, 0, 3)
     r = arith_exact(["", "", "", ""], [" 12 apples", "-3", "no", " 1 2"], ["12", "-3", "1", "2"])
     np.testing.assert_array_equal(r, [1, 1, 0, 0])
+    last = make_reward("arith_last", TOK)  # the first non-empty line's last integer
+    texts = [" 1 + 3 = 4", "\n6 + 9 = 15\nso 14", "7 apples", "To add 6 and 9, we", "4\n5"]
+    np.testing.assert_array_equal(last([""] * 5, texts, ["4", "15", "7", "15", "5"]),
+                                  [1, 1, 1, 0, 0])  # fmt: skip
+    np.testing.assert_array_equal(arith_exact([""] * 5, texts, ["4", "15", "7", "15", "5"]),
+                                  [0, 0, 1, 0, 0])  # fmt: skip
+    with pytest.raises(ConfigError, match="arith_last needs an 'answer'"):
+        last([""], ["4"], [None])
+    # a chat prompt: one user turn rendered for the reply, tokenized without special tokens
+    tmpl = resolve_template("chatml", TOK)
+    ids = GR.encode_prompt(TOK, "What is 3 plus 4?", 80, tmpl)
+    want = "<|im_start|>user\nWhat is 3 plus 4?<|im_end|>\n<|im_start|>assistant\n"
+    assert TOK.decode(ids) == want and ids == list(TOK.encode(want))
+    with pytest.raises(ConfigError, match="more than prompt_len 16: raise --posttrain.prompt_len"):
+        GR.encode_prompt(TOK, "What is 3 plus 4?", 16, tmpl)
+    with pytest.raises(ConfigError, match="unknown chat template 'zephyr'"):
+        GRPOConfig(chat_template="zephyr")
     you = make_reward("wholeword:you", TOK)
     got = you([""] * 3, ["thank you", "youth", "you!"], [None] * 3)
     np.testing.assert_array_equal(got, [1, 0, 1])
