@@ -7,6 +7,7 @@ r"""Evaluate a model on a task; writes a JSON report (--out) and prints a table.
 
   python experiments/evaluate.py --gguf=<SmolLM2.gguf> --task=bigbench:hhh_alignment
   python experiments/evaluate.py --gguf=<SmolLM2.gguf> --task=ptb --window=1024
+  python experiments/evaluate.py --gguf=smollm2 --adapters=runs/chat --task=bigbench:hhh_alignment
 
 Tasks: perplexity, sst2 (option likelihood, --shots), sst2_head (head on frozen features),
 multi30k_en_de (greedy translation, BLEU / chrF / ROUGE), bigbench:<name> (BIG-bench multiple
@@ -25,6 +26,8 @@ from lm_jax import cli
 flags.DEFINE_string("checkpoint", "", "lm_jax training workdir (newest checkpoint).")
 flags.DEFINE_string("hf_dir", "", "Hugging Face model folder (config.json + safetensors).")
 flags.DEFINE_string("gguf", "", "llama.cpp GGUF file, or a packaged name: smollm2, gemma3.")
+flags.DEFINE_string("adapters", "", "LoRA adapters to merge into the model: a fine-tuning "
+                    "workdir trained with LoRA (or its adapters folder).")
 flags.DEFINE_string("task", "perplexity", "Task name (an unknown name lists the tasks).")
 flags.DEFINE_string("data_source", "", "perplexity: lm_jax.data source, e.g. tinyshakespeare:<p>.")
 flags.DEFINE_string("split", None, "Split (perplexity: validation; multi30k: test_2016_flickr).")
@@ -89,7 +92,7 @@ def main(argv):
     get_task(F.task)  # unknown task: fail before loading anything
     if F.checkpoint and _is_seq2seq(F.checkpoint):
         return _seq2seq(F)
-    model = load_model(F.checkpoint, F.hf_dir, F.gguf)
+    model = load_model(F.checkpoint, F.hf_dir, F.gguf, F.adapters)
     opts = {
         k: getattr(F, k)
         for k in (

@@ -51,10 +51,12 @@ class LoadedModel:
     name: str = ""
 
 
-def load_model(checkpoint: str = "", hf_dir: str = "", gguf: str = "") -> LoadedModel:
-    """Exactly one of: an lm_jax training workdir, a HF model folder, a GGUF file."""
+def load_model(checkpoint: str = "", hf_dir: str = "", gguf: str = "", adapters: str = ""
+               ) -> LoadedModel:  # fmt: skip
+    """Exactly one of: an lm_jax training workdir, a HF model folder, a GGUF file; with
+    `adapters`, LoRA adapters merged in (`convert.sources.load_any`)."""
     try:
-        return LoadedModel(*load_any(checkpoint, hf_dir, gguf))
+        return LoadedModel(*load_any(checkpoint, hf_dir, gguf, adapters))
     except ConfigError as e:
         raise EvalError(str(e)) from None
 

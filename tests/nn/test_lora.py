@@ -311,3 +311,29 @@ def test_lora_on_routed_experts_gets_gradients_and_shards_over_experts():
         loss_sh, grads_sh = grad_fn(jax.device_put(params, shardings), tokens)
     assert abs(float(loss_sh) - float(loss)) < 1e-5
     assert _max_diff(L.split_lora(grads_sh)[1], L.split_lora(grads)[1]) < 1e-5
+
+
+def test_merging_saved_adapters_into_a_loaded_model(tmp_path):
+    """`convert.sources.merge_adapters` (evaluate.py --adapters): the plain model it returns
+    computes what the model with the adapters computes; a folder without adapters and adapters
+    of another model are one-line ConfigErrors."""
+    from lm_jax.convert.sources import merge_adapters
+
+    cfg = CONFIGS["llama"]
+    tuned = _randomise_b(_init(cfg), seed=3)
+    base, ad = L.split_lora(tuned)
+    L.save_adapters(str(tmp_path / "run" / "adapters"), ad, cfg.lora)
+    plain = cfg.replace(lora=None)
+    got_cfg, merged = merge_adapters(plain, base, str(tmp_path / "run"))  # the workdir
+    assert got_cfg == plain and not L.split_lora(merged)[1]
+    tokens = _tokens(cfg)
+    want = Transformer(cfg).apply({"params": tuned}, tokens)
+    out = Transformer(plain).apply({"params": merged}, tokens)
+    np.testing.assert_allclose(out, want, atol=2e-5)
+    assert float(jnp.max(jnp.abs(out - Transformer(plain).apply({"params": base}, tokens)))) > 1e-3
+    with pytest.raises(ConfigError, match="holds no LoRA adapters"):
+        merge_adapters(plain, base, str(tmp_path))
+    other = CONFIGS["gpt2"]
+    with pytest.raises(ConfigError, match="adapter|fit this model"):
+        merge_adapters(other.replace(lora=None), L.split_lora(_init(other))[0],
+                       str(tmp_path / "run"))  # fmt: skip
