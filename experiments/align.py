@@ -10,8 +10,11 @@ E_pi[phi] and KL(pi||a) per method against the floor KL(p||a).
 Flags: `--train.x` (steps, learning_rate, lr_schedule, min_lr_ratio, eval_every, mesh, seed,
 workdir, save_every, log_step_details), `--align.x` (AlignConfig below), `--tuner.x`
 (lm_jax.align.TunerConfig but method, which is --method). Each method's run checkpoints in
-<workdir>/<method> and a rerun of the same command resumes it. The pre-1.0 spellings (--steps,
---lr, --batch_size, ...) still work for one release, with a warning.
+<workdir>/<method> and a rerun of the same command resumes it. --method=dpo,grpo train the
+reward-side baselines on the same budget (steps x batch_size samples; the constraint's feature
+as the reward) and score them with the same evaluation (lm_jax/align/posttrain_baselines.py).
+The pre-1.0 spellings (--steps, --lr, --batch_size, ...) still work for one release, with a
+warning.
 """
 
 from __future__ import annotations
@@ -54,7 +57,8 @@ TRAIN_FIELDS = ("steps", "learning_rate", "lr_schedule", "min_lr_ratio", "eval_e
 TRAIN_FIELDS += ("mesh", "seed", "workdir", "save_every", "log_step_details")
 flags.DEFINE_string("base", None, "Checkpoint workdir, HF model dir or .gguf file.", required=True)
 flags.DEFINE_multi_string("constraint", [], "word:W, regex:R (pointwise) or word:W=0.5 (moment).")
-flags.DEFINE_list("method", ["dpg"], "dpg, kl_dpg, fdpg_{fkl,rkl,tv,js,chi2}, reinforce, kl_pg.")
+flags.DEFINE_list("method", ["dpg"], "dpg, kl_dpg, fdpg_{fkl,rkl,tv,js,chi2}, reinforce, kl_pg; "
+                  "dpo and grpo (the reward-side baselines, lm_jax/align/posttrain_baselines.py).")
 flags.DEFINE_string("prompt", "\n", "Text every sample continues.")
 cli.define_config("train", TrainConfig, fields=TRAIN_FIELDS)
 cli.define_config("align", AlignConfig)
@@ -97,6 +101,7 @@ def main(argv):
         load_base,
         plot_histories,
         rows_by_update,
+        scorer,
         train,
     )
     from lm_jax.align.moments import check_moment_feedback
@@ -113,7 +118,14 @@ def main(argv):
     t0, a0 = defaults()
     tc, ac = cli.config("train", t0), cli.config("align", a0)
     tuner = lambda m: cli.config("tuner", TunerConfig(m))  # noqa: E731
-    methods = [tuner(m).method for m in F.method]  # validates names before any work
+    from lm_jax.align.posttrain_baselines import METHODS as BASELINES
+    from lm_jax.align.posttrain_baselines import run_baseline
+
+    # validates names before any work
+    methods = [m if m in BASELINES else tuner(m).method for m in F.method]
+    if any(m in BASELINES for m in methods) and len(F.constraint) != 1:
+        raise ConfigError("--method=dpo/grpo take exactly one --constraint: its feature is the "
+                          "reward.")  # fmt: skip
     lr = lambda: policy_lr_schedule(tc.learning_rate, tc.steps, tc.lr_schedule, tc.min_lr_ratio)  # noqa: E731
     lr()  # and the schedule
     mesh, key = make_mesh(tc.mesh), jax.random.key(tc.seed)  # and the mesh
@@ -121,7 +133,8 @@ def main(argv):
     cfg, params, tok = load_base(F.base)
     cons = [parse_constraint(s, tok) for s in F.constraint]
     for m in methods:  # before any sampling
-        check_moment_feedback(ac.moment_feedback, cons, tuner(m))
+        if m not in BASELINES:
+            check_moment_feedback(ac.moment_feedback, cons, tuner(m))
     stop = () if tok.eos_id is None else (tok.eos_id,)
     scfg = SamplerConfig(ac.max_new_tokens, stop, tuple(tok.encode(F.prompt)))
     lora = LoraConfig(rank=ac.lora_rank, alpha=2.0 * ac.lora_rank) if ac.lora_rank else None
@@ -139,6 +152,14 @@ def main(argv):
         for m in methods:
             policy, trainable, frozen = make_lm_policy(*policy_args)
             wd = os.path.join(tc.workdir, m)  # one resumable run per method
+            if m in BASELINES:  # same target, budget and evaluation; no per-step history
+                summary["methods"][m] = run_baseline(
+                    m, cfg=cfg, params=params, tokenizer=tok, policy=policy, frozen=frozen,
+                    score=scorer(policy, cons), target=tuple(target), reference=ref,
+                    constraint_specs=F.constraint, prompt=F.prompt, steps=tc.steps,
+                    batch_size=ac.batch_size, learning_rate=tc.learning_rate, seed=tc.seed,
+                    workdir=wd, eval_samples=ac.eval_samples, key=key, mesh=mesh)  # fmt: skip
+                continue
             tx = optax.adam(lr())
             kw.update(workdir=wd, save_every=tc.save_every, log_step_details=tc.log_step_details)
             train(policy, trainable, frozen, cons, tuner(m), tx, **kw)
@@ -146,7 +167,8 @@ def main(argv):
             histories[m] = hist
             ev = [h for h in hist if "eval/kl_pi_a" in h]
             summary["methods"][m] = ev[-1] if ev else hist[-1]
-    plot_histories(histories, target[1]["kl_p_a"], os.path.join(tc.workdir, "align.png"))
+    if histories:  # the tuners' curves (the baselines have no per-step evaluation)
+        plot_histories(histories, target[1]["kl_p_a"], os.path.join(tc.workdir, "align.png"))
     with open(os.path.join(tc.workdir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=1)
     print(json.dumps(summary, indent=1))

@@ -103,6 +103,33 @@ def decode_samples(tokenizer, s: Samples) -> list[str]:
     ]
 
 
+def evaluate_policy(policy: LMPolicy, trainable, frozen, score, key, n: int, batch: int, *,
+                    ebm: EBM | None = None, reference: dict | None = None, tokenizer=None,
+                    ref_logprob=None) -> dict:  # fmt: skip
+    """The alignment metrics of policy `trainable` on `n` fresh samples (drawn `batch` at a
+    time with `key`): eval/kl_pi_a (log pi - log a), eval/phi_pi (the features' means); with
+    `ebm` and `reference` base samples, eval/kl_p_pi and eval/tvd_p_pi (`reference_metrics`);
+    with `tokenizer`, Distinct-1/2 and Self-BLEU of the decoded samples. `score` is
+    `scorer(policy, constraints)`; `ref_logprob` a jitted `policy.logprob_fn`."""
+    s = sample_many(lambda k, b: policy.sample(trainable, frozen, k, b), key, n, batch)
+    log_a, phi = score(frozen, s.tokens, s.mask)
+    row = {"eval/kl_pi_a": float(est.kl_pi_a(s.log_q, log_a)),
+           "eval/phi_pi": np.asarray(phi.mean(0)).tolist()}  # fmt: skip
+    if reference is not None and ebm is not None:
+        logprob = ref_logprob or jax.jit(policy.logprob_fn)
+        m = len(reference["log_a"])
+        log_pi = np.concatenate([
+            np.asarray(logprob(trainable, frozen, reference["tokens"][j : j + batch],
+                               reference["mask"][j : j + batch]))
+            for j in range(0, m, batch)
+        ])  # fmt: skip
+        row.update(reference_metrics(ebm, reference, log_pi))
+    if tokenizer is not None:
+        texts = decode_samples(tokenizer, s)
+        row.update({f"eval/{k}": v for k, v in diversity(texts).items()})
+    return row
+
+
 class AlignTask(Task):
     """Sample -> score (log a, phi) -> update, as a task of the one loop (`engine.run`).
 
@@ -182,30 +209,10 @@ class AlignTask(Task):
     def evaluate(self, state, step: int) -> dict:
         if not self.eval_every:
             return {}
-        policy, frozen, bs, ref = self.policy, self.frozen, self.batch_size, self.reference
-        s = sample_many(
-            lambda k, b: policy.sample(state.params, frozen, k, b),
-            jax.random.fold_in(self.k_eval, step),
-            self.eval_samples,
-            bs,
-        )
-        log_a, phi = self.score(frozen, s.tokens, s.mask)
-        row = {
-            "eval/kl_pi_a": float(est.kl_pi_a(s.log_q, log_a)),
-            "eval/phi_pi": np.asarray(phi.mean(0)).tolist(),
-        }
-        if ref is not None:
-            n = len(ref["log_a"])
-            log_pi = np.concatenate([
-                np.asarray(self.ref_logprob(state.params, frozen, ref["tokens"][j : j + bs],
-                                            ref["mask"][j : j + bs]))
-                for j in range(0, n, bs)
-            ])  # fmt: skip
-            row.update(reference_metrics(self.ebm_fit, ref, log_pi))
-        if self.tokenizer is not None:
-            texts = decode_samples(self.tokenizer, s)
-            row.update({f"eval/{k}": v for k, v in diversity(texts).items()})
-        return row
+        return evaluate_policy(self.policy, state.params, self.frozen, self.score,
+                               jax.random.fold_in(self.k_eval, step), self.eval_samples,
+                               self.batch_size, ebm=self.ebm_fit, reference=self.reference,
+                               tokenizer=self.tokenizer, ref_logprob=self.ref_logprob)  # fmt: skip
 
     def step_record(self, step: int, metrics: dict, state) -> dict:
         return {

@@ -35,7 +35,7 @@ import jax
 import numpy as np
 
 from lm_jax.checkpoint import meta_dict
-from lm_jax.configs.base import ModelConfig
+from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.losses_preference import PairLogps, needs_reference
 from lm_jax.scoring import Scorer
@@ -211,16 +211,17 @@ def posttrain(
     base_cfg: ModelConfig,
     params,
     tokenizer,
-    pairs: Sequence[PreferencePair],
+    pairs: Sequence[PreferencePair | EncodedPair],
     train_cfg: TrainConfig,
     pcfg: PreferenceConfig,
     *,
-    eval_pairs: Sequence[PreferencePair] = (),
+    eval_pairs: Sequence[PreferencePair | EncodedPair] = (),
     base_name: str | None = None,
     mesh=None,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Train (or resume in `train_cfg.workdir`) `pcfg.method` on `pairs` through the one loop;
+    """Train (or resume in `train_cfg.workdir`) `pcfg.method` on `pairs` (text pairs, or pairs
+    already encoded: `EncodedPair`, e.g. `sampled_pairs.rank_token_pairs`) through the one loop;
     returns {model_config, params, state, stats, history, final, resumed_from, method}."""
     mesh = make_mesh(train_cfg.mesh) if mesh is None else mesh
     eval_pairs = list(eval_pairs)[: pcfg.eval_examples or None]
@@ -230,8 +231,13 @@ def posttrain(
     check_batching(mesh, train_cfg, pcfg.batch_size, pcfg.eval_batch_size, pcfg.seq_len,
                    base_cfg.max_len)  # fmt: skip
     cfg, params, trainable = prepare_model(base_cfg, params, pcfg, train_cfg.seed)
-    enc = [encode_pair(tokenizer, p, pcfg.seq_len, pcfg.add_eos) for p in pairs]
-    enc_eval = [encode_pair(tokenizer, p, pcfg.seq_len, pcfg.add_eos) for p in eval_pairs]
+    enc, enc_eval = ([p if isinstance(p, EncodedPair)
+                      else encode_pair(tokenizer, p, pcfg.seq_len, pcfg.add_eos) for p in ps]
+                     for ps in (pairs, eval_pairs))  # fmt: skip
+    for e in enc + enc_eval:
+        if max(len(e.chosen[0]), len(e.rejected[0])) > pcfg.seq_len + 1:
+            raise ConfigError(f"an encoded pair is longer than seq_len + 1 = {pcfg.seq_len + 1} "
+                              "tokens: raise seq_len.")  # fmt: skip
     cut = sum(e.truncated for e in enc + enc_eval)
     if cut:
         log(f"{cut} of {len(enc) + len(enc_eval)} pairs truncated to fit seq_len {pcfg.seq_len}")

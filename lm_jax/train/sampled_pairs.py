@@ -17,7 +17,7 @@ import numpy as np
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.generate import generate
 from lm_jax.train.grpo_data import RewardFn
-from lm_jax.train.preference_data import PreferencePair
+from lm_jax.train.preference_data import EncodedPair, PreferencePair
 from lm_jax.train.sft_data import _encode
 
 
@@ -34,26 +34,47 @@ def sample_completions(cfg: ModelConfig, params, tokenizer, enc: Sequence[Sequen
     return ids, texts, int(np.sum(lengths))
 
 
-def rank_pairs(prompts: Sequence[str], texts: Sequence[str], rewards, k: int
-               ) -> list[PreferencePair]:  # fmt: skip
-    """Pairs from k consecutive completions per prompt (rows p*k .. p*k+k-1 answer prompts[p]):
-    the i-th best against the i-th worst while strictly better (stable order on ties)."""
+def rank_indices(rewards, k: int) -> list[tuple[int, int, int]]:
+    """(prompt p, chosen row, rejected row) for k consecutive rows per prompt: the i-th best
+    against the i-th worst while strictly better (stable order on ties)."""
     rewards = np.asarray(rewards, np.float64).reshape(-1)
-    if len(texts) != len(prompts) * k or rewards.shape != (len(texts),):
-        raise ConfigError(
-            f"{len(prompts)} prompts x {k} samples need {len(prompts) * k} completions and "
-            f"rewards, got {len(texts)} and {rewards.shape[0]}."
-        )
+    if k < 1 or len(rewards) % k:
+        raise ConfigError(f"{len(rewards)} rewards are not k = {k} per prompt.")
     out = []
-    for p, prompt in enumerate(prompts):
+    for p in range(len(rewards) // k):
         r = rewards[p * k : (p + 1) * k]
         order = np.argsort(-r, kind="stable")
         for i in range(k // 2):
             hi, lo = order[i], order[k - 1 - i]
             if r[hi] <= r[lo]:
                 break
-            out.append(PreferencePair(prompt, texts[p * k + hi], texts[p * k + lo]))
+            out.append((p, p * k + int(hi), p * k + int(lo)))
     return out
+
+
+def rank_pairs(prompts: Sequence[str], texts: Sequence[str], rewards, k: int
+               ) -> list[PreferencePair]:  # fmt: skip
+    """Pairs from k consecutive completions per prompt (rows p*k .. p*k+k-1 answer prompts[p]),
+    as `rank_indices` pairs them."""
+    n = len(np.asarray(rewards).reshape(-1))
+    if len(texts) != len(prompts) * k or n != len(texts):
+        raise ConfigError(
+            f"{len(prompts)} prompts x {k} samples need {len(prompts) * k} completions and "
+            f"rewards, got {len(texts)} and {n}."
+        )
+    return [PreferencePair(prompts[p], texts[hi], texts[lo])
+            for p, hi, lo in rank_indices(rewards, k)]  # fmt: skip
+
+
+def rank_token_pairs(prompt: Sequence[int], completions: Sequence[Sequence[int]], rewards
+                     ) -> list[EncodedPair]:  # fmt: skip
+    """Pairs of sampled token ids (one prompt, every completion in one group), ranked as
+    `rank_indices` does, as `preference.posttrain` takes them: the exact sampled tokens, with no
+    decode / re-encode round trip (which byte-level or subword tokenizers need not survive)."""
+    prompt = [int(t) for t in prompt]
+    row = lambda c: (np.asarray(prompt + [int(t) for t in c], np.int32), len(prompt))  # noqa: E731
+    return [EncodedPair(row(completions[hi]), row(completions[lo]), False)
+            for _, hi, lo in rank_indices(rewards, len(completions))]  # fmt: skip
 
 
 def sample_rewards(cfg: ModelConfig, params, tokenizer, prompts: Sequence[str], reward: RewardFn,

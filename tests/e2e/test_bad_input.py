@@ -372,6 +372,10 @@ ALIGN = {
     "bad_flag_value": (["--align.batch_size=abc"], r"--align\.batch_size=abc"),
     "bad_config_value": (["--align.batch_size=0"], r"batch_size must be >= 1.*--align\."),
     "unknown_method": (["--method=nope"], r"unknown method 'nope'"),
+    "baseline_two_constraints": (
+        ["--method=dpg,dpo", "--constraint=word:a", "--constraint=word:b"],
+        r"--method=dpo/grpo take exactly one --constraint",
+    ),
     "unknown_schedule": (["--train.lr_schedule=wsd"], r"unknown lr schedule"),
     "unknown_constraint": (["--base={base}", "--constraint=colour:blue"], r"colour"),
     "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),

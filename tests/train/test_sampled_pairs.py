@@ -11,7 +11,12 @@ import pytest
 from lm_jax.configs import ConfigError, llama_style
 from lm_jax.data.byte_tokenizer import ByteTokenizer
 from lm_jax.nn import Transformer
-from lm_jax.train.sampled_pairs import rank_pairs, ranked_pairs, sample_completions
+from lm_jax.train.sampled_pairs import (
+    rank_pairs,
+    rank_token_pairs,
+    ranked_pairs,
+    sample_completions,
+)
 
 TOK = ByteTokenizer()
 CFG = llama_style(vocab_size=257, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -31,6 +36,9 @@ def test_rank_pairs_best_against_worst_without_ties():
     assert got == [("A", "a1", "a0"), ("A", "a2", "a3"), ("C", "c0", "c3"), ("C", "c2", "c1")]
     odd = rank_pairs(["A"], ["x", "y", "z"], [0.0, 1.0, 0.5], 3)  # the middle one sits out
     assert [(p.chosen, p.rejected) for p in odd] == [("y", "x")]
+    tok = rank_token_pairs([5], [[1], [2, 3], [4]], [0.0, 1.0, 0.5])  # one group of 3
+    assert len(tok) == 1 and tok[0].chosen[1] == tok[0].rejected[1] == 1
+    assert tok[0].chosen[0].tolist() == [5, 2, 3] and tok[0].rejected[0].tolist() == [5, 1]
     with pytest.raises(ConfigError, match="need 8 completions"):
         rank_pairs(["A", "B"], texts[:6], rewards[:6], 4)
 
