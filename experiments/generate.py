@@ -20,6 +20,8 @@ flags.DEFINE_string(
     "hf_dir", None, "Local transformers folder (config.json, safetensors, tokenizer)."
 )
 flags.DEFINE_string("gguf", None, "GGUF file or name: smollm2 (default, no source given), gemma3.")
+flags.DEFINE_string("adapters", "", "LoRA adapters to merge into the model: a fine-tuning "
+                    "workdir trained with LoRA (or its adapters folder).")
 flags.DEFINE_string("prompt", "Once upon a time", "Prompt text.")
 flags.DEFINE_integer("max_new_tokens", 64, "Tokens to generate at most.")
 flags.DEFINE_float("temperature", 0.8, "Sampling temperature; 0 = greedy.")
@@ -52,7 +54,7 @@ def load():
     srcs = {n: FLAGS[n].value or "" for n in ("checkpoint", "hf_dir", "gguf")}
     if not any(srcs.values()):
         srcs["gguf"] = smollm2_gguf_path()
-    return load_any(**srcs)[:3]
+    return load_any(**srcs, adapters=FLAGS.adapters)[:3]
 
 
 def check_flags():
