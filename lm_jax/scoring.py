@@ -215,6 +215,23 @@ def _jitted_logits_score(logits_fn: LogitsFn):
     return jax.jit(fn)
 
 
+# Logits a scoring call may hold at once ([rows, positions, vocab] float32); past it the head
+# runs in chunks of positions (`chunked_token_log_probs`, the same numbers).
+LOGITS_BUDGET_BYTES = 1 << 30
+
+
+def head_chunk(chunk: int, rows: int, positions: int, vocab: int,
+               budget: int | None = None) -> int:  # fmt: skip
+    """`chunk` if set (> 0); else 0 (the whole head at once) when [rows, positions, vocab] f32
+    logits fit `budget` (default `LOGITS_BUDGET_BYTES`), or the largest power of two of
+    positions that does (at least 1)."""
+    budget = LOGITS_BUDGET_BYTES if budget is None else budget
+    if chunk or rows * positions * vocab * 4 <= budget:
+        return chunk
+    fit = max(1, budget // (rows * vocab * 4))
+    return 1 << (fit.bit_length() - 1)
+
+
 def check_chunk(chunk: int) -> None:
     if not isinstance(chunk, int) or chunk < 0:
         raise EvalError(f"chunk must be an int >= 0 (0 = the whole head at once), got {chunk!r}")
@@ -260,7 +277,8 @@ class Scorer:
     With `mesh`, parameters are placed by `lm_jax.sharding.params_shardings` and the batch is
     split over the data axes (rows padded to a multiple of their size with masked rows).
     `logits_fn` replaces the Transformer (any function of ids giving logits; params replicated).
-    `chunk` > 0: the Transformer's head runs `chunk` positions at a time (same numbers).
+    `chunk` > 0: the Transformer's head runs `chunk` positions at a time (same numbers);
+    0: all at once unless a call's logits would pass `LOGITS_BUDGET_BYTES` (`head_chunk`).
     """
 
     def __init__(
@@ -276,7 +294,7 @@ class Scorer:
         check_chunk(chunk)
         if chunk and logits_fn is not None:
             raise EvalError("chunk applies to the Transformer's head only, not to a logits_fn")
-        self.cfg, self.mesh, self.chunk = cfg, mesh, chunk
+        self.cfg, self.mesh, self.chunk, self.logits_fn = cfg, mesh, chunk, logits_fn
         params = nn.unbox(params)
         self.fn = jitted_score(cfg, chunk) if logits_fn is None else _jitted_logits_score(logits_fn)
         if mesh is not None:
@@ -303,7 +321,12 @@ class Scorer:
             batch["candidates"] = np.broadcast_to(candidates, (B, candidates.shape[-1]))
         batch = self._place(batch)
         cand = batch.pop("candidates", None)
-        out = self._run(self.fn, batch, cand)
+        fn = self.fn
+        if self.cfg is not None and self.logits_fn is None:
+            rows, T = batch["inputs"].shape
+            chunk = head_chunk(self.chunk, rows, T, self.cfg.vocab_size)
+            fn = jitted_score(self.cfg, chunk) if chunk != self.chunk else fn
+        out = self._run(fn, batch, cand)
         return Scores(*(None if x is None else np.asarray(x, np.float64)[:B] for x in out))
 
     @property
@@ -332,7 +355,8 @@ class Scorer:
         ctx = self._place({"ids": context})["ids"]
         placed = self._place({**rows, "owner": owner})
         owner = placed.pop("owner")
-        out = self._run(jitted_score_after_context(self.cfg, self.chunk), ctx, owner, placed)
+        chunk = head_chunk(self.chunk, owner.shape[0], Tn, self.cfg.vocab_size)
+        out = self._run(jitted_score_after_context(self.cfg, chunk), ctx, owner, placed)
         return Scores(*(None if x is None else np.asarray(x, np.float64)[:R] for x in out))
 
     def _place(self, arrays: dict) -> dict:

@@ -264,3 +264,24 @@ def test_one_token_byte_lengths_for_pretraining_and_evaluate():
     ppl = importlib.import_module("lm_jax.eval.perplexity")
     assert loop.token_byte_lengths is ppl.token_byte_lengths is token_byte_lengths
     assert lm_jax.eval.token_byte_lengths is token_byte_lengths
+
+
+def test_a_call_past_the_logits_budget_runs_the_head_in_chunks(monkeypatch):
+    """`head_chunk`: the whole head while [rows, T, V] f32 logits fit the budget, else the
+    largest power of two of positions that fits; the Scorer's numbers do not change (the
+    SmolLM2 hhh_alignment run asked for 39 GB of logits at once before this)."""
+    from lm_jax import scoring
+
+    assert scoring.head_chunk(0, 4, 100, 1000, budget=4 * 100 * 1000 * 4) == 0
+    assert scoring.head_chunk(0, 4, 100, 1000, budget=4 * 1000 * 4 * 9) == 8
+    assert scoring.head_chunk(0, 4, 100, 1000, budget=1) == 1
+    assert scoring.head_chunk(16, 4, 100, 1000, budget=1) == 16  # an explicit chunk stands
+    cfg, b = UNTIED, _batch()
+    params = _params(cfg)
+    tok, sums, _ = _reference(cfg, params, b)
+    whole = Scorer(cfg, params).score(b)
+    monkeypatch.setattr(scoring, "LOGITS_BUDGET_BYTES", 5 * 61 * 4 * 4)  # 4 positions a call
+    assert scoring.head_chunk(0, 5, 12, 61) == 4
+    chunked = Scorer(cfg, params).score(b)
+    np.testing.assert_allclose(chunked.sums, sums, atol=1e-4)
+    np.testing.assert_allclose(chunked.sums, whole.sums, atol=2e-5)
