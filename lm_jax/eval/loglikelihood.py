@@ -122,18 +122,14 @@ def _score_whole(scorer, max_len, pairs, which, batch_size, out) -> None:
             out[i] = (float(s.sums[j]), bool(s.greedy[j] > 0.5))
 
 
-def _score_shared(scorer, pairs, groups, batch_size, out) -> None:
-    """Score groups of pairs with one context each through `score_after_context`, up to
-    `batch_size` contexts and a fixed number of continuation rows per call (the mean group
-    size times `batch_size`, to a power of two), longest contexts first. A call whose padded
-    context + continuation would pass the model's max_len is left to `_score_whole`."""
-    if not groups:
-        return
-    mean = sum(map(len, groups)) / len(groups)
-    n_rows = length_bucket(int(np.ceil(mean * batch_size)), batch_size, 1)
-    pieces = []  # (context ids, pair indices), groups wider than a call split
-    for g in sorted(groups, key=lambda g: -len(pairs[g[0]][0])):
-        pieces += [(pairs[g[0]][0], g[k : k + n_rows]) for k in range(0, len(g), n_rows)]
+# Tokens one shared-context call may hold: continuation rows x (context + continuation)
+# positions (attention scores and the per-row KV cache grow with it); longer calls get fewer rows.
+SHARED_CALL_TOKENS = 1 << 16
+
+
+def _pack(pieces, batch_size: int, n_rows: int) -> list[list]:
+    """Consecutive pieces (context ids, pair indices) into calls of at most `batch_size`
+    contexts and `n_rows` continuation rows."""
     calls, cur, used = [], [], 0
     for piece in pieces:
         if cur and (len(cur) == batch_size or used + len(piece[1]) > n_rows):
@@ -141,31 +137,59 @@ def _score_shared(scorer, pairs, groups, batch_size, out) -> None:
             cur, used = [], 0
         cur.append(piece)
         used += len(piece[1])
-    calls.append(cur)
-    for call in calls:
+    return calls + [cur]
+
+
+def _score_shared(scorer, pairs, groups, batch_size, out) -> None:
+    """Score groups of pairs with one context each through `score_after_context`, up to
+    `batch_size` contexts and a fixed number of continuation rows per call (the mean group
+    size times `batch_size`, to a power of two; fewer, a power of two, where rows x positions
+    would pass `SHARED_CALL_TOKENS`), longest contexts first. A call whose padded context +
+    continuation would pass the model's max_len is left to `_score_whole`."""
+    if not groups:
+        return
+    mean = sum(map(len, groups)) / len(groups)
+    n_rows = length_bucket(int(np.ceil(mean * batch_size)), batch_size, 1)
+    pieces = []  # (context ids, pair indices), groups wider than a call split
+    for g in sorted(groups, key=lambda g: -len(pairs[g[0]][0])):
+        pieces += [(pairs[g[0]][0], g[k : k + n_rows]) for k in range(0, len(g), n_rows)]
+    for call in _pack(pieces, batch_size, n_rows):
         Tc = length_bucket(max(len(ctx) - 1 for ctx, _ in call), 8)
         Tn = length_bucket(max(len(pairs[i][1]) for _, g in call for i in g), 1, 1)
         if Tc + Tn > scorer.cfg.max_len:
             continue
-        context = np.zeros((batch_size, Tc), np.int32)
-        rows = {k: np.zeros((n_rows, Tn), np.int32) for k in ("inputs", "targets", "positions")}
-        rows["loss_mask"] = np.zeros((n_rows, Tn), np.float32)
-        owner, r, where = np.zeros(n_rows, np.int32), 0, []
-        for c, (ctx, g) in enumerate(call):
-            context[c, : len(ctx) - 1] = ctx[:-1]
-            for i in g:
-                cont = list(pairs[i][1])
-                n = len(cont)
-                rows["inputs"][r, :n] = [ctx[-1]] + cont[:-1]
-                rows["targets"][r, :n] = cont
-                rows["positions"][r] = len(ctx) - 1 + np.arange(Tn)
-                rows["loss_mask"][r, :n] = 1.0
-                owner[r] = c
-                where.append((r, i))
-                r += 1
-        s = scorer.score_after_context(context, owner, rows)
-        for r, i in where:
-            out[i] = (float(s.sums[r]), bool(s.greedy[r] > 0.5))
+        cap = max(1, SHARED_CALL_TOKENS // (Tc + Tn))
+        cap = min(n_rows, 1 << (cap.bit_length() - 1))
+        if cap == n_rows:
+            _score_call(scorer, pairs, call, batch_size, n_rows, Tc, Tn, out)
+            continue
+        narrow = [(ctx, g[k : k + cap]) for ctx, g in call for k in range(0, len(g), cap)]
+        for sub in _pack(narrow, min(batch_size, cap), cap):
+            _score_call(scorer, pairs, sub, min(batch_size, cap), cap, Tc, Tn, out)
+
+
+def _score_call(scorer, pairs, call, batch_size, n_rows, Tc, Tn, out) -> None:
+    """One `score_after_context` call: `call`'s contexts [batch_size, Tc] and its continuation
+    rows [n_rows, Tn]; the scores go to `out`."""
+    context = np.zeros((batch_size, Tc), np.int32)
+    rows = {k: np.zeros((n_rows, Tn), np.int32) for k in ("inputs", "targets", "positions")}
+    rows["loss_mask"] = np.zeros((n_rows, Tn), np.float32)
+    owner, r, where = np.zeros(n_rows, np.int32), 0, []
+    for c, (ctx, g) in enumerate(call):
+        context[c, : len(ctx) - 1] = ctx[:-1]
+        for i in g:
+            cont = list(pairs[i][1])
+            n = len(cont)
+            rows["inputs"][r, :n] = [ctx[-1]] + cont[:-1]
+            rows["targets"][r, :n] = cont
+            rows["positions"][r] = len(ctx) - 1 + np.arange(Tn)
+            rows["loss_mask"][r, :n] = 1.0
+            owner[r] = c
+            where.append((r, i))
+            r += 1
+    s = scorer.score_after_context(context, owner, rows)
+    for r, i in where:
+        out[i] = (float(s.sums[r]), bool(s.greedy[r] > 0.5))
 
 
 def loglikelihood_pairs(

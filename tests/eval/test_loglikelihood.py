@@ -88,6 +88,25 @@ def test_shared_contexts_equal_each_pair_alone(name):
     assert 0 < sum(w[1] for w in want) < len(want)  # the greedy flag is tested both ways
 
 
+def test_calls_past_the_token_budget_take_fewer_rows(monkeypatch):
+    """A call whose rows x positions pass SHARED_CALL_TOKENS is split into narrower calls (the
+    BIG-bench hhh_alignment documents on SmolLM2: 128 rows x 1,920 positions asked for 39 GB);
+    the scores stay those of each pair alone."""
+    cfg = CONFIGS["gpt2"]
+    params, pairs = _params(cfg), _pairs(cfg.vocab_size, seed=2)
+    want = _reference(cfg, params, pairs, cfg.max_len)
+    scorer = Scorer(cfg, params)
+    shapes = []
+    real = scorer.score_after_context
+    spy = lambda c, o, r: shapes.append(r["inputs"].shape) or real(c, o, r)  # noqa: E731
+    monkeypatch.setattr(scorer, "score_after_context", spy)
+    monkeypatch.setattr(ll_lib, "SHARED_CALL_TOKENS", 64)
+    got = ll_lib.score_token_pairs(scorer, cfg.max_len, pairs, 4)
+    np.testing.assert_allclose([g[0] for g in got], [w[0] for w in want], atol=2e-4)
+    assert [g[1] for g in got] == [w[1] for w in want]
+    assert shapes and all(n * t <= 64 or n == 1 for n, t in shapes)
+
+
 def test_shared_contexts_sharded_equal_single_device():
     cfg = CONFIGS["llama_gqa"]
     params, pairs = _params(cfg), _pairs(cfg.vocab_size, seed=1)
