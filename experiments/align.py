@@ -118,14 +118,17 @@ def main(argv):
     t0, a0 = defaults()
     tc, ac = cli.config("train", t0), cli.config("align", a0)
     tuner = lambda m: cli.config("tuner", TunerConfig(m))  # noqa: E731
+    from lm_jax.align.posttrain_baselines import GROUP, run_baseline
     from lm_jax.align.posttrain_baselines import METHODS as BASELINES
-    from lm_jax.align.posttrain_baselines import run_baseline
 
     # validates names before any work
     methods = [m if m in BASELINES else tuner(m).method for m in F.method]
     if any(m in BASELINES for m in methods) and len(F.constraint) != 1:
         raise ConfigError("--method=dpo/grpo take exactly one --constraint: its feature is the "
                           "reward.")  # fmt: skip
+    if "grpo" in methods and ac.batch_size % GROUP:
+        raise ConfigError(f"--method=grpo samples groups of {GROUP}: --align.batch_size must be "
+                          f"a multiple of {GROUP}, got {ac.batch_size}.")  # fmt: skip
     lr = lambda: policy_lr_schedule(tc.learning_rate, tc.steps, tc.lr_schedule, tc.min_lr_ratio)  # noqa: E731
     lr()  # and the schedule
     mesh, key = make_mesh(tc.mesh), jax.random.key(tc.seed)  # and the mesh

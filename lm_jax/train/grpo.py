@@ -37,13 +37,13 @@ from lm_jax import adapters as lora_lib
 from lm_jax.checkpoint import meta_dict
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.configs.train import TrainConfig
-from lm_jax.data.chat_template import render_chat, resolve_template
+from lm_jax.data.chat_template import resolve_template
 from lm_jax.losses_rl import group_advantages, grpo_loss
 from lm_jax.optim import make_optimizer
 from lm_jax.scoring import score
 from lm_jax.sharding import batch_sharding, make_mesh
 from lm_jax.train import finetune as ft_lib
-from lm_jax.train.chat_data import special_tokens
+from lm_jax.train.chat_data import ChatEncoder, Message
 from lm_jax.train.grpo_data import GRPOConfig, Prompt, RewardFn, step_indices
 from lm_jax.train.loop import params_hash
 from lm_jax.train.sampled_pairs import sample_completions
@@ -68,10 +68,8 @@ def encode_prompt(tokenizer, text: str, prompt_len: int, template: str | None = 
     chat `template` (jinja source), `text` as one user turn rendered for the assistant's reply
     and tokenized as transformers' apply_chat_template does (too long: ConfigError)."""
     if template is not None:
-        msgs = [{"role": "user", "content": text}]
-        rendered = render_chat(template, msgs, add_generation_prompt=True,
-                               **special_tokens(tokenizer))  # fmt: skip
-        ids = _encode(tokenizer, rendered, False)
+        chat = ChatEncoder(tokenizer, template, prompt_len)
+        ids = list(chat.tokens(chat.render([Message("user", text)], add_generation_prompt=True)))
         if len(ids) > prompt_len:
             raise ConfigError(
                 f"prompt {text!r} is {len(ids)} tokens in the chat template, more than "

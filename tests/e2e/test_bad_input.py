@@ -370,6 +370,9 @@ ALIGN = {
         ["--method=dpg,dpo", "--constraint=word:a", "--constraint=word:b"],
         r"--method=dpo/grpo take exactly one --constraint",
     ),
+    "grpo_batch_not_groups": (
+        ["--method=grpo", "--align.batch_size=12"], r"groups of 8.*multiple of 8, got 12"
+    ),
     "unknown_schedule": (["--train.lr_schedule=wsd"], r"unknown lr schedule"),
     "unknown_constraint": (["--base={base}", "--constraint=colour:blue"], r"colour"),
     "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
