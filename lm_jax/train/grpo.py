@@ -202,7 +202,10 @@ class GRPOTask(TunedModelTask):
 
     def meta(self) -> dict:
         g = self.gcfg
-        h = hashlib.sha256(repr([(p.prompt, p.answer) for p in self.prompts]).encode())
+        # the prompts as the policy sees them (template applied, truncated to prompt_len): a
+        # resume with another chat_template is another prompt stream, refused
+        h = hashlib.sha256(repr([(tuple(map(int, e)), p.answer)
+                                 for e, p in zip(self.enc, self.prompts)]).encode())  # fmt: skip
         data = {"source": f"prompts:{h.hexdigest()[:16]}", "seq_len": self.seq_len,
                 "seed": self.train_cfg.seed}  # fmt: skip
         return meta_dict(self.cfg, self.train_cfg, data,

@@ -407,3 +407,30 @@ def test_packed_chat_finetune_runs_on_the_one_loop(small, tmp_path):
                           eval_conversations=conversations(2), log=lambda s: None)  # fmt: skip
     assert len(out["history"]) == 4 and np.isfinite(out["history"]).all()
     assert np.isfinite(out["final"]["completion_loss"])
+
+
+def test_eight_devices_give_the_same_chat_sft_steps_as_one(small, tmp_path):
+    """Packed chat SFT (LoRA) on a 2x2x2 mesh of 8 CPU devices: the same losses and adapters as
+    on one device."""
+    from lm_jax import adapters as L
+    from lm_jax.sharding import make_mesh
+
+    ours, _ = small
+    lora = L.LoraConfig(rank=4, alpha=8.0)
+    ft = F.FinetuneConfig(seq_len=128, batch_size=8, eval_batch_size=8, pack=True, save=False,
+                          lora=lora)  # fmt: skip
+    chat = C.ChatConfig(data="unused", template="chatml")
+    runs = []
+    for name, mesh in (("one", ""), ("eight", "data:2,fsdp:2,tensor:2")):
+        devices = jax.devices()[: 1 if not mesh else 8]
+        train = TrainConfig(steps=3, learning_rate=1e-3, warmup_steps=0, log_every=1,
+                            workdir=str(tmp_path / name), progress_bar=False)  # fmt: skip
+        out = F.finetune_chat(CFG, params(), ours, conversations(12), train, ft, chat,
+                              mesh=make_mesh(mesh, devices=devices),
+                              log=lambda s: None)  # fmt: skip
+        runs.append(out)
+    np.testing.assert_allclose(runs[0]["history"], runs[1]["history"], rtol=1e-5, atol=1e-6)
+    _, one = L.split_lora(jax.device_get(runs[0]["params"]))
+    _, eight = L.split_lora(jax.device_get(runs[1]["params"]))
+    for a, b in zip(jax.tree.leaves(one), jax.tree.leaves(eight), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)

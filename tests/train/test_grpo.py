@@ -214,3 +214,23 @@ def test_eight_devices_give_the_same_step_as_one():
             np.testing.assert_allclose(float(a[k]), float(b[k]), rtol=1e-5, atol=1e-6, err_msg=k)
     for a, b in zip(jax.tree.leaves(one[0]), jax.tree.leaves(eight[0]), strict=True):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=2e-5)
+
+
+def test_a_resume_with_another_chat_template_is_refused():
+    """The data fingerprint covers the prompts as encoded (template applied, truncated), so a
+    resume that would sample from other prompt rows fails with the field and the fix."""
+    from lm_jax.errors import CheckpointMismatch
+    from lm_jax.resume_config import check_resume_config
+
+    cfg, p, trainable = prepare_model(CFG, base_params(), GRPOConfig(prompt_len=60), 0)
+    metas = []
+    for template in (None, "chatml", None):
+        gcfg = GRPOConfig(num_generations=4, prompts_per_step=4, max_new_tokens=4, prompt_len=60,
+                          chat_template=template)  # fmt: skip
+        one = make_mesh("", devices=jax.devices()[:1])
+        task = GR.GRPOTask(cfg, p, trainable, TOK, PROMPTS, ascii_share,
+                           _train_cfg("/tmp/unused"), gcfg, mesh=one)  # fmt: skip
+        metas.append(task.meta())
+    assert check_resume_config(7, "wd", metas[0], metas[2]) == []
+    with pytest.raises(CheckpointMismatch, match=r"another row stream: data\.source"):
+        check_resume_config(7, "wd", metas[0], metas[1])
