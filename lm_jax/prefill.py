@@ -51,13 +51,16 @@ def window_starts(length: int, chunk: int) -> np.ndarray:
     return starts.astype(np.int32)
 
 
-def prefill(model: Transformer, params, tokens, cache, last, prefix=None, chunk: int = 0):
+def prefill(
+    model: Transformer, params, tokens, cache, last, prefix=None, chunk: int = 0, variables=None
+):
     """Write prompts into `cache` and return (logits [B, V] float32 at position `last`, cache).
 
     tokens [B, T] int32 at positions 0..T-1 (after the P prefix embeddings [B, P, D] when given:
     positions P..P+T-1), `last` [B] int32 the position to take logits at (prefix included),
     `cache` from `init_cache`. `chunk` > 0: windows of that many tokens (module docstring).
-    `last` must lie in [0, P + T): callers derive it from checked prompt lengths."""
+    `last` must lie in [0, P + T): callers derive it from checked prompt lengths. `variables`:
+    more collections for `model.apply` beside the params (e.g. per-row adapters, `lora_rows`)."""
     cfg = model.cfg
     B, T = tokens.shape
     chunk = check_chunk(chunk)
@@ -68,7 +71,8 @@ def prefill(model: Transformer, params, tokens, cache, last, prefix=None, chunk:
         P = 0 if prefix is None else prefix.shape[1]
         pos = jnp.broadcast_to(start + jnp.arange(P + C, dtype=jnp.int32), (B, P + C))
         h, cache = model.apply(
-            {"params": params}, toks, pos, cache=cache, skip_head=True, prefix_embeds=prefix
+            {"params": params, **(variables or {})}, toks, pos, cache=cache, skip_head=True,
+            prefix_embeds=prefix,
         )
         idx = last - start  # [B]: the row's last position inside this window
         inside = (idx >= 0) & (idx < P + C)

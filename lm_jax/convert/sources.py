@@ -46,18 +46,25 @@ def load_any(checkpoint: str = "", hf_dir: str = "", gguf: str = "", adapters: s
     return cfg, params, tok, name
 
 
-def merge_adapters(cfg, params, directory: str):
-    """(cfg, params) with the LoRA adapters saved in `directory` (or `directory/adapters`)
-    folded into the kernels; a folder without adapters, or adapters made for another model,
-    is a one-line error."""
+def find_adapters(directory: str, flag: str = "--adapters"):
+    """(adapter tree, LoraConfig, folder) saved in `directory` or `directory/adapters` (a
+    fine-tuning workdir); a folder without adapters is a one-line error naming `flag`."""
     candidates = (directory, os.path.join(directory, "adapters"))
     found = [d for d in candidates if lora_lib.is_adapter_dir(d)]
     if not found:
         raise ConfigError(
-            f"--adapters={directory!r} holds no LoRA adapters: give a fine-tuning workdir "
+            f"{flag}={directory!r} holds no LoRA adapters: give a fine-tuning workdir "
             "trained with LoRA or its adapters folder."
         )
     ad, lora_cfg = lora_lib.load_adapters(found[0])
+    return ad, lora_cfg, found[0]
+
+
+def merge_adapters(cfg, params, directory: str):
+    """(cfg, params) with the LoRA adapters saved in `directory` (or `directory/adapters`)
+    folded into the kernels; a folder without adapters, or adapters made for another model,
+    is a one-line error."""
+    ad, lora_cfg, folder = find_adapters(directory)
     base, extra = lora_lib.split_lora(params)
     if extra:
         raise ConfigError("the model already holds LoRA adapters: merge them before adding more.")
@@ -66,6 +73,6 @@ def merge_adapters(cfg, params, directory: str):
         return cfg, lora_lib.merge(combined, cfg.replace(lora=lora_cfg))
     except (ValueError, TypeError) as e:
         raise ConfigError(
-            f"the adapters in {found[0]!r} do not fit this model's kernels ({e}): give the "
+            f"the adapters in {folder!r} do not fit this model's kernels ({e}): give the "
             "base model they were trained on."
         ) from None

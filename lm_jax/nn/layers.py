@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.nn.lora import maybe_lora
+from lm_jax.nn.lora import ROWS, maybe_lora, row_lora
 from lm_jax.prompts import check_ids
 
 
@@ -61,6 +61,8 @@ class Dense(nn.Module):
                 self, x2, y.reshape(x2.shape[0], self.features), kernel.shape, self.names, cfg
             )
             y = y2.reshape(*lead, self.features)
+        if self.has_variable(ROWS, "lora_a"):  # per-request adapters (multi-adapter decode)
+            y = row_lora(self, x.astype(cfg.compute_dtype), y)
         return y
 
 

@@ -117,6 +117,25 @@ def lora_delta(
     return jnp.matmul(h, b.astype(x.dtype)) * jnp.asarray(lora.scale, x.dtype)
 
 
+# The variable collection of per-row adapter factors (one adapter per batch row: several
+# requests, each with its own adapter, in one decode batch; `lm_jax.adapters.rows` builds it).
+ROWS = "lora_rows"
+
+
+def row_lora(module: nn.Module, x: jax.Array, y: jax.Array) -> jax.Array:
+    """y + each row's own LoRA path when the `lora_rows` collection holds this module's factors
+    a [B, d_in, r] and b [B, r, d_out] (scale folded into b; zeros = no adapter for that row);
+    x [B, ..., d_in], y [B, ..., d_out]. Unchanged y otherwise."""
+    if not module.has_variable(ROWS, "lora_a"):
+        return y
+    a, b = module.get_variable(ROWS, "lora_a"), module.get_variable(ROWS, "lora_b")
+    B = x.shape[0]
+    xs = x.reshape(B, -1, x.shape[-1])
+    h = jnp.einsum("bmd,bdr->bmr", xs, a.astype(xs.dtype))
+    d = jnp.einsum("bmr,bro->bmo", h, b.astype(xs.dtype))
+    return y + d.reshape(y.shape).astype(y.dtype)
+
+
 def maybe_lora(
     module: nn.Module,
     x: jax.Array,  # [..., M, d_in] (compute dtype)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax
 
+from lm_jax.nn.lora import ROWS
+
 REMAT_POLICIES = {
     "none": None,
     "dots": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
@@ -42,7 +44,7 @@ def scan_blocks(
     cls = remat_block(block_cls, cfg.remat) if remat else block_cls
     return nn.scan(
         cls,
-        variable_axes={"params": 0, "intermediates": 0, "aux": 0},
+        variable_axes={"params": 0, "intermediates": 0, "aux": 0, ROWS: 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=in_axes,
         length=n,

@@ -8,6 +8,10 @@ Errors are OpenAI-shaped JSON (`{"error": {"message", "type", ...}}`): a malform
 impossible request gets 400 naming the field and the fix, an unknown model 404, a full queue 429,
 a draining or failed server 503; none of them disturbs the requests already running. A client
 that disconnects mid-stream has its requests cancelled, freeing their slots.
+
+LoRA adapters the engine holds (`Engine(..., adapters=...)`, `serve.py --adapters=name=dir`) are
+served as models of their own: /v1/models lists each under its name with `parent` the base, and
+a request's `model` picks one; requests on different adapters share the running batch.
 """
 
 from __future__ import annotations
@@ -61,8 +65,12 @@ class _Stream:
 
 
 def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | None = None):
-    """FastAPI app serving `runner` (its engine's model) under the id `model_name`.
-    `chat_template`: jinja2 source for chat prompts (default: the tokenizer's own)."""
+    """FastAPI app serving `runner` (its engine's model) under the id `model_name`, and each of
+    the engine's adapters under its own name. `chat_template`: jinja2 source for chat prompts
+    (default: the tokenizer's own)."""
+    adapters = list(getattr(runner.engine, "adapter_names", ()))
+    if model_name in adapters:
+        raise ValueError(f"adapter name {model_name!r} is the base model's id: rename it.")
     app = FastAPI(title="lm_jax", version="0.1")
 
     @app.exception_handler(RequestValidationError)
@@ -79,7 +87,8 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
     @app.get("/v1/models")
     async def models():
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "lm_jax"}
-        return {"object": "list", "data": [card]}
+        cards = [card] + [{**card, "id": a, "parent": model_name} for a in adapters]
+        return {"object": "list", "data": cards}
 
     @app.get("/health")
     async def health():
@@ -87,28 +96,34 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
         body = {"status": "ok" if ok else "draining", "pending": runner.pending}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    def check_model(name: str) -> None:
-        if name and name != model_name:
-            raise ClientError(
-                f"model {name!r} is not served here; this server serves {model_name!r} "
-                "(GET /v1/models).", 404, "model_not_found",
-            )  # fmt: skip
+    def check_model(name: str) -> tuple[str, str]:
+        """(the model id to answer with, the engine adapter: '' = the base)."""
+        if not name or name == model_name:
+            return model_name, ""
+        if name in adapters:
+            return name, name
+        served = ", ".join(repr(m) for m in [model_name, *adapters])
+        raise ClientError(
+            f"model {name!r} is not served here; this server serves {served} (GET /v1/models).",
+            404, "model_not_found",
+        )  # fmt: skip
 
-    def checked(body) -> list[str]:
-        """The body's model checked; its stop strings."""
-        check_model(body.model)
+    def checked(body) -> tuple[list[str], str, str]:
+        """The body's stop strings, model id and adapter (the model checked)."""
+        model_id, adapter = check_model(body.model)
         try:
-            return oa.stop_list(body.stop)
+            return oa.stop_list(body.stop), model_id, adapter
         except ValueError as e:
             raise ClientError(str(e)) from None
 
-    def engine_request(body, prompt: list[int], max_tokens, logprobs: int, stop_ids, i: int):
+    def engine_request(body, prompt: list[int], max_tokens, logprobs: int, stop_ids, i: int,
+                       adapter: str = ""):  # fmt: skip
         if max_tokens is None:  # as many as fit
             max_tokens = runner.engine.ecfg.max_len - len(prompt)
         seed = None if body.seed is None else body.seed + i
         return EngineRequest(
             prompt, int(max_tokens), body.temperature, body.top_k, body.top_p, seed,
-            stop_ids, logprobs,
+            stop_ids, logprobs, adapter,
         )  # fmt: skip
 
     def start(reqs: list[EngineRequest]) -> list[_Stream]:
@@ -154,7 +169,9 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
     def sse(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
-    async def stream_response(streams, stops, rid, chat: bool, want_logprobs: bool, head=None):
+    async def stream_response(
+        streams, stops, rid, chat: bool, want_logprobs: bool, head=None, model_id=model_name
+    ):
         """Server-sent events: the choices' deltas in the order their tokens come."""
         queue: asyncio.Queue = asyncio.Queue()
 
@@ -193,11 +210,11 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
                 for i in range(len(streams)):
                     first = {"index": i, "delta": {"role": "assistant", "content": ""},
                              "logprobs": None, "finish_reason": None}  # fmt: skip
-                    yield sse(oa.chunk_json(rid, model_name, True, first))
+                    yield sse(oa.chunk_json(rid, model_id, True, first))
             if head:
                 for i, text in head.items():
                     c = {"index": i, "text": text, "logprobs": None, "finish_reason": None}
-                    yield sse(oa.chunk_json(rid, model_name, False, c))
+                    yield sse(oa.chunk_json(rid, model_id, False, c))
             while ended < len(streams):
                 index, text, lp, finish = await queue.get()
                 if finish == "_end":
@@ -221,7 +238,7 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
                 else:
                     choice = {"index": index, "text": text or "", "logprobs": logprobs,
                               "finish_reason": finish}  # fmt: skip
-                yield sse(oa.chunk_json(rid, model_name, chat, choice))
+                yield sse(oa.chunk_json(rid, model_id, chat, choice))
             yield "data: [DONE]\n\n"
         finally:  # the client went away (or we are done): free the slots
             for s in streams:
@@ -242,14 +259,14 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
 
     @app.post("/v1/completions")
     async def completions(body: oa.CompletionBody):
-        stops = checked(body)
+        stops, model_id, adapter = checked(body)
         if body.echo and body.logprobs:
             raise ClientError("echo with logprobs (prompt log-probs) is not supported; "
                               "score prompts with lm_jax.eval.harness instead.")  # fmt: skip
         prompts = encode_prompts(body.prompt)
         stop_ids = _stop_tokens(tokenizer, chat=False)
         reqs = [
-            engine_request(body, p, body.max_tokens, body.logprobs or 0, stop_ids, j)
+            engine_request(body, p, body.max_tokens, body.logprobs or 0, stop_ids, j, adapter)
             for p in prompts
             for j in range(body.n)
         ]
@@ -259,7 +276,9 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
         if body.echo:
             echo = {i: tokenizer.decode(reqs[i].prompt) for i in range(len(reqs))}
         if body.stream:
-            gen = stream_response(streams, stops, rid, False, bool(body.logprobs), echo)
+            gen = stream_response(
+                streams, stops, rid, False, bool(body.logprobs), echo, model_id=model_id
+            )
             return StreamingResponse(gen, media_type="text/event-stream")
         results = await _gather(streams, stops)
         choices, n_out = [], 0
@@ -271,7 +290,7 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
             choices.append({"index": i, "text": echo.get(i, "") + text, "logprobs": lp,
                             "finish_reason": finish})  # fmt: skip
         n_in = sum(len(p) for p in prompts)
-        return oa.response_json(rid, model_name, choices, oa.usage(n_in, n_out), chat=False)
+        return oa.response_json(rid, model_id, choices, oa.usage(n_in, n_out), chat=False)
 
     async def _gather(streams, stops):
         try:
@@ -282,7 +301,7 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
 
     @app.post("/v1/chat/completions")
     async def chat(body: oa.ChatBody):
-        stops = checked(body)
+        stops, model_id, adapter = checked(body)
         messages = [m.model_dump() for m in body.messages]
         try:
             if chat_template is not None:
@@ -299,11 +318,14 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
             raise ClientError("top_logprobs needs logprobs=true.")
         max_tokens = body.max_completion_tokens or body.max_tokens
         stop_ids = _stop_tokens(tokenizer, chat=True)
-        reqs = [engine_request(body, prompt, max_tokens, top, stop_ids, j) for j in range(body.n)]
+        reqs = [
+            engine_request(body, prompt, max_tokens, top, stop_ids, j, adapter)
+            for j in range(body.n)
+        ]
         rid = oa.new_id("chatcmpl")
         streams = start(reqs)
         if body.stream:
-            gen = stream_response(streams, stops, rid, True, body.logprobs)
+            gen = stream_response(streams, stops, rid, True, body.logprobs, model_id=model_id)
             return StreamingResponse(gen, media_type="text/event-stream")
         results = await _gather(streams, stops)
         choices, n_out = [], 0
@@ -312,6 +334,6 @@ def make_app(runner: Runner, tokenizer, model_name: str, chat_template: str | No
             lp = oa.chat_logprobs(tokenizer, toks, lps, tops) if body.logprobs else None
             choices.append({"index": i, "message": {"role": "assistant", "content": text},
                             "logprobs": lp, "finish_reason": finish})  # fmt: skip
-        return oa.response_json(rid, model_name, choices, oa.usage(len(prompt), n_out), chat=True)
+        return oa.response_json(rid, model_id, choices, oa.usage(len(prompt), n_out), chat=True)
 
     return app

@@ -14,6 +14,11 @@ decode dispatch, reads the tokens back and ends requests on a stop token, `max_t
 cancel; a freed slot takes the next request at the following step. Stale cache entries are never
 read: attention is causal by position, and a slot writes position p before any query at p.
 
+Per-request LoRA adapters (`Engine(..., adapters={name: (adapters, LoraConfig)})`,
+`Request.adapter`): the adapter sets are stacked into one bank (`lm_jax.adapters.rows`) and each
+slot carries its adapter's index, so requests on different adapters (and on the base model) run
+in the same decode dispatch; a request's output equals that of the model with its adapter merged.
+
 Sampling is `lm_jax.sampling.sample_rows` with the request's settings and keys
 `fold_in(key(seed), i)` for its i-th token, so a request's output depends on itself only (its
 prompt, settings and seed), not on what else runs beside it: greedy output equals
@@ -34,9 +39,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax import prefill as prefill_lib
+from lm_jax.adapters.rows import select_rows, stack_adapters
 from lm_jax.configs.base import ConfigError, ModelConfig
 from lm_jax.generate import CACHE_NAMES, PROMPT_BUCKET, prepare_prompts
 from lm_jax.nn.attention import LayerCache
+from lm_jax.nn.lora import ROWS
 from lm_jax.nn.transformer import Transformer, init_cache
 from lm_jax.sampling import _check_sampling, sample_rows
 from lm_jax.sharding import constrain
@@ -85,6 +92,7 @@ class Request:
     seed: int | None = None  # None: drawn from the engine's counter
     stop_tokens: Sequence[int] = ()
     logprobs: int = 0  # top alternatives to return per token (<= EngineConfig.top_logprobs)
+    adapter: str = ""  # LoRA adapter to run with (a name given to Engine); '' = the base model
 
 
 class Event(NamedTuple):
@@ -117,6 +125,7 @@ class _Slots(NamedTuple):
     temperature: jax.Array  # [S] f32
     top_k: jax.Array  # [S] int32
     top_p: jax.Array  # [S] f32
+    adapter: jax.Array  # [S] int32: index into the adapter bank (0 = the base model)
 
 
 class _Step(NamedTuple):
@@ -154,16 +163,24 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
         zeros = jnp.zeros((S,), jnp.int32)
         keys = jax.random.split(jax.random.key(0), S)
         ones = jnp.ones((S,), jnp.float32)
-        return _Slots(cache, zeros, zeros, zeros, keys, ones, zeros, ones)
+        return _Slots(cache, zeros, zeros, zeros, keys, ones, zeros, ones, zeros)
 
-    def prefill(params, s: _Slots, slot, tokens, length, key, temperature, top_k, top_p, want):
+    def rows(bank, index):  # the per-row adapter factors (no collection without a bank)
+        return None if bank is None else {ROWS: select_rows(bank, index)}
+
+    def prefill(
+        params, bank, s: _Slots, slot, tokens, length, key, temperature, top_k, top_p, adapter,
+        want,
+    ):  # fmt: skip
         row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), s.cache)
         last_pos = jnp.reshape(length - 1, (1,)).astype(jnp.int32)
-        chunk = ecfg.prefill_chunk
-        last, row = prefill_lib.prefill(model, params, tokens, row, last_pos, chunk=chunk)
+        chunk, extra = ecfg.prefill_chunk, rows(bank, adapter[None])
+        last, row = prefill_lib.prefill(
+            model, params, tokens, row, last_pos, chunk=chunk, variables=extra
+        )
         one = _Slots(
             row, s.tok[:1], s.pos[:1], jnp.zeros((1,), jnp.int32), key[None],
-            temperature[None], top_k[None], top_p[None],
+            temperature[None], top_k[None], top_p[None], adapter[None],
         )  # fmt: skip
         out, ids, lp = _sample(last, one, top, want)
         cache = jax.tree.map(
@@ -178,13 +195,16 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
             s.temperature.at[slot].set(temperature),
             s.top_k.at[slot].set(top_k),
             s.top_p.at[slot].set(top_p),
+            s.adapter.at[slot].set(adapter),
         )
         return s, _Step(out.tokens[:, None], out.logprobs[:, None], ids[:, None], lp[:, None])
 
-    def decode(params, s: _Slots, active, want):
+    def decode(params, bank, s: _Slots, active, want):
+        variables = {"params": params, **(rows(bank, s.adapter) or {})}
+
         def one(s: _Slots, _):
             pos = jnp.minimum(s.pos, C - 1)[:, None]  # finished rows may run past the cache
-            logits, cache = model.apply({"params": params}, s.tok[:, None], pos, cache=s.cache)
+            logits, cache = model.apply(variables, s.tok[:, None], pos, cache=s.cache)
             out, ids, lp = _sample(logits[:, 0], s, top, want)
             step = active.astype(jnp.int32)
             s = s._replace(cache=cache, tok=out.tokens, pos=s.pos + step, count=s.count + step)
@@ -195,8 +215,8 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
 
     return (
         jax.jit(init),
-        jax.jit(prefill, donate_argnums=(1,)),
-        jax.jit(decode, donate_argnums=(1,)),
+        jax.jit(prefill, donate_argnums=(2,)),
+        jax.jit(decode, donate_argnums=(2,)),
     )
 
 
@@ -213,12 +233,27 @@ class Engine:
 
     engine.add(Request(...)) -> rid; engine.step() -> [Event] (call while engine.busy);
     engine.cancel(rid); engine.run([Request]) -> [Completion] in order. Not thread-safe: one
-    thread drives it (`lm_jax.serving.runner.Runner` for the server)."""
+    thread drives it (`lm_jax.serving.runner.Runner` for the server). `adapters`: {name:
+    (adapter tree, LoraConfig)} over `params` (the base), selected by `Request.adapter`."""
 
-    def __init__(self, config: ModelConfig, params, engine: EngineConfig = EngineConfig()):
+    def __init__(
+        self,
+        config: ModelConfig,
+        params,
+        engine: EngineConfig = EngineConfig(),
+        adapters: dict[str, tuple[dict, object]] | None = None,
+    ):
         # on device once (host numpy params would be copied over at every dispatch)
         self.config, self.params = config, jax.device_put(params)
         self.ecfg = engine.check(config.max_len)
+        self.adapter_names = sorted(adapters or {})
+        if "" in self.adapter_names:
+            raise ConfigError("an adapter name must not be empty ('' is the base model).")
+        self.bank = None
+        if adapters:
+            bank = stack_adapters(params, [adapters[n] for n in self.adapter_names])
+            self.bank = jax.device_put(bank)
+        self._adapter_index = {n: i for i, n in enumerate(["", *self.adapter_names])}
         self._init, self._prefill, self._decode = _programs(config, self.ecfg)
         self._state = None  # allocated on first use
         self._waiting: collections.deque[tuple[int, Request]] = collections.deque()
@@ -255,6 +290,11 @@ class Engine:
             )
         if any(not 0 <= int(t) < V for t in req.stop_tokens):
             raise ValueError(f"stop tokens must be ids in [0, {V}), got {list(req.stop_tokens)}.")
+        if req.adapter not in self._adapter_index:
+            have = ", ".join(map(repr, self.adapter_names)) or "none"
+            raise ValueError(
+                f"unknown adapter {req.adapter!r}: this engine serves {have} ('' = the base)."
+            )
 
     def add(self, req: Request) -> int:
         self.check(req)
@@ -311,10 +351,10 @@ class Engine:
         seed = next(self._seeds) if req.seed is None else int(req.seed)
         greedy = float(req.temperature) == 0.0
         self._state, first = self._prefill(
-            self.params, self._state, jnp.int32(slot), jnp.asarray(tokens), jnp.int32(n),
-            jax.random.key(seed), jnp.float32(req.temperature),
+            self.params, self.bank, self._state, jnp.int32(slot), jnp.asarray(tokens),
+            jnp.int32(n), jax.random.key(seed), jnp.float32(req.temperature),
             jnp.int32(0 if greedy else req.top_k), jnp.float32(1.0 if greedy else req.top_p),
-            jnp.bool_(req.logprobs > 0),
+            jnp.int32(self._adapter_index[req.adapter]), jnp.bool_(req.logprobs > 0),
         )  # fmt: skip
         self._slots[slot] = _Running(rid, req, frozenset(int(t) for t in req.stop_tokens))
         return first
@@ -342,7 +382,7 @@ class Engine:
             return events
         want = any(r is not None and r.req.logprobs > 0 for r in self._slots)
         self._state, steps = self._decode(
-            self.params, self._state, jnp.asarray(active), jnp.bool_(want)
+            self.params, self.bank, self._state, jnp.asarray(active), jnp.bool_(want)
         )
         self.decode_dispatches += 1
         steps = jax.device_get(steps)

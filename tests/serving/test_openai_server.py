@@ -199,6 +199,8 @@ def test_serve_binary_rejects_bad_flags_in_one_line():
     for flag, match in [
         ("--engine.slots=0", "--engine.slots must be >= 1"),
         ("--serve.port=0", "--serve.port must be in 1..65535"),
+        ("--adapters=/tmp/chat_sft", "is not name=dir"),
+        ("--adapters=a=/nonexistent/run", "--adapters=a='/nonexistent/run' holds no LoRA"),
     ]:
         p = subprocess.run(
             [sys.executable, "experiments/serve.py", flag], capture_output=True, text=True,
@@ -235,3 +237,59 @@ def test_sigterm_drains_in_flight_requests(server):
     assert not server.thread.is_alive() and server.runner.pending == 0
     with pytest.raises(openai.APIConnectionError):
         c.completions.create(model=MODEL, prompt="late", max_tokens=2)
+
+
+def _random_adapters(params, lora, seed=0, std=0.05):
+    """Adapter factors on every kernel `lora` targets ([L, d_in, r] / [L, r, d_out] under the
+    layer scan), both random (a trained-looking adapter, unlike the B = 0 init)."""
+    rng = np.random.default_rng(seed)
+
+    def walk(tree, path):
+        out = {}
+        for k, v in tree.items():
+            p = f"{path}/{k}" if path else k
+            if isinstance(v, dict) and "kernel" in v and lora.matches(p):
+                *lead, d_in, d_out = np.shape(v["kernel"])
+                out[k] = {"lora_a": rng.normal(0, d_in**-0.5, (*lead, d_in, lora.rank)),
+                          "lora_b": rng.normal(0, std, (*lead, lora.rank, d_out))}  # fmt: skip
+            elif isinstance(v, dict):
+                sub = walk(v, p)
+                if sub:
+                    out[k] = sub
+        return out
+
+    return jax.tree.map(lambda x: np.asarray(x, np.float32), walk(params, ""))
+
+
+def test_adapters_are_models_of_their_own_in_one_running_batch(model):
+    """--adapters: each adapter is a model id (parent: the base); its greedy completion equals
+    `generate` of the model with that adapter merged, while base requests run beside it."""
+    from lm_jax import adapters as L
+
+    cfg, params, tok = model
+    lora = L.LoraConfig(rank=4, alpha=8.0, targets=(r"attn/[qv]_proj$",))
+    ad = _random_adapters(params, lora)
+    merged = L.merge(L.combine(params, ad), cfg.replace(lora=lora))
+    engine = Engine(cfg, params, EngineConfig(slots=4, max_len=96, decode_steps=4),
+                    adapters={"rand": (ad, lora)})  # fmt: skip
+    srv = _Server(engine, tok)
+    try:
+        c = srv.client()
+        cards = c.models.list().data
+        assert [m.id for m in cards] == [MODEL, "rand"]
+        assert cards[1].model_dump().get("parent") == MODEL
+        prompt = "Once upon a time"
+        ids = tok.encode(prompt)
+        ask = lambda m: c.completions.create(model=m, prompt=prompt, max_tokens=10, temperature=0)  # noqa: E731
+        with ThreadPoolExecutor(4) as pool:  # adapter and base requests in one batch
+            got = list(pool.map(ask, ["rand", MODEL, "rand", MODEL]))
+        want_rand = _greedy_text((cfg, merged, tok), ids, 10, (tok.eos_id,))[0]
+        want_base = _greedy_text(model, ids, 10, (tok.eos_id,))[0]
+        assert want_rand != want_base  # the adapter changes the text
+        assert [g.choices[0].text for g in got] == [want_rand, want_base] * 2
+        assert [g.model for g in got] == ["rand", MODEL] * 2
+        status, body = _post(srv.url + "/v1/completions",
+                             json.dumps({"model": "other", "prompt": "x"}).encode())  # fmt: skip
+        assert status == 404 and "'rand'" in body["error"]["message"]
+    finally:
+        srv.stop()
