@@ -31,10 +31,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.nn.transformer import Transformer, init_cache
+from lm_jax.nn.transformer import Transformer, init_cache, ring_cache_len
 from lm_jax.nn.two_towers import Captioner, CaptionerConfig, TextInputError
 from lm_jax.nn.vision import check_images
-from lm_jax.prefill import DEFAULT_CHUNK, check_chunk, prefill
+from lm_jax.prefill import DEFAULT_CHUNK, check_chunk, prefill, tokens_per_call
 from lm_jax.prompts import check_ids, prepare_prompts
 from lm_jax.sampling import SampleOutput, _check_sampling, _sample, sample_logits, sampling_logprobs
 from lm_jax.sharding import constrain
@@ -43,6 +43,21 @@ from lm_jax.utils import round_up as _round_up
 CACHE_BUCKET = 64  # cache lengths are rounded up to a multiple of this (fewer recompiles)
 PROMPT_BUCKET = 16  # padded prompt lengths likewise
 CACHE_NAMES = ("layers", "batch", "length", "kv_heads", None)  # k, v [L, B, S, K, H]
+
+
+def constrain_cache(cache):
+    """Every leaf of a KV cache on its logical axes (k, v [L, B, S, K, H]; a ring's pos [L, B,
+    S])."""
+    return jax.tree.map(lambda c: constrain(c, CACHE_NAMES[: c.ndim]), cache)
+
+
+def cache_for(config: ModelConfig, batch: int, cache_len: int, tokens_per_call: int, ring: bool):
+    """The KV cache of a decode loop: a ring buffer (`RingCache`) when every layer is
+    sliding-window and the ring is shorter than `cache_len`, else the full-length one."""
+    n = ring_cache_len(config, tokens_per_call) if ring else None
+    if n is not None and n < cache_len:
+        return constrain_cache(init_cache(config, batch, n, ring=True))
+    return constrain_cache(init_cache(config, batch, cache_len))
 
 
 class GenerateOutput(NamedTuple):
@@ -194,6 +209,7 @@ def _generate_fn(
     greedy: bool,
     use_top_p: bool,
     prefill_chunk: int,
+    ring_cache: bool = True,
 ):
     """The jitted prefill + while_loop decode for one static setting (shapes retrace in jit)."""
     model = Transformer(config)
@@ -202,8 +218,8 @@ def _generate_fn(
         B = tokens.shape[0]
         P = 0 if prefix is None else prefix.shape[1]  # prefix embeddings before the prompt
         tokens = constrain(tokens, ("batch", "length"))
-        cache = init_cache(config, B, cache_len)
-        cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), cache)
+        per_call = tokens_per_call(tokens.shape[1], prefill_chunk, None if prefix is None else P)
+        cache = cache_for(config, B, cache_len, per_call, ring_cache)
         lengths = lengths + P  # from here on: lengths of [prefix; prompt]
         last, cache = prefill(model, params, tokens, cache, lengths - 1, prefix, prefill_chunk)
 
@@ -271,6 +287,7 @@ def generate(
     max_len: int | None = None,
     prefix_embeds=None,
     prefill_chunk: int = DEFAULT_CHUNK,
+    ring_cache: bool = True,
 ) -> GenerateOutput:
     """Sample up to max_new_tokens continuations of each prompt (see the module docstring).
 
@@ -279,7 +296,9 @@ def generate(
     (`Transformer(prefix_embeds=)`, e.g. image tokens). `max_len` bounds prefix + prompt + new
     tokens (default config.max_len; RoPE models may pass more). Under `jax.set_mesh(mesh)`
     with sharded params it runs sharded. The prompt is prefilled in windows of `prefill_chunk`
-    tokens (`lm_jax.prefill`; 0 = all at once).
+    tokens (`lm_jax.prefill`; 0 = all at once). A model whose every layer is sliding-window
+    (Mistral) keeps a ring-buffer cache of window + prefill window - 1 slots instead of the full
+    length when that is shorter (`ring_cache=False`: always the full one).
     """
     prefill_chunk = check_chunk(prefill_chunk)
     if prefix_embeds is not None:
@@ -300,8 +319,9 @@ def generate(
     if plan.max_new == 0:
         return plan.empty_output()
     fn = _generate_fn(
-        config, plan.cache_len, plan.max_new, plan.top_k, plan.greedy, plan.use_top_p, prefill_chunk
-    )
+        config, plan.cache_len, plan.max_new, plan.top_k, plan.greedy, plan.use_top_p,
+        prefill_chunk, ring_cache,
+    )  # fmt: skip
     return fn(
         params,
         *plan.inputs(key, temperature, top_p, pad_id),

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lm_jax.nn.attention import RingCache
 from lm_jax.nn.transformer import Transformer, head_logits_fn
 
 DEFAULT_CHUNK = 512  # tokens per prefill window (0 = the whole prompt at once)
@@ -51,6 +52,15 @@ def window_starts(length: int, chunk: int) -> np.ndarray:
     return starts.astype(np.int32)
 
 
+def tokens_per_call(length: int, chunk: int, prefix: int | None = None) -> int:
+    """The most cache slots one `prefill` call writes for a [B, length] prompt (after `prefix`
+    embeddings: one window of prefix + length); what a ring-buffer cache must hold beside the
+    window (`lm_jax.nn.transformer.ring_cache_len`)."""
+    if prefix is not None:
+        return prefix + length
+    return length if len(window_starts(length, chunk)) == 1 else chunk
+
+
 def prefill(
     model: Transformer, params, tokens, cache, last, prefix=None, chunk: int = 0, variables=None
 ):
@@ -70,9 +80,12 @@ def prefill(
     def run(cache, start, toks, prefix):
         P = 0 if prefix is None else prefix.shape[1]
         pos = jnp.broadcast_to(start + jnp.arange(P + C, dtype=jnp.int32), (B, P + C))
+        # a ring-buffer cache must not take the padding past a row's prompt (it would displace
+        # the row's own keys): segment 0 there; the full cache overwrites it before any read
+        seg = (pos <= last[:, None]).astype(jnp.int32) if isinstance(cache, RingCache) else None
         h, cache = model.apply(
-            {"params": params, **(variables or {})}, toks, pos, cache=cache, skip_head=True,
-            prefix_embeds=prefix,
+            {"params": params, **(variables or {})}, toks, pos, segment_ids=seg, cache=cache,
+            skip_head=True, prefix_embeds=prefix,
         )
         idx = last - start  # [B]: the row's last position inside this window
         inside = (idx >= 0) & (idx < P + C)

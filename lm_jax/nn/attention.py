@@ -17,10 +17,21 @@ from lm_jax.sharding import constrain
 
 
 class LayerCache(NamedTuple):
-    """One layer's KV cache: k, v [B, S, K, H]."""
+    """One layer's KV cache: k, v [B, S, K, H]; slot s holds position s."""
 
     k: jax.Array
     v: jax.Array
+
+
+class RingCache(NamedTuple):
+    """A sliding-window layer's KV cache as a ring buffer: position p lives in slot p % S, and
+    `pos` [B, S] int32 records the position each slot holds (-1: empty). S = window + (tokens
+    written per call) - 1 keeps every key a query of that call can see (`ring_cache_len`). A
+    call's tokens of segment 0 (prompt padding) are not written, so they displace no key."""
+
+    k: jax.Array  # [B, S, K, H]
+    v: jax.Array
+    pos: jax.Array  # [B, S]
 
 
 def make_attention_mask(
@@ -150,12 +161,27 @@ class Attention(nn.Module):
                 mask = km if mask is None else mask & km
             out = attend(q, k, v, mask, impl, scale, softcap)
         elif cache is not None:
-            cache = LayerCache(
-                write_cache(cache.k, k, positions), write_cache(cache.v, v, positions)
-            )
-            S = cache.k.shape[1]
-            k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
-            mask = make_attention_mask(positions, k_pos, window=window, local=local)
+            if isinstance(cache, RingCache):  # slot = position mod S; pos says what is there
+                if window is None or local is not None:
+                    raise ValueError("a ring-buffer KV cache needs every layer sliding-window.")
+                S = cache.k.shape[1]
+                slot = positions % S
+                if segment_ids is not None:  # padding (segment 0) is not written: S = dropped
+                    slot = jnp.where(segment_ids > 0, slot, S)
+                cache = RingCache(
+                    write_cache(cache.k, k, slot), write_cache(cache.v, v, slot),
+                    write_cache(cache.pos, positions, slot),
+                )  # fmt: skip
+                k_pos = cache.pos
+                mask = make_attention_mask(positions, k_pos, window=window)
+                mask &= (k_pos >= 0)[:, None, None, :]
+            else:
+                cache = LayerCache(
+                    write_cache(cache.k, k, positions), write_cache(cache.v, v, positions)
+                )
+                S = cache.k.shape[1]
+                k_pos = jnp.broadcast_to(jnp.arange(S, dtype=positions.dtype), (B, S))
+                mask = make_attention_mask(positions, k_pos, window=window, local=local)
             ck, cv = cache.k.astype(q.dtype), cache.v.astype(q.dtype)
             if softcap is None:  # any positions: the XLA path (fused kernels index causality)
                 out = jax.nn.dot_product_attention(q, ck, cv, mask=mask, scale=scale)

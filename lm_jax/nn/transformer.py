@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm_jax.configs.base import ModelConfig
-from lm_jax.nn.attention import Attention, LayerCache
+from lm_jax.nn.attention import Attention, LayerCache, RingCache
 from lm_jax.nn.layers import Dense, Embed, Norm, normal_init, soft_cap
 from lm_jax.nn.lora import lora_delta
 from lm_jax.nn.mlp import MLP
@@ -66,22 +66,39 @@ class LayerGroup(nn.Module):
         k = self.cfg.moe.every
         block, new = remat_block(Block, self.cfg.remat), []
         for i in range(k):
-            c = None if cache is None else LayerCache(cache.k[i], cache.v[i])
+            c = None if cache is None else jax.tree.map(lambda t, i=i: t[i], cache)
             x, c = block(self.cfg, self.deterministic, i == k - 1, name=f"block_{i}")(
                 x, positions, segment_ids, c, None if local is None else local[i]
             )
             new.append(c)
         if cache is not None:
-            cache = LayerCache(jnp.stack([c.k for c in new]), jnp.stack([c.v for c in new]))
+            cache = jax.tree.map(lambda *t: jnp.stack(t), *new)
         return x, cache
 
 
-def init_cache(cfg: ModelConfig, batch: int, length: int | None = None, dtype=None) -> LayerCache:
-    """Zeroed KV cache for all layers: k, v [L, B, S, K, H]."""
+def init_cache(
+    cfg: ModelConfig, batch: int, length: int | None = None, dtype=None, ring: bool = False
+) -> LayerCache | RingCache:
+    """Zeroed KV cache for all layers: k, v [L, B, S, K, H]; `ring`: a `RingCache` of S slots
+    (pos [L, B, S] = -1) for a model whose every layer is sliding-window (`ring_cache_len`)."""
     S = cfg.max_len if length is None else length
     shape = (cfg.num_layers, batch, S, cfg.kv_heads, cfg.head_dim_)
     dtype = cfg.compute_dtype if dtype is None else dtype
+    if ring:
+        if ring_cache_len(cfg, 1) is None:
+            raise ValueError("a ring-buffer KV cache needs every layer sliding-window.")
+        pos = jnp.full(shape[:3], -1, jnp.int32)
+        return RingCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), pos)
     return LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def ring_cache_len(cfg: ModelConfig, tokens_per_call: int) -> int | None:
+    """Slots of a ring-buffer cache that serves calls writing up to `tokens_per_call` tokens
+    (the prefill window; 1 when decoding): window + tokens_per_call - 1. None when some layer
+    attends globally (mixed local / global layers keep the full-length cache)."""
+    if cfg.sliding_window is None or not all(cfg.local_layers):
+        return None
+    return int(cfg.sliding_window) + max(int(tokens_per_call), 1) - 1
 
 
 def check_positions(positions, max_len: int) -> None:
@@ -136,7 +153,8 @@ class Transformer(nn.Module):
         B, T = x.shape[:2]
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        check_positions(positions, cfg.max_len if cache is None else cache.k.shape[2])
+        full = cache is None or isinstance(cache, RingCache)  # a ring holds any position
+        check_positions(positions, cfg.max_len if full else cache.k.shape[2])
         if cfg.position == "learned":
             wpe = self.param(
                 "embed_positions",

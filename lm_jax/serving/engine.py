@@ -1,8 +1,10 @@
 """Continuous batching: a slot-based decode engine where requests join and leave a running batch.
 
-The device holds `slots` rows of KV cache [L, slots, max_len, K, H] and, per slot, the last
-token, its position, the number of tokens generated, a PRNG key and the sampling settings. Two
-jitted programs move it (the cache buffer is donated, so both update it in place):
+The device holds `slots` rows of KV cache [L, slots, max_len, K, H] (a model whose every layer
+is sliding-window, Mistral: a ring buffer of window + prefill_chunk - 1 slots per row,
+`lm_jax.nn.attention.RingCache`) and, per slot, the last token, its position, the number of
+tokens generated, a PRNG key and the sampling settings. Two jitted programs move it (the cache
+buffer is donated, so both update it in place):
 
   prefill(slot, prompt [1, T])  runs one prompt (padded to a bucket of 16) at positions 0..T-1
                                 into that slot's cache row and samples its first token;
@@ -41,12 +43,11 @@ import numpy as np
 from lm_jax import prefill as prefill_lib
 from lm_jax.adapters.rows import select_rows, stack_adapters
 from lm_jax.configs.base import ConfigError, ModelConfig
-from lm_jax.generate import CACHE_NAMES, PROMPT_BUCKET, prepare_prompts
-from lm_jax.nn.attention import LayerCache
+from lm_jax.generate import PROMPT_BUCKET, cache_for, prepare_prompts
+from lm_jax.nn.attention import LayerCache, RingCache
 from lm_jax.nn.lora import ROWS
-from lm_jax.nn.transformer import Transformer, init_cache
+from lm_jax.nn.transformer import Transformer
 from lm_jax.sampling import _check_sampling, sample_rows
-from lm_jax.sharding import constrain
 from lm_jax.utils import round_up
 
 
@@ -117,7 +118,7 @@ class Completion:
 class _Slots(NamedTuple):
     """Device state of all slots; S = EngineConfig.slots."""
 
-    cache: LayerCache  # k, v [L, S, max_len, K, H]
+    cache: LayerCache | RingCache  # k, v [L, S, max_len, K, H] (a ring: [L, S, R, K, H])
     tok: jax.Array  # [S] int32: the last token (input of the next decode step)
     pos: jax.Array  # [S] int32: its position
     count: jax.Array  # [S] int32: tokens generated so far (the PRNG fold-in index)
@@ -158,8 +159,8 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
     S, C, top = ecfg.slots, ecfg.max_len, ecfg.top_logprobs
 
     def init():
-        cache = init_cache(config, S, C)
-        cache = jax.tree.map(lambda c: constrain(c, CACHE_NAMES), cache)
+        # every layer sliding-window (Mistral): a ring of window + prefill window - 1 slots
+        cache = cache_for(config, S, C, ecfg.prefill_chunk or C, ring=True)
         zeros = jnp.zeros((S,), jnp.int32)
         keys = jax.random.split(jax.random.key(0), S)
         ones = jnp.ones((S,), jnp.float32)
@@ -173,6 +174,8 @@ def _programs(config: ModelConfig, ecfg: EngineConfig):
         want,
     ):  # fmt: skip
         row = jax.tree.map(lambda c: jax.lax.dynamic_slice_in_dim(c, slot, 1, axis=1), s.cache)
+        if isinstance(row, RingCache):  # the slot's previous request leaves no position behind
+            row = row._replace(pos=jnp.full_like(row.pos, -1))
         last_pos = jnp.reshape(length - 1, (1,)).astype(jnp.int32)
         chunk, extra = ecfg.prefill_chunk, rows(bank, adapter[None])
         last, row = prefill_lib.prefill(
