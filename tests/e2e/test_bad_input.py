@@ -500,6 +500,23 @@ def test_train_tagger(case, base, files, tmp_path):
     run_training_case("train_tagger", TAGGER, case, base, files, tmp_path)
 
 
+# ---------------------------------------------------------------- pretrain_mlm
+
+MLM = {
+    "missing_text": ([f"--text_files={MISSING}.txt"], r"--text_files: .* is not a file"),
+    "bad_rate": (["--mlm.rate=1.5"], r"mlm\.rate must be in \(0, 1\)"),
+    "decoder_checkpoint_as_workdir": (["--train.workdir={base}"], r"another kind of run"),
+    "workdir_is_a_file": (["--train.workdir={a_file}"], r"is a file"),
+    "batch_vs_mesh": (["--mlm.batch_size=3"], r"not a multiple of the mesh's data axis"),
+    "missing_init": ([f"--init={MISSING}"], r"neither a folder"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MLM))
+def test_pretrain_mlm(case, base, files, tmp_path):
+    run_training_case("pretrain_mlm", MLM, case, base, files, tmp_path)
+
+
 # ---------------------------------------------------------------- train_seq2seq
 
 SEQ2SEQ = {

@@ -434,6 +434,33 @@ def test_tagger_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, tiny_bert
         case(tagger_argv(tiny_bert, wd), wd, ref_log, steps, TAG_SAVE, cache_dir, tmp_path)
 
 
+MLM_SAVE = 4
+
+
+def mlm_argv(init, text, workdir):
+    return [
+        PY, str(REPO / "experiments" / "pretrain_mlm.py"), f"--init={init}",
+        f"--text_files={text}", "--mlm.batch_size=8", "--mlm.max_tokens=32",
+        "--mlm.eval_fraction=0.1", "--train.steps=12", f"--train.save_every={MLM_SAVE}",
+        "--train.log_every=4", "--train.log_step_details=true", f"--train.workdir={workdir}",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_mlm_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, tiny_bert, shared_data):
+    """MLM masks are drawn per step: the resumed run sees the same masked batches."""
+    text = tmp_path / "text.txt"
+    text.write_text((shared_data / "tinyshakespeare" / "input.txt").read_text()[:12000])
+    ref = tmp_path / "ref"
+    out = run_ok(mlm_argv(tiny_bert, text, ref), cache_dir).stdout
+    ref_log = ref / "steps.jsonl"
+    assert len(records(ref_log)) == 12 and '"mlm_perplexity"' in out
+    assert (ref / "hf" / "model.safetensors").is_file()
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(mlm_argv(tiny_bert, text, wd), wd, ref_log, 12, MLM_SAVE, cache_dir, tmp_path)
+
+
 # ---------------------------------------------------------------------------- seq2seq (T5)
 
 S2S_SAVE = 4
