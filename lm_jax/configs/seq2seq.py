@@ -35,3 +35,27 @@ class Seq2SeqConfig:
             raise ConfigError("seq2seq max_source_len, max_target_len, max_new_tokens must be >= 2")
         if not self.epochs > 0:
             raise ConfigError(f"seq2seq.epochs must be > 0, got {self.epochs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SpanConfig:
+    """T5 span-corruption pretraining (`lm_jax.train.span_corruption`, `--span.<field>`): the
+    text is cut into rows of `row_tokens`; each step corrupts its rows afresh (Raffel et al.:
+    15% noise in spans of mean length 3, each span one sentinel). Sentinels are
+    `num_sentinels` ids appended after the tokenizer's vocabulary, <extra_id_0> the last."""
+
+    row_tokens: int = 64  # tokens per row before corruption
+    noise_density: float = 0.15
+    mean_span_length: float = 3.0
+    num_sentinels: int = 100
+    eval_fraction: float = 0.02  # held-out tail of the rows (fixed corruption)
+
+    def __post_init__(self):
+        if self.row_tokens < 4 or self.num_sentinels < 1:
+            raise ConfigError("span.row_tokens must be >= 4 and span.num_sentinels >= 1")
+        if not 0.0 < self.noise_density < 1.0 or self.mean_span_length < 1.0:
+            raise ConfigError("span.noise_density must be in (0, 1), span.mean_span_length >= 1")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ConfigError(f"span.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+        if self.row_tokens * self.noise_density / self.mean_span_length > self.num_sentinels:
+            raise ConfigError("span.num_sentinels is fewer than a row's noise spans: raise it")

@@ -533,6 +533,13 @@ SEQ2SEQ = {
     "bad_config_value": (["--seq2seq.label_smoothing=1.5"], r"label_smoothing must be in"),
     "mesh_vs_devices": (["--train.mesh=data:3"], r"needs 3 devices but 2.*--train\.mesh="),
     "batch_vs_mesh": (["--seq2seq.batch_size=3"], r"not a multiple of the mesh's data axis"),
+    "span_missing_text": (["--task=span_corruption", f"--text_files={MISSING}.txt"],
+                          r"not found"),  # fmt: skip
+    "span_bad_config": (["--task=span_corruption", "--span.noise_density=0"],
+                        r"span\.noise_density must be in \(0, 1\)"),  # fmt: skip
+    "span_vocab_without_sentinels": (["--task=span_corruption", "--text_files={two.en}",
+                                      "--vocab_size=270", "--t5.model.vocab_size=270"],
+                                     r"tokenizer's \d+ \+ 100 sentinels"),  # fmt: skip
 }
 
 

@@ -493,6 +493,30 @@ def seq2seq_argv(d, workdir):
     ]  # fmt: skip
 
 
+def span_argv(d, workdir):
+    return [
+        PY, str(REPO / "experiments" / "train_seq2seq.py"), "--task=span_corruption",
+        f"--text_files={d / 'train.en'},{d / 'train.de'}", "--vocab_size=400",
+        "--t5.model.d_model=32", "--t5.model.num_layers=1", "--t5.model.num_heads=2",
+        "--t5.model.head_dim=8", "--t5.model.mlp_dim=64", "--seq2seq.batch_size=4",
+        "--seq2seq.pool_batches=2", "--span.row_tokens=32", "--span.eval_fraction=0.1",
+        "--seq2seq.max_new_tokens=6", "--train.steps=12", f"--train.save_every={S2S_SAVE}",
+        "--train.log_every=4", "--train.log_step_details=true", f"--train.workdir={workdir}",
+    ]  # fmt: skip
+
+
+@pytest.mark.slow
+def test_span_corruption_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, pair_files):
+    """Span corruption draws its noise per step: the resumed run sees the same pairs."""
+    ref = tmp_path / "ref"
+    out = run_ok(span_argv(pair_files, ref), cache_dir).stdout
+    ref_log = ref / "steps.jsonl"
+    assert len(records(ref_log)) == 12 and '"val_ppl"' in out and '"rows"' in out
+    for case in (crash_resume_case, sigterm_case):
+        wd = tmp_path / case.__name__
+        case(span_argv(pair_files, wd), wd, ref_log, 12, S2S_SAVE, cache_dir, tmp_path)
+
+
 @pytest.mark.slow
 def test_seq2seq_kill_9_and_sigterm_resume_exactly(cache_dir, tmp_path, pair_files):
     ref = tmp_path / "ref"
