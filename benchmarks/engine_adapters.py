@@ -39,24 +39,6 @@ FLAGS = flags.FLAGS
 CONFIGS = ("base", "bank/base", "bank/mixed", "per-adapter")
 
 
-def _random_adapters(params, lora, seed: int, std: float = 0.02):
-    rng = np.random.default_rng(seed)
-
-    def walk(tree, path):
-        out = {}
-        for k, v in tree.items():
-            p = f"{path}/{k}" if path else k
-            if isinstance(v, dict) and "kernel" in v and lora.matches(p):
-                *lead, d_in, d_out = np.shape(v["kernel"])
-                out[k] = {"lora_a": rng.normal(0, d_in**-0.5, (*lead, d_in, lora.rank)),
-                          "lora_b": rng.normal(0, std, (*lead, lora.rank, d_out))}  # fmt: skip
-            elif isinstance(v, dict) and (sub := walk(v, p)):
-                out[k] = sub
-        return out
-
-    return walk(params, "")
-
-
 def _requests(tok, n: int):
     from lm_jax.data.sources import read_text, shakespeare_files
 
@@ -71,17 +53,16 @@ def _requests(tok, n: int):
 
 
 def main(_):
-    import jax
 
     from lm_jax import adapters as L
+    from lm_jax.adapters.rows import random_adapters
     from lm_jax.convert.gguf import smollm2_gguf_path
     from lm_jax.convert.sources import load_any
     from lm_jax.serving.engine import Engine, EngineConfig, Request
 
     cfg, params, tok, _ = load_any(gguf=smollm2_gguf_path())
     lora = L.LoraConfig(rank=FLAGS.rank, alpha=2.0 * FLAGS.rank)
-    sets = {f"a{i}": (jax.tree.map(np.float32, _random_adapters(params, lora, i)), lora)
-            for i in (1, 2)}  # fmt: skip
+    sets = {f"a{i}": (random_adapters(params, lora, seed=i), lora) for i in (1, 2)}
     merged = {"": params}
     for n, (ad, lc) in sets.items():
         merged[n] = L.merge(L.combine(params, ad), cfg.replace(lora=lc))

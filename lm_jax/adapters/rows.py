@@ -110,3 +110,25 @@ def select_rows(bank: dict, index: jax.Array) -> dict:
     """Each row's factors: index [B] int32 (0 = no adapter) -> leaves [..., B, d_in, r] /
     [..., B, r, d_out], the `lm_jax.nn.lora.ROWS` collection for `model.apply`."""
     return jax.tree.map(lambda t: jnp.take(t, index, axis=t.ndim - 3), bank)
+
+
+def random_adapters(params, lora: LoraConfig, seed: int = 0, std: float = 0.02) -> dict:
+    """A trained-looking adapter tree for `params` (tests, benchmarks): factors on every kernel
+    `lora` targets, a ~ N(0, 1 / d_in) and b ~ N(0, std) ([L, ...] under the layer scan), unlike
+    the B = 0 init, which is a no-op."""
+    rng = np.random.default_rng(seed)
+
+    def walk(tree, path):
+        out = {}
+        for k, v in tree.items():
+            p = f"{path}/{k}" if path else k
+            if isinstance(v, dict) and "kernel" in v and lora.matches(p):
+                *lead, d_in, d_out = np.shape(v["kernel"])
+                a = rng.normal(0.0, d_in**-0.5, (*lead, d_in, lora.rank))
+                b = rng.normal(0.0, std, (*lead, lora.rank, d_out))
+                out[k] = {"lora_a": a.astype(np.float32), "lora_b": b.astype(np.float32)}
+            elif isinstance(v, dict) and (sub := walk(v, p)):
+                out[k] = sub
+        return out
+
+    return walk(_unbox(params), "")

@@ -27,10 +27,10 @@ from lm_jax.configs.mlm import MLMConfig
 from lm_jax.configs.train import TrainConfig
 from lm_jax.data.denoising import mlm_mask
 from lm_jax.errors import ConfigError, DataSourceError
-from lm_jax.losses import cross_entropy
 from lm_jax.nn.encoder import Encoder, abstract_params
 from lm_jax.train.example_task import ExampleTask
 from lm_jax.train.tagging import TRUNK, special_frame
+from lm_jax.train.tagging import loss_fn as token_loss
 
 MASK_TOKENS = ("[MASK]", "<mask>")
 
@@ -69,16 +69,7 @@ def collate(rows: Sequence[np.ndarray], batch_size: int, pad_id: int, max_tokens
 
 def loss_fn(params, batch, cfg: EncoderConfig, rng=None):
     """(mean CE over the selected positions, metrics {loss, tokens, accuracy})."""
-    out = Encoder(cfg).apply(
-        {"params": params}, batch["tokens"], attention_mask=batch["mask"],
-        deterministic=rng is None, rngs=None if rng is None else {"dropout": rng},
-    )  # fmt: skip
-    labels = batch["labels"]
-    valid = labels >= 0
-    nll, _, n = cross_entropy(out.logits, jnp.maximum(labels, 0), valid)
-    hits = jnp.sum((jnp.argmax(out.logits, -1) == labels) & valid)
-    loss = nll / jnp.maximum(n, 1.0)
-    return loss, {"loss": loss, "tokens": n, "accuracy": hits / jnp.maximum(n, 1.0)}
+    return token_loss(params, batch, cfg, rng, count="tokens")
 
 
 @functools.lru_cache(maxsize=8)

@@ -137,8 +137,9 @@ def collate(rows: Sequence[Row], batch_size: int, pad_id: int, max_tokens: int) 
     return {"tokens": tokens, "mask": mask, "labels": labels}
 
 
-def loss_fn(params, batch, cfg: EncoderConfig, rng=None):
-    """(mean CE over labelled positions, metrics)."""
+def loss_fn(params, batch, cfg: EncoderConfig, rng=None, count: str = "words"):
+    """(mean CE over labelled positions (labels >= 0), metrics {loss, `count`, accuracy});
+    also MLM's loss (`lm_jax.train.mlm`, over the masked positions)."""
     out = Encoder(cfg).apply(
         {"params": params}, batch["tokens"], attention_mask=batch["mask"],
         deterministic=rng is None, rngs=None if rng is None else {"dropout": rng},
@@ -148,7 +149,7 @@ def loss_fn(params, batch, cfg: EncoderConfig, rng=None):
     nll, _, n = cross_entropy(out.logits, jnp.maximum(labels, 0), valid)
     hits = jnp.sum((jnp.argmax(out.logits, -1) == labels) & valid)
     loss = nll / jnp.maximum(n, 1.0)
-    return loss, {"loss": loss, "words": n, "accuracy": hits / jnp.maximum(n, 1.0)}
+    return loss, {"loss": loss, count: n, "accuracy": hits / jnp.maximum(n, 1.0)}
 
 
 @functools.lru_cache(maxsize=8)

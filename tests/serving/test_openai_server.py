@@ -239,36 +239,15 @@ def test_sigterm_drains_in_flight_requests(server):
         c.completions.create(model=MODEL, prompt="late", max_tokens=2)
 
 
-def _random_adapters(params, lora, seed=0, std=0.05):
-    """Adapter factors on every kernel `lora` targets ([L, d_in, r] / [L, r, d_out] under the
-    layer scan), both random (a trained-looking adapter, unlike the B = 0 init)."""
-    rng = np.random.default_rng(seed)
-
-    def walk(tree, path):
-        out = {}
-        for k, v in tree.items():
-            p = f"{path}/{k}" if path else k
-            if isinstance(v, dict) and "kernel" in v and lora.matches(p):
-                *lead, d_in, d_out = np.shape(v["kernel"])
-                out[k] = {"lora_a": rng.normal(0, d_in**-0.5, (*lead, d_in, lora.rank)),
-                          "lora_b": rng.normal(0, std, (*lead, lora.rank, d_out))}  # fmt: skip
-            elif isinstance(v, dict):
-                sub = walk(v, p)
-                if sub:
-                    out[k] = sub
-        return out
-
-    return jax.tree.map(lambda x: np.asarray(x, np.float32), walk(params, ""))
-
-
 def test_adapters_are_models_of_their_own_in_one_running_batch(model):
     """--adapters: each adapter is a model id (parent: the base); its greedy completion equals
     `generate` of the model with that adapter merged, while base requests run beside it."""
     from lm_jax import adapters as L
+    from lm_jax.adapters.rows import random_adapters
 
     cfg, params, tok = model
     lora = L.LoraConfig(rank=4, alpha=8.0, targets=(r"attn/[qv]_proj$",))
-    ad = _random_adapters(params, lora)
+    ad = random_adapters(params, lora, std=0.05)
     merged = L.merge(L.combine(params, ad), cfg.replace(lora=lora))
     engine = Engine(cfg, params, EngineConfig(slots=4, max_len=96, decode_steps=4),
                     adapters={"rand": (ad, lora)})  # fmt: skip
