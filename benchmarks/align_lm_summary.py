@@ -45,20 +45,31 @@ def main(_):
         "| Distinct-2 (base -> final) | Self-BLEU (base -> final) | wall min |"
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
+    base_eval = {}  # a workdir's step-0 evaluation (the base model), for the baselines
+    for path, workdir in runs.values():
+        ev = [r for r in _rows(path) if "eval/kl_pi_a" in r]
+        if ev and ev[0]["step"] == 0:
+            base_eval.setdefault(workdir, ev[0])
     for name, (path, workdir) in runs.items():
         rows = _rows(path)
-        summ = json.load(open(os.path.join(workdir, "summary.json")))["target"]
+        full = json.load(open(os.path.join(workdir, "summary.json")))
+        summ = full["target"]
         floor = floors[name] = summ["kl_p_a"]
         ev = [r for r in rows if "eval/kl_pi_a" in r]
-        a, z = ev[0], ev[-1]
         steps = max(r["step"] for r in rows)
+        if not ev:  # dpo / grpo: scored once, at the end (summary.json), beside the base
+            final = {"step": steps, **full["methods"][os.path.basename(path.rstrip("/"))]}
+            ev = [base_eval[workdir], final] if workdir in base_eval else [final]
+            rows = rows + [final]  # plotted as one point at the end
+        a, z = ev[0], ev[-1]
+        wall = max(r.get("wall_s", 0.0) for r in rows)
         print(
             f"| {name} | {steps} | {z['eval/phi_pi'][0]:.3f} | {z['eval/kl_pi_a']:.2f} "
             f"| {z['eval/kl_pi_a'] / floor:.2f} | {z.get('eval/kl_p_pi', float('nan')):.2f} "
             f"| {z.get('eval/tvd_p_pi', float('nan')):.3f} "
             f"| {a['eval/distinct_2']:.3f} -> {z['eval/distinct_2']:.3f} "
             f"| {a.get('eval/self_bleu', 0):.1f} -> {z.get('eval/self_bleu', 0):.1f} "
-            f"| {rows[-1]['wall_s'] / 60:.1f} |"
+            + (f"| {wall / 60:.1f} |" if wall else "| |")
         )
         print(
             f"  target {summ}; eval rows:",
