@@ -17,8 +17,8 @@ flags.DEFINE_list("runs", [], "Workdirs or name=method_dir.")
 flags.DEFINE_string("plot", "", "Write E_pi[phi] / KL(pi||a) curves here.")
 
 
-def _rows(path):
-    with open(os.path.join(path, "metrics.jsonl")) as f:
+def _rows(path, file=None):
+    with open(file or os.path.join(path, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
@@ -57,6 +57,10 @@ def main(_):
         floor = floors[name] = summ["kl_p_a"]
         ev = [r for r in rows if "eval/kl_pi_a" in r]
         steps = max(r["step"] for r in rows)
+        seg = os.path.join(path, "policy_eval.jsonl")  # dpo / grpo run with eval_every
+        if not ev and os.path.isfile(seg):
+            ev = _rows(path, seg)
+            rows = rows + ev
         if not ev:  # dpo / grpo: scored once, at the end (summary.json), beside the base
             final = {"step": steps, **full["methods"][os.path.basename(path.rstrip("/"))]}
             ev = [base_eval[workdir], final] if workdir in base_eval else [final]

@@ -155,13 +155,14 @@ def main(argv):
         for m in methods:
             policy, trainable, frozen = make_lm_policy(*policy_args)
             wd = os.path.join(tc.workdir, m)  # one resumable run per method
-            if m in BASELINES:  # same target, budget and evaluation; no per-step history
+            if m in BASELINES:  # same target, budget and evaluation (every eval_every steps)
                 summary["methods"][m] = run_baseline(
                     m, cfg=cfg, params=params, tokenizer=tok, policy=policy, frozen=frozen,
                     score=scorer(policy, cons), target=tuple(target), reference=ref,
                     constraint_specs=F.constraint, prompt=F.prompt, steps=tc.steps,
                     batch_size=ac.batch_size, learning_rate=tc.learning_rate, seed=tc.seed,
-                    workdir=wd, eval_samples=ac.eval_samples, key=key, mesh=mesh)  # fmt: skip
+                    workdir=wd, eval_samples=ac.eval_samples, key=key, mesh=mesh,
+                    eval_every=tc.eval_every, initial=trainable)  # fmt: skip
                 continue
             tx = optax.adam(lr())
             kw.update(workdir=wd, save_every=tc.save_every, log_step_details=tc.log_step_details)

@@ -18,6 +18,8 @@ Distinct-n, Self-BLEU. Each method trains in its own workdir and resumes there.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Sequence
 
 import jax
@@ -35,6 +37,7 @@ from lm_jax.train.preference_data import PreferenceConfig
 from lm_jax.train.sampled_pairs import rank_token_pairs
 
 METHODS = ("dpo", "grpo")
+EVAL_FILE = "policy_eval.jsonl"  # the per-segment evaluation rows (eval_every > 0)
 GROUP = 8  # GRPO completions per group
 
 
@@ -65,9 +68,16 @@ def run_baseline(method: str, *, cfg, params, tokenizer, policy, frozen, score, 
                  reference, constraint_specs: Sequence[str], prompt: str, steps: int,
                  batch_size: int, learning_rate: float, seed: int, workdir: str,
                  eval_samples: int, key, mesh=None, bcfg: BaselineConfig = BaselineConfig(),
+                 eval_every: int = 0, initial=None,
                  log: Callable[[str], None] = print) -> dict:  # fmt: skip
     """Train `method` (dpo | grpo) from the base (`cfg`, `params`, with `policy`'s LoRA shape)
-    and return `evaluate_policy`'s row for the result plus {"method", "samples", ...}."""
+    and return `evaluate_policy`'s row for the result plus {"method", "samples", ...}.
+
+    `eval_every` > 0: the run goes in segments of that many steps, each resuming the last
+    (a constant learning rate, so the trajectory is the one of a single run), and the policy is
+    scored after each and at step 0 (`initial`: the policy's untrained trainable params, as
+    `make_lm_policy` returns them); those rows go to `workdir/policy_eval.jsonl` (the final
+    row is the same as without segments)."""
     if method not in METHODS:
         raise ConfigError(f"unknown post-training baseline {method!r}: use one of {METHODS}.")
     if len(constraint_specs) != 1:
@@ -77,6 +87,7 @@ def run_baseline(method: str, *, cfg, params, tokenizer, policy, frozen, score, 
         )
     lora = policy.config.lora
     n_new = policy.sampler.max_new_tokens
+    ends = sorted({*range(eval_every, steps, eval_every), steps}) if eval_every > 0 else [steps]
     tcfg = TrainConfig(steps=steps, learning_rate=learning_rate, lr_schedule="constant",
                        warmup_steps=0, weight_decay=0.0, eval_every=0, save_every=steps,
                        log_every=max(1, min(25, steps)), seed=seed, workdir=workdir,
@@ -102,8 +113,8 @@ def run_baseline(method: str, *, cfg, params, tokenizer, policy, frozen, score, 
                                 seq_len=len(policy.sampler.prompt) + n_new + 1,
                                 batch_size=bcfg.dpo_pairs_per_step, lora=lora,
                                 eval_batch_size=batch_size)  # fmt: skip
-        out = pref_lib.posttrain(base_cfg, params, tokenizer, pairs, tcfg, pcfg, mesh=mesh,
-                                 log=log)  # fmt: skip
+        train = lambda tc: pref_lib.posttrain(base_cfg, params, tokenizer, pairs, tc, pcfg,  # noqa: E731
+                                              mesh=mesh, log=log)  # fmt: skip
     else:
         if batch_size % GROUP:
             raise ConfigError(f"grpo: --align.batch_size must be a multiple of {GROUP}, "
@@ -114,11 +125,29 @@ def run_baseline(method: str, *, cfg, params, tokenizer, policy, frozen, score, 
                           max_new_tokens=n_new, temperature=1.0,
                           prompt_len=max(1, len(policy.sampler.prompt)), lora=lora)  # fmt: skip
         reward = make_reward(gcfg.reward, tokenizer)
-        out = grpo_lib.posttrain(base_cfg, params, tokenizer, [Prompt(prompt)], reward, tcfg,
-                                 gcfg, mesh=mesh, log=log)  # fmt: skip
+        train = lambda tc: grpo_lib.posttrain(base_cfg, params, tokenizer, [Prompt(prompt)],  # noqa: E731
+                                              reward, tc, gcfg, mesh=mesh, log=log)  # fmt: skip
         extra = {"samples": steps * batch_size}
-    trained = jax.device_get(out["params"])
-    trainable = lora_lib.split_lora(trained)[1] if lora is not None else trained
-    row = evaluate_policy(policy, trainable, frozen, score, k_eval, eval_samples, batch_size,
-                          ebm=target[0], reference=reference, tokenizer=tokenizer)  # fmt: skip
-    return {"method": method, **extra, **row}
+
+    def evaluate(trainable, step: int) -> dict:
+        k = k_eval if step == steps else jax.random.fold_in(k_eval, step)
+        row = evaluate_policy(policy, trainable, frozen, score, k, eval_samples, batch_size,
+                              ebm=target[0], reference=reference, tokenizer=tokenizer)  # fmt: skip
+        return {"step": step, **row}
+
+    rows = []
+    if eval_every > 0 and initial is not None:  # the base model, as DPG's step 0
+        rows.append(evaluate(initial, 0))
+    for end in ends:
+        out = train(tcfg.replace(steps=end, save_every=end))
+        if int(out["state"].step) != end:  # a workdir already past this segment: no row
+            log(f"{method}: {workdir} is at step {int(out['state'].step)}, past {end}")
+            continue
+        trained = jax.device_get(out["params"])
+        rows.append(evaluate(lora_lib.split_lora(trained)[1] if lora is not None else trained,
+                             end))  # fmt: skip
+    if eval_every > 0:
+        with open(os.path.join(workdir, EVAL_FILE), "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in rows)
+    final = {k: v for k, v in rows[-1].items() if k != "step"}
+    return {"method": method, **extra, **final}

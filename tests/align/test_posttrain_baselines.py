@@ -3,6 +3,8 @@ byte-level model with a feature it hits often, both raise E_pi[phi] above the ba
 same evaluation DPG gets (KL(pi||a) > 0 once trained, KL(p||pi) and diversity reported), the
 untrained policy reads KL(pi||a) = 0, and a rerun resumes from the workdir to the same row."""
 
+import json
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +14,7 @@ import pytest
 from lm_jax.align import parse_constraint
 from lm_jax.align.loop import estimate_target, evaluate_policy, scorer
 from lm_jax.align.policies import make_lm_policy
-from lm_jax.align.posttrain_baselines import feature_reward_spec, run_baseline
+from lm_jax.align.posttrain_baselines import EVAL_FILE, feature_reward_spec, run_baseline
 from lm_jax.align.samplers import SamplerConfig
 from lm_jax.configs import ConfigError, llama_style
 from lm_jax.configs.lora import LoraConfig
@@ -65,5 +67,13 @@ def test_dpo_and_grpo_raise_phi_under_the_dpg_evaluation(tmp_path):
     assert rows["dpo"]["pairs"] > 0 and rows["dpo"]["samples"] == rows["grpo"]["samples"] == 768
     again = run_baseline("grpo", workdir=str(tmp_path / "grpo"), **kw)  # resumes at the end
     assert again == rows["grpo"]
+    # in segments of 8 steps, scored after each: the same final policy as one run of 24
+    for m in ("dpo", "grpo"):
+        wd = tmp_path / f"{m}_segments"
+        seg = run_baseline(m, workdir=str(wd), eval_every=8, initial=trainable, **kw)
+        assert seg == rows[m], m
+        evals = [json.loads(line) for line in (wd / EVAL_FILE).read_text().splitlines()]
+        assert [r["step"] for r in evals] == [0, 8, 16, 24]
+        assert abs(evals[0]["eval/kl_pi_a"]) < 1e-4  # step 0: the base
     with pytest.raises(ConfigError, match="one --constraint"):
         run_baseline("dpo", workdir=str(tmp_path / "x"), **{**kw, "constraint_specs": [SPEC] * 2})
