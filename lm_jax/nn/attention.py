@@ -94,7 +94,8 @@ class Attention(nn.Module):
 
     1. project x to q [B,T,N,H], k/v [B,T,K,H] (K divides N: MHA, GQA or MQA);
     2. rotate q, k by RoPE at `positions` (Llama family);
-    3. with a cache, write k/v at `positions` and attend over the whole cache [B,S,K,H];
+    3. with a cache, write k/v at `positions` and attend over the whole cache [B,S,K,H]
+       (a `RingCache`: at `positions` mod S, masked by the positions its slots hold);
     4. softmax(q k^T / sqrt(H)) v, f32 softmax: `lm_jax.nn.softmax_attention` (XLA, hand-written
        backward; causal rows in blocks of `cfg.attention_q_block` queries that skip the keys
        above the diagonal), `jax.nn.dot_product_attention` over a KV cache, or the kernel
