@@ -7,6 +7,13 @@ max_new_tokens; lm_jax: no stop tokens), batch 1 and 8; plus forward-pass tokens
 a missing GGUF) uses a random llama_style model of SmolLM2's shape. Each framework runs in its
 own process per round (torch's OpenMP threads otherwise steal the cores), order alternated.
 
+With `llama-cpp-python` installed (`pip install llama-cpp-python`: it builds llama.cpp from
+source; not part of the set-up), llama.cpp runs beside them on the same GGUF and thread count,
+batch 1 (its Python API decodes one sequence): `llama_cpp_f32` on the weights lm_jax and HF use
+(the GGUF dequantised to an F32 GGUF once, `f32_gguf`), and `llama_cpp_q` on the packaged
+quantised file itself (Q4_1 / Q8_0), what a user would run locally. Its "forward" is the
+prompt processing of --fwd_seq tokens, one sequence.
+
   .venv/bin/python -m benchmarks.decode --rounds=3
 """
 
@@ -33,7 +40,8 @@ flags.DEFINE_integer("fwd_batch", 4, "Forward-pass batch.")
 flags.DEFINE_integer("fwd_seq", 256, "Forward-pass length.")
 flags.DEFINE_bool("random", False, "Random weights of SmolLM2's shape instead of the GGUF.")
 flags.DEFINE_string("dir", "/tmp/lm_jax_decode_bench", "Where the shared HF folder is written.")
-flags.DEFINE_enum("worker", None, ["lm_jax", "hf_torch"], "Internal: time one framework.")
+flags.DEFINE_enum("worker", None, ["lm_jax", "hf_torch", "llama_cpp_f32", "llama_cpp_q"],
+                  "Internal: time one framework.")
 FLAGS = flags.FLAGS
 
 
@@ -126,6 +134,60 @@ def hf_worker(path: str) -> dict:
     return res
 
 
+def f32_gguf(src: str, dst: str) -> str:
+    """`src` with every tensor dequantised to F32 (metadata copied): llama.cpp on lm_jax's and
+    HF's float32 weights."""
+    import gguf
+
+    if os.path.isfile(dst):
+        return dst
+    r = gguf.GGUFReader(src)
+    arch = r.fields["general.architecture"].contents()
+    w = gguf.GGUFWriter(dst + ".tmp", arch)
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name == "general.architecture":
+            continue
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_key_value(f.name, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            w.add_key_value(f.name, f.contents(), f.types[0])
+    for t in r.tensors:
+        data = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w.add_tensor(t.name, data.reshape(tuple(int(d) for d in reversed(t.shape))))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(dst + ".tmp", dst)
+    return dst
+
+
+def llama_cpp_worker(gguf_path: str) -> dict:
+    """Batch-1 greedy decode and prompt processing through llama.cpp (llama-cpp-python)."""
+    from llama_cpp import Llama
+
+    n = FLAGS.prompt_len + FLAGS.new_tokens
+    llm = Llama(model_path=gguf_path, n_threads=os.cpu_count(), n_ctx=max(n, FLAGS.fwd_seq) + 8,
+                n_batch=512, verbose=False)  # fmt: skip
+    prompt = [int(t) for t in prompts(llm.n_vocab(), 1)[0]]
+
+    def run():
+        llm.reset()
+        llm.eval(prompt)
+        for _ in range(FLAGS.new_tokens):  # greedy, exactly new_tokens (no stop on EOS)
+            llm.eval([int(np.argmax(llm.scores[llm.n_tokens - 1]))])
+
+    res = {"decode_b1": FLAGS.new_tokens / timed(run)}
+    toks = [prompt[0]] * FLAGS.fwd_seq
+
+    def fwd():
+        llm.reset()
+        llm.eval(toks)
+
+    res["forward"] = FLAGS.fwd_seq / timed(fwd)
+    return res
+
+
 def timed(fn) -> float:
     fn()  # compile / warm up
     ts = []
@@ -138,12 +200,32 @@ def timed(fn) -> float:
 
 def main(_):
     path = os.path.join(FLAGS.dir, "random" if FLAGS.random else "smollm2")
+    quantised = os.path.join(FLAGS.dir, "smollm2.gguf")  # the packaged file, linked
     if FLAGS.worker:
-        res = (lm_jax_worker if FLAGS.worker == "lm_jax" else hf_worker)(path)
+        if FLAGS.worker == "llama_cpp_f32":
+            res = llama_cpp_worker(os.path.join(FLAGS.dir, "smollm2_f32.gguf"))
+        elif FLAGS.worker == "llama_cpp_q":
+            res = llama_cpp_worker(quantised)
+        else:
+            res = (lm_jax_worker if FLAGS.worker == "lm_jax" else hf_worker)(path)
         print(json.dumps(res))
         return
     desc = write_model(path)
-    names, res = ["lm_jax", "hf_torch"], {"lm_jax": [], "hf_torch": []}
+    names = ["lm_jax", "hf_torch"]
+    try:
+        import llama_cpp  # noqa: F401
+
+        from lm_jax.convert.gguf import smollm2_gguf_path
+
+        if not FLAGS.random:
+            src = smollm2_gguf_path()
+            if not os.path.exists(quantised):
+                os.symlink(src, quantised)
+            f32_gguf(src, os.path.join(FLAGS.dir, "smollm2_f32.gguf"))
+            names += ["llama_cpp_f32", "llama_cpp_q"]
+    except ImportError:
+        print("llama-cpp-python is not installed: no llama.cpp rows (pip install llama-cpp-python)")
+    res = {n: [] for n in names}
     argv = [f"--{k}={FLAGS[k].value}" for k in ("reps", "new_tokens", "prompt_len", "random")]
     argv += [f"--batches={','.join(FLAGS.batches)}", f"--dir={FLAGS.dir}"]
     argv += [f"--fwd_batch={FLAGS.fwd_batch}", f"--fwd_seq={FLAGS.fwd_seq}"]
@@ -163,6 +245,12 @@ def main(_):
             f"ratio (median of per-round ratios) {ratio:.2f}x; rounds lm_jax "
             f"{[round(x, 1) for x in a]}, HF {[round(x, 1) for x in b]}"
         )
+        for name in names[2:]:
+            if key in res[name][0]:
+                c = [x[key] for x in res[name]]
+                r = median([x / y for x, y in zip(a, c, strict=True)])
+                print(f"  {name}: {median(c):.1f} tokens/s (lm_jax / it {r:.2f}x); rounds "
+                      f"{[round(x, 1) for x in c]}")  # fmt: skip
 
 
 if __name__ == "__main__":
