@@ -10,7 +10,8 @@ sets, rank `--rank` on every default target (attention q/k/v/o and the MLP), B d
   bank/base     the bank of 2 adapters loaded, every request on the base (the row path's cost)
   bank/mixed    the bank, requests spread over base, adapter 1, adapter 2 (one running batch)
   per-adapter   what serving them needs without the bank: one engine per model (merged
-                weights), each running its third of the requests, one after another
+                weights), all requests submitted at once, the engines stepped in turn (a
+                server with one engine per adapter); each batch holds one model's requests
 
 in rounds whose order alternates, after a warm-up that compiles every program. Reported:
 generated tokens/s of each (median over rounds), the ratios to `base`, the matmul probe, and
@@ -31,7 +32,7 @@ from absl import app, flags
 from benchmarks.common import machine, matmul_peak_flops, median
 
 flags.DEFINE_integer("rounds", 3, "Timing rounds (order alternates).")
-flags.DEFINE_integer("requests", 24, "Requests per configuration.")
+flags.DEFINE_integer("requests", 12, "Requests per configuration (split over 3 models).")
 flags.DEFINE_integer("slots", 8, "Engine slots.")
 flags.DEFINE_integer("rank", 8, "LoRA rank of both adapters.")
 flags.DEFINE_string("out", "", "Write the result JSON here too.")
@@ -84,12 +85,17 @@ def main(_):
         """(generated tokens, seconds, tokens per request)."""
         t = time.perf_counter()
         if name == "per-adapter":
-            out = [None] * len(work)
-            for n in names:
-                idx = [i for i in range(len(work)) if names[i % 3] == n]
-                rs = [Request(work[i][0], max_tokens=work[i][1], temperature=0.0) for i in idx]
-                for i, c in zip(idx, engines[f"m:{n}"].run(rs)):
-                    out[i] = c.tokens
+            out = [[] for _ in work]
+            rid = {}
+            for i, (ids, n_new) in enumerate(work):
+                eng = engines[f"m:{names[i % 3]}"]
+                rid[(names[i % 3], eng.add(Request(ids, max_tokens=n_new, temperature=0.0)))] = i
+            while any(engines[f"m:{n}"].busy for n in names):
+                for n in names:  # one decode dispatch of each busy engine in turn
+                    if engines[f"m:{n}"].busy:
+                        for ev in engines[f"m:{n}"].step():
+                            if ev.token >= 0:
+                                out[rid[(n, ev.rid)]].append(ev.token)
         else:
             eng = engines["base" if name == "base" else "bank"]
             out = [c.tokens for c in eng.run(reqs(name == "bank/mixed"))]
