@@ -22,11 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm_jax.adapters.tree import _unbox, split_lora
+from lm_jax.adapters.tree import split_lora
 from lm_jax.configs.lora import LoraConfig
 from lm_jax.errors import ConfigError
 
@@ -57,10 +58,10 @@ def stack_adapters(base, adapter_sets: Sequence[tuple[dict, LoraConfig]]) -> dic
     modules `base` lacks, on expert kernels or on the LM head, or of another kernel's shape."""
     if not adapter_sets:
         raise ConfigError("stack_adapters needs at least one adapter set.")
-    base_mods = _flat_modules(_unbox(split_lora(base)[0]))
+    base_mods = _flat_modules(nn.unbox(split_lora(base)[0]))
     sets = []
     for adapters, lora_cfg in adapter_sets:
-        mods = _flat_modules(_unbox(split_lora(adapters)[1]))
+        mods = _flat_modules(nn.unbox(split_lora(adapters)[1]))
         for path, leaves in mods.items():
             name = "/".join(path)
             if set(leaves) != {"lora_a", "lora_b"}:
@@ -131,4 +132,4 @@ def random_adapters(params, lora: LoraConfig, seed: int = 0, std: float = 0.02) 
                 out[k] = sub
         return out
 
-    return walk(_unbox(params), "")
+    return walk(nn.unbox(params), "")

@@ -113,8 +113,9 @@ def run_baseline(method: str, *, cfg, params, tokenizer, policy, frozen, score, 
                                 seq_len=len(policy.sampler.prompt) + n_new + 1,
                                 batch_size=bcfg.dpo_pairs_per_step, lora=lora,
                                 eval_batch_size=batch_size)  # fmt: skip
-        train = lambda tc: pref_lib.posttrain(base_cfg, params, tokenizer, pairs, tc, pcfg,  # noqa: E731
-                                              mesh=mesh, log=log)  # fmt: skip
+        def train(tc):
+            return pref_lib.posttrain(base_cfg, params, tokenizer, pairs, tc, pcfg, mesh=mesh,
+                                      log=log)  # fmt: skip
     else:
         if batch_size % GROUP:
             raise ConfigError(f"grpo: --align.batch_size must be a multiple of {GROUP}, "
@@ -125,8 +126,9 @@ def run_baseline(method: str, *, cfg, params, tokenizer, policy, frozen, score, 
                           max_new_tokens=n_new, temperature=1.0,
                           prompt_len=max(1, len(policy.sampler.prompt)), lora=lora)  # fmt: skip
         reward = make_reward(gcfg.reward, tokenizer)
-        train = lambda tc: grpo_lib.posttrain(base_cfg, params, tokenizer, [Prompt(prompt)],  # noqa: E731
-                                              reward, tc, gcfg, mesh=mesh, log=log)  # fmt: skip
+        def train(tc):
+            return grpo_lib.posttrain(base_cfg, params, tokenizer, [Prompt(prompt)], reward, tc,
+                                      gcfg, mesh=mesh, log=log)  # fmt: skip
         extra = {"samples": steps * batch_size}
 
     def evaluate(trainable, step: int) -> dict:

@@ -62,6 +62,13 @@ class SpanCorruptionTask(Seq2SeqTask):
                                eos_id=self.eos,
                                noise_density=self.span.noise_density,
                                mean_span_length=self.span.mean_span_length)  # fmt: skip
+        # a = kept + spans + EOS, b = spans + noise + EOS
+        spans = (len(a) + len(b) - len(row) - 2) // 2
+        if spans > self.span.num_sentinels:  # more sentinels would reuse real token ids
+            raise ConfigError(
+                f"a row of {len(row)} tokens has {spans} noise spans but span.num_sentinels="
+                f"{self.span.num_sentinels}: raise it"
+            )
         return np.asarray(a, np.int32), np.asarray(b, np.int32)
 
     def batch(self, step: int) -> dict:

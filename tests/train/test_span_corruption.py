@@ -80,3 +80,7 @@ def test_the_vocabulary_must_hold_the_sentinels(texts, tmp_path):
                            text_rows(TOK, texts, 32), make_mesh("", jax.devices()[:1]))  # fmt: skip
     with pytest.raises(ConfigError, match="num_sentinels is fewer"):
         SpanConfig(row_tokens=512, num_sentinels=4)
+    # a row longer than the config allows for would need sentinels below the vocabulary's top
+    task = _task(texts, tmp_path)
+    with pytest.raises(ConfigError, match="noise spans but span.num_sentinels=8"):
+        task.corrupt(np.arange(2, 400, dtype=np.int32), np.random.default_rng(0))
